@@ -1,0 +1,50 @@
+//! One chunk as stored in a blob: zstd-compressed, or raw when compression
+//! does not make it smaller, and always verified against the blake3 digest
+//! of its uncompressed bytes when read back.
+
+use crate::bootstrap::hex;
+use crate::error::{FormatError, Result};
+use crate::records::{ChunkDigest, ChunkRecord, CHUNK_FLAG_ZSTD};
+
+/// A chunk ready to be appended to a blob.
+#[derive(Debug, Clone)]
+pub struct EncodedChunk {
+    pub digest: ChunkDigest,
+    pub uncompressed_size: u32,
+    /// The bytes to store: a zstd frame, or the raw data.
+    pub stored: Vec<u8>,
+    /// Value for [`ChunkRecord::flags`].
+    pub flags: u32,
+}
+
+/// Hashes and compresses `data` at zstd `level`, keeping the raw bytes when
+/// compression would not save anything.
+pub fn encode_chunk(data: &[u8], level: i32) -> EncodedChunk {
+    let digest = *blake3::hash(data).as_bytes();
+    let compressed = zstd::bulk::compress(data, level).ok().filter(|c| c.len() < data.len());
+    let (stored, flags) = match compressed {
+        Some(c) => (c, CHUNK_FLAG_ZSTD),
+        None => (data.to_vec(), 0),
+    };
+    EncodedChunk { digest, uncompressed_size: data.len() as u32, stored, flags }
+}
+
+/// Decodes the stored bytes of `chunk` and checks size and digest.
+pub fn decode_chunk(stored: &[u8], chunk: &ChunkRecord) -> Result<Vec<u8>> {
+    let bad = |detail: String| FormatError::BadChunk { digest: hex(&chunk.digest), detail };
+    if stored.len() != chunk.compressed_size as usize {
+        return Err(bad(format!("read {} stored bytes, expected {}", stored.len(), chunk.compressed_size)));
+    }
+    let data = if chunk.flags & CHUNK_FLAG_ZSTD != 0 {
+        zstd::bulk::decompress(stored, chunk.uncompressed_size as usize).map_err(|e| bad(format!("zstd: {e}")))?
+    } else {
+        stored.to_vec()
+    };
+    if data.len() != chunk.uncompressed_size as usize {
+        return Err(bad(format!("decoded to {} bytes, expected {}", data.len(), chunk.uncompressed_size)));
+    }
+    if blake3::hash(&data).as_bytes() != &chunk.digest {
+        return Err(bad("digest mismatch: the stored chunk is corrupted".into()));
+    }
+    Ok(data)
+}

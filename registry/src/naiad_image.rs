@@ -1,0 +1,105 @@
+//! Opening a converted (naiad) image: find the bootstrap layer in the
+//! manifest, decompress and validate it, and give a [`BlobStore`] for its
+//! chunk blobs. This is all a reader (the FUSE daemon, `naiad check`,
+//! `naiad unpack`) needs before its first chunk read.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use naiad_format::oci::{ANNOTATION_FORMAT, MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
+use naiad_format::{decode_chunk, Bootstrap, ChunkRecord};
+use serde_json::Value;
+
+use crate::digest::Digest;
+use crate::error::{RegistryError, Result};
+use crate::layout::OciLayout;
+use crate::reference::ImageRef;
+use crate::source::open_source;
+use crate::store::{BlobStore, LayoutBlobStore};
+
+/// Largest bootstrap naiad accepts, uncompressed.
+pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
+
+/// A naiad image opened for reading.
+pub struct NaiadImage {
+    pub reference: ImageRef,
+    pub bootstrap: Bootstrap,
+    /// Digest of each blob, by blob index.
+    pub blob_digests: Vec<Digest>,
+    pub store: Arc<dyn BlobStore>,
+    /// The image config (Entrypoint, Cmd, Env, ... under `config`).
+    pub config: Value,
+    /// Compressed size of the bootstrap layer.
+    pub bootstrap_layer_size: u64,
+}
+
+/// What went wrong reading one chunk.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkReadError {
+    #[error("chunk index {0} out of range")]
+    NoSuchChunk(u32),
+    #[error("blob {blob} at offset {offset}: {source}")]
+    Store { blob: String, offset: u64, source: RegistryError },
+    #[error("blob {blob} at offset {offset}: {source}")]
+    Corrupt { blob: String, offset: u64, source: naiad_format::FormatError },
+}
+
+impl NaiadImage {
+    /// Opens `reference`, checks it is a naiad image and validates its bootstrap.
+    pub fn open(reference: &ImageRef) -> Result<Self> {
+        let source = open_source(reference)?;
+        let bad = |reason: String| RegistryError::BadImage { reference: reference.to_string(), reason };
+        let is_naiad = source.manifest.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_FORMAT));
+        let boot = source.layers.iter().find(|l| l.media_type == MEDIA_TYPE_BOOTSTRAP);
+        let boot = match (is_naiad, boot) {
+            (true, Some(b)) => b.clone(),
+            _ => return Err(bad("not a naiad image (no naiad bootstrap layer); convert it first with `naiad convert`".into())),
+        };
+        let ImageRef::Layout { dir, .. } = reference else {
+            return Err(bad("naiad images are read from an OCI layout (oci:DIR[:TAG])".into()));
+        };
+        let layout = OciLayout::open(dir)?;
+        let compressed = layout.read_blob(&boot.digest, MAX_BOOTSTRAP_SIZE)?;
+        let mut raw = Vec::new();
+        zstd::stream::read::Decoder::new(&compressed[..])
+            .and_then(|d| d.take(MAX_BOOTSTRAP_SIZE + 1).read_to_end(&mut raw))
+            .map_err(|e| bad(format!("bootstrap layer {}: cannot decompress: {e}", boot.digest)))?;
+        let bootstrap = Bootstrap::from_bytes(raw).map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
+        bootstrap.validate().map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
+        let blob_digests: Vec<Digest> = bootstrap
+            .blobs()
+            .map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?
+            .iter()
+            .map(|b| Digest::from_sha256(&b.sha256))
+            .collect();
+        for d in &blob_digests {
+            if !source.layers.iter().any(|l| &l.digest == d && l.media_type == MEDIA_TYPE_BLOB) {
+                return Err(bad(format!("bootstrap names blob {d}, which the manifest does not list")));
+            }
+        }
+        Ok(NaiadImage {
+            reference: reference.clone(),
+            bootstrap,
+            blob_digests,
+            store: Arc::new(LayoutBlobStore::new(layout)),
+            config: source.config.clone(),
+            bootstrap_layer_size: boot.size,
+        })
+    }
+
+    /// Reads, decompresses and verifies chunk `index` from the store.
+    pub fn read_chunk(&self, index: u32) -> std::result::Result<Vec<u8>, ChunkReadError> {
+        let chunk = self.bootstrap.chunk(index).map_err(|_| ChunkReadError::NoSuchChunk(index))?;
+        self.read_chunk_record(&chunk)
+    }
+
+    /// Reads, decompresses and verifies the chunk `chunk` describes.
+    pub fn read_chunk_record(&self, chunk: &ChunkRecord) -> std::result::Result<Vec<u8>, ChunkReadError> {
+        let blob = self.blob_digests.get(chunk.blob_index as usize).ok_or(ChunkReadError::NoSuchChunk(chunk.blob_index))?;
+        let stored = self
+            .store
+            .read_range(blob, chunk.compressed_offset, chunk.compressed_size as u64)
+            .map_err(|source| ChunkReadError::Store { blob: blob.to_string(), offset: chunk.compressed_offset, source })?;
+        decode_chunk(&stored, chunk).map_err(|source| ChunkReadError::Corrupt { blob: blob.to_string(), offset: chunk.compressed_offset, source })
+    }
+}

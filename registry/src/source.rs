@@ -1,0 +1,181 @@
+//! [`SourceImage`]: an image opened for reading, whatever store it is in.
+//! It gives the config and a verified raw reader for each layer.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use serde_json::Value;
+
+use crate::digest::{Digest, DigestCheck, DigestReader};
+use crate::docker_archive::DockerArchive;
+use crate::error::{IoContext, RegistryError, Result};
+use crate::layout::{OciLayout, MAX_JSON_SIZE};
+use crate::manifest::*;
+use crate::reference::ImageRef;
+
+/// One layer blob of a source image.
+#[derive(Debug, Clone)]
+pub struct LayerBlob {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+enum Backend {
+    Layout(OciLayout),
+    Archive { archive: DockerArchive, members: Vec<String> },
+}
+
+/// An image opened for reading.
+pub struct SourceImage {
+    pub reference: ImageRef,
+    /// The image manifest (synthesized for a docker archive).
+    pub manifest: Manifest,
+    /// Digest of the manifest as stored, when the store has one.
+    pub manifest_digest: Option<Digest>,
+    /// The config document.
+    pub config: Value,
+    pub layers: Vec<LayerBlob>,
+    backend: Backend,
+}
+
+/// Opens the image `reference` names.
+pub fn open_source(reference: &ImageRef) -> Result<SourceImage> {
+    match reference {
+        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag),
+        ImageRef::DockerArchive { file } => open_archive(reference, file),
+    }
+}
+
+fn bad(reference: &ImageRef, reason: impl Into<String>) -> RegistryError {
+    RegistryError::BadImage { reference: reference.to_string(), reason: reason.into() }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(data: &[u8], what: String) -> Result<T> {
+    serde_json::from_slice(data).map_err(|source| RegistryError::Json { what, source })
+}
+
+fn open_layout(reference: &ImageRef, layout: &OciLayout, tag: &str) -> Result<SourceImage> {
+    let mut desc = layout.resolve(tag)?;
+    // Follow an index to this host's platform.
+    for _ in 0..4 {
+        if desc.media_type != MEDIA_TYPE_OCI_INDEX && desc.media_type != MEDIA_TYPE_DOCKER_LIST {
+            break;
+        }
+        let digest = Digest::parse(&desc.digest)?;
+        let index: Index = parse_json(&layout.read_blob(&digest, MAX_JSON_SIZE)?, format!("{reference}: index {digest}"))?;
+        desc = select_platform(&index.manifests, host_architecture())
+            .ok_or_else(|| bad(reference, format!("index {digest} has no manifest for linux/{}", host_architecture())))?
+            .clone();
+    }
+    if desc.media_type != MEDIA_TYPE_OCI_MANIFEST && desc.media_type != MEDIA_TYPE_DOCKER_MANIFEST {
+        return Err(bad(reference, format!("unsupported manifest media type {:?}", desc.media_type)));
+    }
+    let manifest_digest = Digest::parse(&desc.digest)?;
+    let manifest: Manifest = parse_json(&layout.read_blob(&manifest_digest, MAX_JSON_SIZE)?, format!("{reference}: manifest {manifest_digest}"))?;
+    let config_digest = Digest::parse(&manifest.config.digest)?;
+    let config: Value = parse_json(&layout.read_blob(&config_digest, MAX_JSON_SIZE)?, format!("{reference}: config {config_digest}"))?;
+    let layers = manifest
+        .layers
+        .iter()
+        .map(|l| {
+            Ok(LayerBlob { digest: Digest::parse(&l.digest)?, media_type: l.media_type.clone(), size: l.size, annotations: l.annotations.clone().unwrap_or_default() })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SourceImage { reference: reference.clone(), manifest, manifest_digest: Some(manifest_digest), config, layers, backend: Backend::Layout(layout.clone()) })
+}
+
+fn open_archive(reference: &ImageRef, file: &std::path::Path) -> Result<SourceImage> {
+    let archive = DockerArchive::open(file)?;
+    let entries = archive.manifest()?;
+    let entry = entries.first().ok_or_else(|| bad(reference, "manifest.json lists no image"))?;
+    let config_bytes = archive.read_member(&entry.config, MAX_JSON_SIZE)?;
+    let config: Value = parse_json(&config_bytes, format!("{reference}: {}", entry.config))?;
+    let diff_ids: Vec<String> = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let mut layers = Vec::new();
+    for (i, member) in entry.layers.iter().enumerate() {
+        let (_, size) = archive.member(member)?;
+        // A member stored under its digest is verified against it; an old
+        // style `<id>/layer.tar` against the config's diff_id.
+        let digest = match member.strip_prefix("blobs/sha256/") {
+            Some(hex) => Digest::parse(&format!("sha256:{hex}"))?,
+            None => Digest::parse(diff_ids.get(i).ok_or_else(|| bad(reference, format!("config has no diff_id for layer {i}")))?)?,
+        };
+        layers.push(LayerBlob { digest, media_type: "application/vnd.docker.image.rootfs.diff.tar".into(), size, annotations: Default::default() });
+    }
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_TYPE_OCI_MANIFEST.into()),
+        config: Descriptor::new(MEDIA_TYPE_OCI_CONFIG, Digest::of(&config_bytes).as_str(), config_bytes.len() as u64),
+        layers: layers.iter().map(|l| Descriptor::new(&l.media_type, l.digest.as_str(), l.size)).collect(),
+        annotations: None,
+        extra: Default::default(),
+    };
+    Ok(SourceImage {
+        reference: reference.clone(),
+        manifest,
+        manifest_digest: None,
+        config,
+        layers,
+        backend: Backend::Archive { archive, members: entry.layers.clone() },
+    })
+}
+
+/// A raw layer stream plus what checks it once fully read.
+pub struct LayerStream {
+    pub reader: Box<dyn Read + Send>,
+    check: DigestCheck,
+    /// A second handle on the same open file (sharing its offset), to read
+    /// what the consumer left unread, up to `limit` bytes in all.
+    rest: File,
+    limit: u64,
+}
+
+impl LayerStream {
+    /// Reads whatever the consumer left unread, then verifies the digest.
+    pub fn finish(mut self) -> Result<()> {
+        let io = |source| RegistryError::Io { path: "layer".into(), source };
+        std::io::copy(&mut self.reader, &mut std::io::sink()).map_err(io)?;
+        let remaining = self.limit.saturating_sub(self.check.bytes());
+        let mut rest = (&mut self.rest).take(remaining);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = rest.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            self.check.update(&buf[..n]);
+        }
+        self.check.verify()
+    }
+}
+
+impl SourceImage {
+    /// The config's `config` object (Entrypoint, Cmd, Env, ...), if any.
+    pub fn runtime_config(&self) -> Option<&Value> {
+        self.config.get("config")
+    }
+
+    /// Opens layer `i` for streaming. The bytes are the blob as stored
+    /// (compressed or not); [`LayerStream::finish`] verifies the digest.
+    pub fn open_layer(&self, i: usize) -> Result<LayerStream> {
+        let layer = self.layers.get(i).ok_or_else(|| bad(&self.reference, format!("no layer {i}")))?;
+        let (file, limit) = match &self.backend {
+            Backend::Layout(layout) => (layout.open_blob(&layer.digest)?, u64::MAX),
+            Backend::Archive { archive, members } => {
+                let (pos, size) = archive.member(&members[i])?;
+                let mut f = File::open(&archive.path).at(&archive.path)?;
+                f.seek(SeekFrom::Start(pos)).at(&archive.path)?;
+                (f, size)
+            }
+        };
+        let rest = file.try_clone().map_err(|e| RegistryError::Io { path: "layer".into(), source: e })?;
+        let (reader, check) = DigestReader::new(file.take(limit), layer.digest.clone());
+        Ok(LayerStream { reader: Box::new(reader), check, rest, limit })
+    }
+}

@@ -1,0 +1,64 @@
+//! [`BlobStore`]: random access to blob bytes, the interface every chunk
+//! source (a local OCI layout now, an HTTP registry with range reads later)
+//! implements for the FUSE daemon and for `naiad check`/`unpack`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use crate::digest::Digest;
+use crate::error::{RegistryError, Result};
+use crate::layout::OciLayout;
+
+/// Reads byte ranges of blobs by digest.
+pub trait BlobStore: Send + Sync {
+    /// Reads exactly `len` bytes of blob `digest` from `offset`.
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// A short description for logs and errors (`oci:/path`).
+    fn describe(&self) -> String;
+}
+
+/// A [`BlobStore`] over an OCI layout's `blobs/` directory, with open files
+/// kept for reuse.
+pub struct LayoutBlobStore {
+    layout: OciLayout,
+    files: Mutex<HashMap<Digest, Arc<File>>>,
+}
+
+impl LayoutBlobStore {
+    pub fn new(layout: OciLayout) -> Self {
+        LayoutBlobStore { layout, files: Mutex::new(HashMap::new()) }
+    }
+
+    fn file(&self, digest: &Digest) -> Result<Arc<File>> {
+        if let Ok(files) = self.files.lock() {
+            if let Some(f) = files.get(digest) {
+                return Ok(f.clone());
+            }
+        }
+        let f = Arc::new(self.layout.open_blob(digest)?);
+        if let Ok(mut files) = self.files.lock() {
+            files.insert(digest.clone(), f.clone());
+        }
+        Ok(f)
+    }
+}
+
+impl BlobStore for LayoutBlobStore {
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let file = self.file(digest)?;
+        let path = self.layout.blob_path(digest);
+        let size = file.metadata().map_err(|source| RegistryError::Io { path: path.clone(), source })?.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset, len, size });
+        }
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).map_err(|source| RegistryError::Io { path, source })?;
+        Ok(buf)
+    }
+
+    fn describe(&self) -> String {
+        format!("oci:{}", self.layout.dir().display())
+    }
+}
