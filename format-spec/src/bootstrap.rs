@@ -387,6 +387,33 @@ impl Bootstrap {
         Ok(out)
     }
 
+    /// Visits every path depth-first in name order, parents before their
+    /// children, starting with the root as `/`. `visit` gets the absolute
+    /// path, the inode number and its record. A hardlinked inode is visited
+    /// once per name.
+    pub fn walk<E: From<FormatError>>(&self, mut visit: impl FnMut(&[u8], u32, &InodeRecord) -> std::result::Result<(), E>) -> std::result::Result<(), E> {
+        let root = self.inode(ROOT_INO)?;
+        visit(b"/", ROOT_INO, &root)?;
+        // (directory inode, its path, next entry position)
+        let mut stack: Vec<(u32, Vec<u8>, u64)> = vec![(ROOT_INO, Vec::new(), 0)];
+        while let Some((dir, path, pos)) = stack.pop() {
+            let Some(entry) = self.dir_entry(dir, pos)? else { continue };
+            stack.push((dir, path.clone(), pos + 1));
+            let mut child_path = path;
+            child_path.push(b'/');
+            child_path.extend_from_slice(entry.name);
+            let inode = self.inode(entry.ino)?;
+            visit(&child_path, entry.ino, &inode)?;
+            if inode.kind() == Some(InodeKind::Directory) {
+                if stack.len() > 4096 {
+                    return Err(FormatError::BadInode { ino: entry.ino, detail: "directory tree deeper than 4096 levels".into() }.into());
+                }
+                stack.push((entry.ino, child_path, 0));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks everything the accessors above do not: that every record makes
     /// sense and the records agree with each other. Readers call this once
     /// when they open a bootstrap.

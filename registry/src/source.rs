@@ -128,7 +128,7 @@ fn open_archive(reference: &ImageRef, file: &std::path::Path) -> Result<SourceIm
 
 /// A raw layer stream plus what checks it once fully read.
 pub struct LayerStream {
-    pub reader: Box<dyn Read + Send>,
+    reader: Option<Box<dyn Read + Send>>,
     check: DigestCheck,
     /// A second handle on the same open file (sharing its offset), to read
     /// what the consumer left unread, up to `limit` bytes in all.
@@ -137,10 +137,18 @@ pub struct LayerStream {
 }
 
 impl LayerStream {
+    /// The raw (possibly compressed) bytes of the layer. The caller reads
+    /// them to the end of its stream and then calls [`LayerStream::finish`].
+    pub fn take_reader(&mut self) -> Box<dyn Read + Send> {
+        self.reader.take().unwrap_or_else(|| Box::new(std::io::empty()))
+    }
+
     /// Reads whatever the consumer left unread, then verifies the digest.
     pub fn finish(mut self) -> Result<()> {
         let io = |source| RegistryError::Io { path: "layer".into(), source };
-        std::io::copy(&mut self.reader, &mut std::io::sink()).map_err(io)?;
+        if let Some(mut r) = self.reader.take() {
+            std::io::copy(&mut r, &mut std::io::sink()).map_err(io)?;
+        }
         let remaining = self.limit.saturating_sub(self.check.bytes());
         let mut rest = (&mut self.rest).take(remaining);
         let mut buf = vec![0u8; 64 << 10];
@@ -176,6 +184,6 @@ impl SourceImage {
         };
         let rest = file.try_clone().map_err(|e| RegistryError::Io { path: "layer".into(), source: e })?;
         let (reader, check) = DigestReader::new(file.take(limit), layer.digest.clone());
-        Ok(LayerStream { reader: Box::new(reader), check, rest, limit })
+        Ok(LayerStream { reader: Some(Box::new(reader)), check, rest, limit })
     }
 }

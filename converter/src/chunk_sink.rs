@@ -1,0 +1,145 @@
+//! [`ChunkSink`]: where chunks go during conversion. It batches raw chunks,
+//! hashes and compresses them on all cores, keeps one copy of each distinct
+//! chunk (by blake3 digest) for the whole image, and appends new ones to the
+//! blob being written. Memory stays bounded by the batch size.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use naiad_format::{encode_chunk, BlobRecord, ChunkDigest, ChunkRecord};
+use naiad_registry::layout::BlobWriter;
+use naiad_registry::{Digest, OciLayout};
+use rayon::prelude::*;
+
+use crate::error::{ConvertError, Result};
+
+/// Sequence number of a chunk handed to the sink, resolved to a chunk
+/// index once its batch is flushed.
+pub type ChunkSeq = u64;
+
+pub struct ChunkSink {
+    layout: OciLayout,
+    zstd_level: i32,
+    batch_limit: usize,
+    pending: Vec<Vec<u8>>,
+    pending_bytes: usize,
+    /// Chunk index of every flushed sequence number.
+    seq_to_chunk: Vec<u32>,
+    by_digest: HashMap<ChunkDigest, u32>,
+    pub chunks: Vec<ChunkRecord>,
+    pub blobs: Vec<BlobRecord>,
+    current: Option<BlobWriter>,
+    /// Blobs this conversion added to the layout (removed again on failure).
+    pub created: Vec<Digest>,
+    /// Uncompressed bytes handed to the sink.
+    pub bytes_in: u64,
+}
+
+impl ChunkSink {
+    pub fn new(layout: OciLayout, zstd_level: i32, batch_limit: usize) -> Self {
+        ChunkSink {
+            layout,
+            zstd_level,
+            batch_limit,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            seq_to_chunk: Vec::new(),
+            by_digest: HashMap::new(),
+            chunks: Vec::new(),
+            blobs: Vec::new(),
+            current: None,
+            created: Vec::new(),
+            bytes_in: 0,
+        }
+    }
+
+    /// Starts the blob that new chunks are appended to.
+    pub fn begin_blob(&mut self) -> Result<()> {
+        self.current = Some(self.layout.blob_writer()?);
+        Ok(())
+    }
+
+    /// Queues a chunk and returns its sequence number.
+    pub fn add(&mut self, data: Vec<u8>) -> Result<ChunkSeq> {
+        let seq = (self.seq_to_chunk.len() + self.pending.len()) as ChunkSeq;
+        self.bytes_in += data.len() as u64;
+        self.pending_bytes += data.len();
+        self.pending.push(data);
+        if self.pending_bytes >= self.batch_limit {
+            self.flush()?;
+        }
+        Ok(seq)
+    }
+
+    /// The chunk index of a flushed sequence number.
+    pub fn chunk_index(&self, seq: ChunkSeq) -> Option<u32> {
+        self.seq_to_chunk.get(seq as usize).copied()
+    }
+
+    /// Hashes the queued chunks, compresses the new ones and appends them.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let digests: Vec<ChunkDigest> = pending.par_iter().map(|d| *blake3::hash(d).as_bytes()).collect();
+        // Decide which chunks are new, in order; duplicates inside the batch count once.
+        let mut fresh: Vec<usize> = Vec::new();
+        let mut batch_first: HashMap<ChunkDigest, usize> = HashMap::new();
+        for (i, d) in digests.iter().enumerate() {
+            if !self.by_digest.contains_key(d) && !batch_first.contains_key(d) {
+                batch_first.insert(*d, i);
+                fresh.push(i);
+            }
+        }
+        let level = self.zstd_level;
+        let encoded: Vec<_> = fresh.par_iter().map(|&i| encode_chunk(&pending[i], level)).collect();
+        let blob_index = self.blobs.len() as u32;
+        let writer = self.current.as_mut().ok_or_else(|| ConvertError::Invalid("chunk added outside a blob".into()))?;
+        for e in encoded {
+            let offset = writer.bytes_written();
+            writer.write_all(&e.stored).map_err(|source| ConvertError::Io { path: "blob".into(), source })?;
+            let index = self.chunks.len() as u32;
+            self.chunks.push(ChunkRecord {
+                digest: e.digest,
+                compressed_offset: offset,
+                blob_index,
+                compressed_size: e.stored.len() as u32,
+                uncompressed_size: e.uncompressed_size,
+                flags: e.flags,
+            });
+            self.by_digest.insert(e.digest, index);
+        }
+        for d in &digests {
+            // Every digest is in the map now: either from before or just written.
+            let index = self.by_digest.get(d).copied().ok_or_else(|| ConvertError::Invalid("chunk lost during flush".into()))?;
+            self.seq_to_chunk.push(index);
+        }
+        Ok(())
+    }
+
+    /// Flushes and commits the current blob under its digest. A blob that
+    /// received no chunk is discarded.
+    pub fn end_blob(&mut self) -> Result<()> {
+        self.flush()?;
+        let Some(writer) = self.current.take() else { return Ok(()) };
+        if writer.bytes_written() == 0 {
+            return Ok(());
+        }
+        let (digest, size) = writer.commit()?;
+        self.created.push(digest.clone());
+        self.blobs.push(BlobRecord { sha256: digest.bytes(), size });
+        Ok(())
+    }
+
+    /// Removes the blobs this conversion added (after a failure), except
+    /// those the layout already held before it started.
+    pub fn discard_created(&self, preexisting: &std::collections::HashSet<Digest>) {
+        for d in &self.created {
+            if !preexisting.contains(d) {
+                let _ = std::fs::remove_file(self.layout.blob_path(d));
+            }
+        }
+    }
+}

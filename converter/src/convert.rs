@@ -1,0 +1,433 @@
+//! The conversion driver: source image in, naiad image tagged in the
+//! destination layout out.
+//!
+//! Nothing at the destination changes unless the conversion succeeds: a new
+//! layout is built in a temporary directory beside it and renamed into
+//! place; in an existing layout, blobs appear under their digests (which no
+//! manifest names yet) and index.json is replaced atomically at the very
+//! end, and a failed conversion removes the blobs it added.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use naiad_registry::{open_source, Digest, ImageRef, OciLayout, SourceImage};
+use serde::Serialize;
+
+use crate::bootstrap_writer::{write_bootstrap, TreeCounts};
+use crate::chunk_sink::ChunkSink;
+use crate::chunker::{Chunking, SplitError};
+use crate::error::{ConvertError, Result};
+use crate::layer::{check_media_type, decompress};
+use crate::package::package;
+use crate::tree::{split_path, Meta, Node, NodeKind, Tree};
+
+/// Receives progress while a conversion runs.
+pub trait Progress: Send + Sync {
+    /// Layer `index` of `count` starts; `size` is its stored size.
+    fn layer_started(&self, index: usize, count: usize, digest: &str, size: u64);
+    /// `bytes` more stored (compressed) bytes of the current layer were read.
+    fn advanced(&self, bytes: u64);
+    /// The conversion finished or failed.
+    fn finished(&self);
+}
+
+#[derive(Clone)]
+pub struct ConvertOptions {
+    pub chunking: Chunking,
+    pub zstd_level: i32,
+    /// Uncompressed bytes gathered before hashing and compressing them in parallel.
+    pub batch_bytes: usize,
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions { chunking: Chunking::default(), zstd_level: 3, batch_bytes: 32 << 20, progress: None }
+    }
+}
+
+/// What a conversion did; printed by `naiad convert --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertSummary {
+    pub source: String,
+    pub destination: String,
+    pub manifest_digest: String,
+    pub layers: usize,
+    #[serde(flatten)]
+    pub tree: TreeCounts,
+    /// Stored size of the source layers.
+    pub source_layer_bytes: u64,
+    /// Uncompressed file bytes cut into chunks (all layers, before dedup).
+    pub bytes_in: u64,
+    /// Blob bytes plus the compressed bootstrap.
+    pub bytes_out: u64,
+    pub blob_bytes: u64,
+    pub blobs: usize,
+    pub bootstrap_bytes: u64,
+    pub bootstrap_compressed_bytes: u64,
+    pub chunks: u64,
+    pub unique_chunks: u64,
+    /// Chunk references over unique chunks.
+    pub dedup_ratio: f64,
+    pub seconds: f64,
+}
+
+/// Converts `source` into a naiad image at `destination` (an `oci:` layout).
+pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions) -> Result<ConvertSummary> {
+    opts.chunking.validate().map_err(ConvertError::Invalid)?;
+    if !(1..=22).contains(&opts.zstd_level) {
+        return Err(ConvertError::Invalid(format!("zstd level {} must be 1 to 22", opts.zstd_level)));
+    }
+    let ImageRef::Layout { dir: dst_dir, tag: dst_tag } = destination else {
+        return Err(ConvertError::Invalid(format!("destination {destination}: must be an OCI layout, oci:DIR[:TAG]")));
+    };
+    let started = Instant::now();
+    let src = open_source(source)?;
+    let target = Destination::prepare(dst_dir)?;
+    let result = convert_into(&src, &target.layout, dst_tag, opts);
+    if let Some(p) = &opts.progress {
+        p.finished();
+    }
+    match result {
+        Ok((mut summary, created)) => match target.commit() {
+            Ok(()) => {
+                summary.source = source.to_string();
+                summary.destination = destination.to_string();
+                summary.seconds = started.elapsed().as_secs_f64();
+                let _ = created;
+                Ok(summary)
+            }
+            Err(e) => Err(e),
+        },
+        Err((e, sink_created)) => {
+            target.abort(&sink_created);
+            Err(e)
+        }
+    }
+}
+
+/// The layout being written, and how to make it visible or undo it.
+struct Destination {
+    layout: OciLayout,
+    /// For a new layout: (temporary dir, final dir).
+    fresh: Option<(PathBuf, PathBuf)>,
+    preexisting: HashSet<Digest>,
+}
+
+impl Destination {
+    fn prepare(dir: &Path) -> Result<Self> {
+        let io = |source| ConvertError::Io { path: dir.to_path_buf(), source };
+        let exists_nonempty = dir.is_dir() && std::fs::read_dir(dir).map_err(io)?.next().is_some();
+        if dir.join("oci-layout").exists() {
+            let layout = OciLayout::open(dir)?;
+            let mut preexisting = HashSet::new();
+            let blobs = dir.join("blobs/sha256");
+            if let Ok(rd) = std::fs::read_dir(&blobs) {
+                for e in rd.flatten() {
+                    if let Ok(d) = Digest::parse(&format!("sha256:{}", e.file_name().to_string_lossy())) {
+                        preexisting.insert(d);
+                    }
+                }
+            }
+            return Ok(Destination { layout, fresh: None, preexisting });
+        }
+        if exists_nonempty {
+            return Err(ConvertError::Invalid(format!("destination {}: exists and is not an OCI layout", dir.display())));
+        }
+        if dir.exists() && !dir.is_dir() {
+            return Err(ConvertError::Invalid(format!("destination {}: exists and is not a directory", dir.display())));
+        }
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "layout".into());
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.naiad-"))
+            .tempdir_in(&parent)
+            .map_err(|source| ConvertError::Io { path: parent.clone(), source })?
+            .keep();
+        let layout = OciLayout::open_or_create(&tmp)?;
+        Ok(Destination { layout, fresh: Some((tmp, dir.to_path_buf())), preexisting: HashSet::new() })
+    }
+
+    fn commit(self) -> Result<()> {
+        if let Some((tmp, dst)) = &self.fresh {
+            if dst.is_dir() {
+                // An empty directory: rename replaces it.
+                let _ = std::fs::remove_dir(dst);
+            }
+            std::fs::rename(tmp, dst).map_err(|source| ConvertError::Io { path: dst.clone(), source })?;
+        }
+        Ok(())
+    }
+
+    fn abort(self, created: &[Digest]) {
+        match &self.fresh {
+            Some((tmp, _)) => {
+                let _ = std::fs::remove_dir_all(tmp);
+            }
+            None => {
+                for d in created {
+                    if !self.preexisting.contains(d) {
+                        let _ = std::fs::remove_file(self.layout.blob_path(d));
+                    }
+                }
+            }
+        }
+    }
+}
+
+type Failure = (ConvertError, Vec<Digest>);
+
+fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &ConvertOptions) -> std::result::Result<(ConvertSummary, Vec<Digest>), Failure> {
+    let mut sink = ChunkSink::new(layout.clone(), opts.zstd_level, opts.batch_bytes);
+    let mut tree = Tree::new();
+    let mut source_layer_bytes = 0;
+    let fail = |e: ConvertError, sink: &ChunkSink| (e, sink.created.clone());
+    for (i, layer) in src.layers.iter().enumerate() {
+        if let Err(e) = apply_layer(src, i, &mut tree, &mut sink, opts) {
+            return Err(fail(e, &sink));
+        }
+        source_layer_bytes += layer.size;
+    }
+    let (bootstrap, counts) = match write_bootstrap(&tree, &sink, opts.chunking.params()) {
+        Ok(x) => x,
+        Err(e) => return Err(fail(e, &sink)),
+    };
+    let packaged = match package(layout, &bootstrap, &sink.blobs, &src.config, src.manifest_digest.as_ref()) {
+        Ok(p) => p,
+        Err(e) => return Err(fail(e, &sink)),
+    };
+    let mut created = sink.created.clone();
+    created.extend(packaged.written.iter().cloned());
+    if let Err(e) = layout.set_tag(tag, packaged.manifest.clone()) {
+        return Err((e.into(), created));
+    }
+    let blob_bytes: u64 = sink.blobs.iter().map(|b| b.size).sum();
+    let unique = sink.chunks.len() as u64;
+    let summary = ConvertSummary {
+        source: String::new(),
+        destination: String::new(),
+        manifest_digest: packaged.manifest.digest.clone(),
+        layers: src.layers.len(),
+        source_layer_bytes,
+        bytes_in: sink.bytes_in,
+        bytes_out: blob_bytes + packaged.bootstrap_layer_size,
+        blob_bytes,
+        blobs: sink.blobs.len(),
+        bootstrap_bytes: bootstrap.len() as u64,
+        bootstrap_compressed_bytes: packaged.bootstrap_layer_size,
+        chunks: counts.chunk_refs,
+        unique_chunks: unique,
+        dedup_ratio: if unique == 0 { 1.0 } else { counts.chunk_refs as f64 / unique as f64 },
+        tree: counts,
+        seconds: 0.0,
+    };
+    Ok((summary, created))
+}
+
+/// Counts stored bytes for progress.
+struct Counted<R> {
+    inner: R,
+    progress: Option<Arc<dyn Progress>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = &self.progress {
+            p.advanced(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+fn apply_layer(src: &SourceImage, index: usize, tree: &mut Tree, sink: &mut ChunkSink, opts: &ConvertOptions) -> Result<()> {
+    let layer = &src.layers[index];
+    let digest = layer.digest.to_string();
+    check_media_type(layer)?;
+    if let Some(p) = &opts.progress {
+        p.layer_started(index, src.layers.len(), &digest, layer.size);
+    }
+    let layer_err = |reason: String| ConvertError::Layer { layer: digest.clone(), reason };
+    let mut stream = src.open_layer(index)?;
+    let raw = Box::new(Counted { inner: stream.take_reader(), progress: opts.progress.clone() });
+    let (_, decompressed) = decompress(raw, &digest)?;
+    let mut archive = tar::Archive::new(decompressed);
+    sink.begin_blob()?;
+    let entries = archive.entries().map_err(|e| layer_err(format!("not a tar stream: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| layer_err(format!("corrupt or truncated: {e}")))?;
+        apply_entry(&mut entry, index, tree, sink, opts, &digest)?;
+    }
+    // Read the rest of the stream so truncation and digest mismatches show.
+    let mut rest = archive.into_inner();
+    std::io::copy(&mut rest, &mut std::io::sink()).map_err(|e| layer_err(format!("corrupt or truncated: {e}")))?;
+    drop(rest);
+    stream.finish().map_err(|e| layer_err(format!("{e}")))?;
+    sink.end_blob()?;
+    Ok(())
+}
+
+/// PAX records naiad reads beyond what the tar crate applies itself.
+#[derive(Default)]
+struct PaxInfo {
+    mtime: Option<(i64, u32)>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+fn parse_pax_time(v: &str) -> Option<(i64, u32)> {
+    let (sec, frac) = match v.split_once('.') {
+        Some((s, f)) => (s, f),
+        None => (v, ""),
+    };
+    let sec: i64 = sec.parse().ok()?;
+    let mut digits: String = frac.chars().take(9).collect();
+    if !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nsec: u32 = digits.parse().ok()?;
+    // A negative time with a fraction counts the fraction towards zero.
+    if sec < 0 && nsec > 0 {
+        return Some((sec - 1, 1_000_000_000 - nsec));
+    }
+    Some((sec, nsec))
+}
+
+fn read_pax<R: Read>(entry: &mut tar::Entry<R>) -> std::io::Result<PaxInfo> {
+    let mut info = PaxInfo::default();
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            let key = ext.key_bytes();
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                info.xattrs.insert(name.to_vec(), ext.value_bytes().to_vec());
+            } else {
+                let value = std::str::from_utf8(ext.value_bytes()).unwrap_or("");
+                match key {
+                    b"mtime" => info.mtime = parse_pax_time(value),
+                    b"uid" => info.uid = value.parse().ok(),
+                    b"gid" => info.gid = value.parse().ok(),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(info)
+}
+
+fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mut Tree, sink: &mut ChunkSink, opts: &ConvertOptions, digest: &str) -> Result<()> {
+    let path_bytes = entry.path_bytes().into_owned();
+    let path_str = String::from_utf8_lossy(&path_bytes).into_owned();
+    let entry_err = |reason: String| ConvertError::Entry { layer: digest.to_string(), path: path_str.clone(), reason };
+    let header = entry.header().clone();
+    let kind = header.entry_type();
+    if kind.is_pax_global_extensions() {
+        return Ok(());
+    }
+    let parts = split_path(&path_bytes).map_err(&entry_err)?;
+    let pax = read_pax(entry).map_err(|e| entry_err(format!("bad PAX header: {e}")))?;
+
+    // Whiteouts carry no file of their own.
+    if let Some(last) = parts.last() {
+        if let Some(hidden) = last.strip_prefix(b".wh.") {
+            let dir = &parts[..parts.len() - 1];
+            return if hidden == b".wh..opq" { tree.opaque(dir, layer_index) } else { tree.whiteout(dir, hidden, layer_index) }.map_err(&entry_err);
+        }
+    }
+
+    let num = |r: std::io::Result<u64>, what: &str| -> Result<u64> { r.map_err(|e| entry_err(format!("bad {what} field: {e}"))) };
+    let uid = match pax.uid {
+        Some(u) => u,
+        None => num(header.uid(), "uid")?,
+    };
+    let gid = match pax.gid {
+        Some(g) => g,
+        None => num(header.gid(), "gid")?,
+    };
+    let (mtime_sec, mtime_nsec) = match pax.mtime {
+        Some(t) => t,
+        None => (num(header.mtime(), "mtime")? as i64, 0),
+    };
+    let meta = Meta {
+        mode: header.mode().map_err(|e| entry_err(format!("bad mode field: {e}")))? & 0o7777,
+        uid: u32::try_from(uid).map_err(|_| entry_err(format!("uid {uid} does not fit 32 bits")))?,
+        gid: u32::try_from(gid).map_err(|_| entry_err(format!("gid {gid} does not fit 32 bits")))?,
+        mtime_sec,
+        mtime_nsec,
+        xattrs: pax.xattrs,
+    };
+    let link_target = || -> Result<Vec<u8>> {
+        match entry.link_name_bytes() {
+            Some(l) if !l.is_empty() => Ok(l.into_owned()),
+            _ => Err(entry_err("link without a target".into())),
+        }
+    };
+    let devices = || -> Result<(u32, u32)> {
+        let major = header.device_major().map_err(|e| entry_err(format!("bad device major: {e}")))?.unwrap_or(0);
+        let minor = header.device_minor().map_err(|e| entry_err(format!("bad device minor: {e}")))?.unwrap_or(0);
+        Ok((major, minor))
+    };
+    use tar::EntryType as T;
+    let node_kind = match kind {
+        T::Directory => NodeKind::Dir { children: BTreeMap::new() },
+        T::Symlink => NodeKind::Symlink { target: link_target()? },
+        T::Char => {
+            let (major, minor) = devices()?;
+            NodeKind::CharDevice { major, minor }
+        }
+        T::Block => {
+            let (major, minor) = devices()?;
+            NodeKind::BlockDevice { major, minor }
+        }
+        T::Fifo => NodeKind::Fifo,
+        T::Link => {
+            let target = link_target()?;
+            let target_parts = split_path(&target).map_err(|e| entry_err(format!("hardlink target: {e}")))?;
+            return tree.hardlink(&parts, &target_parts, layer_index).map_err(&entry_err);
+        }
+        T::Regular | T::Continuous | T::GNUSparse => {
+            let expected = entry.size();
+            let mut chunks = Vec::new();
+            let size = opts
+                .chunking
+                .split(&mut *entry, |data| {
+                    chunks.push(sink.add(data)?);
+                    Ok::<(), ConvertError>(())
+                })
+                .map_err(|e| match e {
+                    SplitError::Read(io) => entry_err(format!("corrupt or truncated: {io}")),
+                    SplitError::Emit(e) => e,
+                })?;
+            if size != expected {
+                return Err(entry_err(format!("has {size} bytes of data, header says {expected}")));
+            }
+            NodeKind::File { size, chunks }
+        }
+        other => return Err(entry_err(format!("unsupported tar entry type {other:?}"))),
+    };
+    tree.put(&parts, Node { meta, kind: node_kind }, layer_index).map_err(&entry_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pax_time;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(parse_pax_time("1700000000.123456789"), Some((1700000000, 123456789)));
+        assert_eq!(parse_pax_time("1700000000.5"), Some((1700000000, 500000000)));
+        assert_eq!(parse_pax_time("12"), Some((12, 0)));
+        assert_eq!(parse_pax_time("-1.5"), Some((-2, 500000000)));
+        assert_eq!(parse_pax_time("x"), None);
+    }
+}

@@ -1,0 +1,220 @@
+//! `naiad unpack`: the merged root filesystem of a naiad image written back
+//! out, as a directory tree or as a tar file, with every chunk verified.
+//! Output goes to a temporary name beside the destination and is renamed
+//! into place only when complete.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use naiad_format::{FileChunk, InodeKind, InodeRecord, ROOT_INO};
+use naiad_registry::NaiadImage;
+
+use crate::error::{ConvertError, Result};
+
+fn io_at(path: &Path) -> impl Fn(io::Error) -> ConvertError + '_ {
+    move |source| ConvertError::Io { path: path.to_path_buf(), source }
+}
+
+/// Streams a file's bytes chunk by chunk, verifying each.
+pub struct FileReader<'a> {
+    image: &'a NaiadImage,
+    chunks: std::vec::IntoIter<FileChunk>,
+    current: io::Cursor<Vec<u8>>,
+}
+
+impl<'a> FileReader<'a> {
+    pub fn new(image: &'a NaiadImage, ino: u32) -> Result<Self> {
+        Ok(FileReader { image, chunks: image.bootstrap.file_chunks(ino)?.into_iter(), current: io::Cursor::new(Vec::new()) })
+    }
+}
+
+impl Read for FileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            let Some(c) = self.chunks.next() else { return Ok(0) };
+            let data = self.image.read_chunk_record(&c.chunk).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            self.current = io::Cursor::new(data);
+        }
+    }
+}
+
+fn sibling_temp(dest: &Path) -> Result<(PathBuf, String)> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    Ok((parent, name))
+}
+
+/// Writes the image's tree into `dest`, which must not exist or be empty.
+pub fn unpack_to_dir(image: &NaiadImage, dest: &Path) -> Result<()> {
+    if dest.exists() && (!dest.is_dir() || std::fs::read_dir(dest).map_err(io_at(dest))?.next().is_some()) {
+        return Err(ConvertError::Invalid(format!("{}: exists and is not an empty directory", dest.display())));
+    }
+    let (parent, name) = sibling_temp(dest)?;
+    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.naiad-")).tempdir_in(&parent).map_err(io_at(&parent))?;
+    write_tree(image, tmp.path())?;
+    if dest.is_dir() {
+        std::fs::remove_dir(dest).map_err(io_at(dest))?;
+    }
+    let tmp_path = tmp.keep();
+    std::fs::rename(&tmp_path, dest).map_err(io_at(dest))?;
+    Ok(())
+}
+
+fn apply_meta(path: &Path, inode: &InodeRecord, xattrs: &[(&[u8], &[u8])]) -> Result<()> {
+    let io = io_at(path);
+    std::os::unix::fs::lchown(path, Some(inode.uid), Some(inode.gid)).map_err(&io)?;
+    for (k, v) in xattrs {
+        xattr::set(path, OsStr::from_bytes(k), v).map_err(&io)?;
+    }
+    if inode.kind() != Some(InodeKind::Symlink) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(inode.mode & 0o7777)).map_err(&io)?;
+    }
+    let t = filetime::FileTime::from_unix_time(inode.mtime_sec, inode.mtime_nsec);
+    filetime::set_symlink_file_times(path, t, t).map_err(&io)?;
+    Ok(())
+}
+
+fn write_tree(image: &NaiadImage, root: &Path) -> Result<()> {
+    let b = &image.bootstrap;
+    let mut first_path: HashMap<u32, PathBuf> = HashMap::new();
+    let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
+    b.walk(|path, ino, inode| -> Result<()> {
+        let rel = Path::new(OsStr::from_bytes(&path[1..]));
+        let full = root.join(rel);
+        let io = io_at(&full);
+        if ino == ROOT_INO {
+            dirs.push((full.clone(), ino));
+            return Ok(());
+        }
+        if let Some(first) = first_path.get(&ino) {
+            return std::fs::hard_link(first, &full).map_err(&io);
+        }
+        let kind = inode.kind().ok_or_else(|| ConvertError::Invalid(format!("{}: unknown file type", full.display())))?;
+        match kind {
+            InodeKind::Directory => {
+                std::fs::create_dir(&full).map_err(&io)?;
+                dirs.push((full.clone(), ino));
+                return Ok(());
+            }
+            InodeKind::RegularFile => {
+                let mut out = BufWriter::with_capacity(1 << 20, File::create(&full).map_err(&io)?);
+                io::copy(&mut FileReader::new(image, ino)?, &mut out).map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
+                out.flush().map_err(&io)?;
+            }
+            InodeKind::Symlink => std::os::unix::fs::symlink(OsStr::from_bytes(b.symlink_target(ino)?), &full).map_err(&io)?,
+            InodeKind::CharDevice | InodeKind::BlockDevice | InodeKind::Fifo | InodeKind::Socket => {
+                use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+                let (major, minor) = inode.rdev();
+                let flag = match kind {
+                    InodeKind::CharDevice => SFlag::S_IFCHR,
+                    InodeKind::BlockDevice => SFlag::S_IFBLK,
+                    InodeKind::Fifo => SFlag::S_IFIFO,
+                    _ => SFlag::S_IFSOCK,
+                };
+                let dev = if matches!(kind, InodeKind::CharDevice | InodeKind::BlockDevice) { makedev(major as u64, minor as u64) } else { 0 };
+                mknod(&full, flag, Mode::from_bits_truncate(0o600), dev).map_err(|e| ConvertError::Io { path: full.clone(), source: e.into() })?;
+            }
+        }
+        apply_meta(&full, inode, &b.xattrs(ino)?)?;
+        first_path.insert(ino, full.clone());
+        Ok(())
+    })?;
+    // Directories last and deepest first, so adding entries does not undo their mtimes.
+    for (path, ino) in dirs.iter().rev() {
+        apply_meta(path, &b.inode(*ino)?, &b.xattrs(*ino)?)?;
+    }
+    Ok(())
+}
+
+/// Writes the image's tree as a tar file at `dest` (GNU long names, PAX
+/// records for xattrs and sub-second mtimes).
+pub fn unpack_to_tar(image: &NaiadImage, dest: &Path) -> Result<()> {
+    let (parent, name) = sibling_temp(dest)?;
+    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.naiad-")).tempfile_in(&parent).map_err(io_at(&parent))?;
+    {
+        let mut builder = tar::Builder::new(BufWriter::with_capacity(1 << 20, tmp.as_file()));
+        write_tar(image, &mut builder)?;
+        let mut w = builder.into_inner().map_err(io_at(dest))?;
+        w.flush().map_err(io_at(dest))?;
+    }
+    tmp.as_file().sync_all().map_err(io_at(dest))?;
+    tmp.persist(dest).map_err(|e| ConvertError::Io { path: dest.to_path_buf(), source: e.error })?;
+    Ok(())
+}
+
+fn write_tar<W: Write>(image: &NaiadImage, builder: &mut tar::Builder<W>) -> Result<()> {
+    let b = &image.bootstrap;
+    let mut first_path: HashMap<u32, Vec<u8>> = HashMap::new();
+    b.walk(|path, ino, inode| -> Result<()> {
+        let io = io_at(Path::new("tar"));
+        let mut rel = if ino == ROOT_INO { b"./".to_vec() } else { path[1..].to_vec() };
+        let kind = inode.kind().ok_or_else(|| ConvertError::Invalid("unknown file type".into()))?;
+        // PAX records for what the plain header cannot say.
+        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+        for (k, v) in b.xattrs(ino)? {
+            pax.push((format!("SCHILY.xattr.{}", String::from_utf8_lossy(k)), v.to_vec()));
+        }
+        if inode.mtime_nsec != 0 {
+            pax.push(("mtime".into(), format!("{}.{:09}", inode.mtime_sec, inode.mtime_nsec).into_bytes()));
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(inode.mode & 0o7777);
+        h.set_uid(inode.uid as u64);
+        h.set_gid(inode.gid as u64);
+        h.set_mtime(inode.mtime_sec.max(0) as u64);
+        h.set_size(0);
+        if let Some(first) = first_path.get(&ino) {
+            h.set_entry_type(tar::EntryType::Link);
+            builder.append_link(&mut h, OsStr::from_bytes(&rel), OsStr::from_bytes(first)).map_err(&io)?;
+            return Ok(());
+        }
+        if !pax.is_empty() {
+            builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).map_err(&io)?;
+        }
+        match kind {
+            InodeKind::Directory => {
+                if !rel.ends_with(b"/") {
+                    rel.push(b'/');
+                }
+                h.set_entry_type(tar::EntryType::Directory);
+                builder.append_data(&mut h, OsStr::from_bytes(&rel), io::empty()).map_err(&io)?;
+            }
+            InodeKind::RegularFile => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(inode.size);
+                builder.append_data(&mut h, OsStr::from_bytes(&rel), FileReader::new(image, ino)?).map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
+            }
+            InodeKind::Symlink => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                builder.append_link(&mut h, OsStr::from_bytes(&rel), OsStr::from_bytes(b.symlink_target(ino)?)).map_err(&io)?;
+            }
+            InodeKind::CharDevice | InodeKind::BlockDevice | InodeKind::Fifo | InodeKind::Socket => {
+                h.set_entry_type(match kind {
+                    InodeKind::CharDevice => tar::EntryType::Char,
+                    InodeKind::BlockDevice => tar::EntryType::Block,
+                    _ => tar::EntryType::Fifo,
+                });
+                let (major, minor) = inode.rdev();
+                h.set_device_major(major).map_err(&io)?;
+                h.set_device_minor(minor).map_err(&io)?;
+                builder.append_data(&mut h, OsStr::from_bytes(&rel), io::empty()).map_err(&io)?;
+            }
+        }
+        if ino != ROOT_INO {
+            first_path.insert(ino, rel);
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,121 @@
+//! `naiad convert SRC DST`.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use naiad_converter::{Chunking, ConvertOptions, Progress};
+use naiad_registry::ImageRef;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ChunkMode {
+    /// Fixed-size chunks of --chunk-size bytes.
+    Fixed,
+    /// Content-defined chunks (FastCDC) between --cdc-min and --cdc-max, about --cdc-avg.
+    Cdc,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source image: oci:DIR[:TAG] or docker-archive:FILE
+    pub source: String,
+    /// Destination: oci:DIR[:TAG] (created if missing; other images in it are kept)
+    pub destination: String,
+    /// How files are cut into chunks.
+    #[arg(long, value_enum, default_value = "cdc")]
+    pub chunking: ChunkMode,
+    /// Chunk size for --chunking fixed (a power of two; K/M suffixes allowed).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub chunk_size: u64,
+    #[arg(long, default_value = "16K", value_parser = parse_size)]
+    pub cdc_min: u64,
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub cdc_avg: u64,
+    #[arg(long, default_value = "256K", value_parser = parse_size)]
+    pub cdc_max: u64,
+    /// zstd compression level for chunks (1-22).
+    #[arg(long, default_value_t = 3)]
+    pub zstd_level: i32,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Parses `4096`, `64K`, `1M`, `2G` (binary units).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        Some((i, 't' | 'T')) => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 1M, 2G)"))
+}
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn layer_started(&self, index: usize, count: usize, digest: &str, size: u64) {
+        self.0.set_length(size);
+        self.0.set_position(0);
+        let short = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.0.set_message(format!("layer {}/{} {}", index + 1, count, &short[..short.len().min(12)]));
+    }
+    fn advanced(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finished(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn to_u32(v: u64, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| anyhow::anyhow!("{what} {v} is too large"))
+}
+
+pub fn run(a: ConvertArgs) -> Result<i32> {
+    let source = ImageRef::parse(&a.source)?;
+    let destination = ImageRef::parse(&a.destination)?;
+    let chunking = match a.chunking {
+        ChunkMode::Fixed => Chunking::Fixed { size: to_u32(a.chunk_size, "--chunk-size")? },
+        ChunkMode::Cdc => Chunking::ContentDefined { min: to_u32(a.cdc_min, "--cdc-min")?, avg: to_u32(a.cdc_avg, "--cdc-avg")?, max: to_u32(a.cdc_max, "--cdc-max")? },
+    };
+    let mut opts = ConvertOptions { chunking, zstd_level: a.zstd_level, ..Default::default() };
+    if !a.quiet && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                .map(|s| s.progress_chars("=> "))
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        opts.progress = Some(Arc::new(Bar(bar)));
+    }
+    let summary = naiad_converter::convert(&source, &destination, &opts).with_context(|| format!("converting {source} to {destination}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        eprintln!(
+            "converted {} -> {}: {} files, {} dirs, {:.1} MiB in, {:.1} MiB out ({} blobs, bootstrap {:.1} KiB), {} chunks ({} unique, dedup {:.2}x) in {:.2}s",
+            summary.source,
+            summary.destination,
+            summary.tree.files,
+            summary.tree.directories,
+            summary.bytes_in as f64 / 1048576.0,
+            summary.bytes_out as f64 / 1048576.0,
+            summary.blobs,
+            summary.bootstrap_compressed_bytes as f64 / 1024.0,
+            summary.chunks,
+            summary.unique_chunks,
+            summary.dedup_ratio,
+            summary.seconds
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,29 @@
+//! `naiad unpack SRC DIR` and `naiad unpack SRC --tar FILE`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use naiad_registry::{ImageRef, NaiadImage};
+
+#[derive(Args)]
+pub struct UnpackArgs {
+    /// The naiad image: oci:DIR[:TAG]
+    pub source: String,
+    /// Directory to create (must not exist, or be empty).
+    pub dir: Option<PathBuf>,
+    /// Write a tar file instead of a directory.
+    #[arg(long, conflicts_with = "dir")]
+    pub tar: Option<PathBuf>,
+}
+
+pub fn run(a: UnpackArgs) -> Result<i32> {
+    let reference = ImageRef::parse(&a.source)?;
+    let image = NaiadImage::open(&reference).with_context(|| format!("opening {reference}"))?;
+    match (&a.dir, &a.tar) {
+        (Some(dir), None) => naiad_converter::unpack::unpack_to_dir(&image, dir).with_context(|| format!("unpacking {reference} into {}", dir.display()))?,
+        (None, Some(tar)) => naiad_converter::unpack::unpack_to_tar(&image, tar).with_context(|| format!("unpacking {reference} to {}", tar.display()))?,
+        _ => bail!("give a directory or --tar FILE"),
+    }
+    Ok(0)
+}
