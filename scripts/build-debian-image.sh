@@ -11,8 +11,10 @@
 # Layers:
 #   1. debootstrap --variant=minbase --include=python3 bookworm
 #   2. deletes files and a directory (.wh. whiteouts), adds a file, changes a mode
-#   3. replaces a directory wholesale (rm -rf + recreate), adds a hardlink to a
-#      lower-layer file, a hardlink pair, a symlink, and sets a user xattr
+#   3. replaces a directory wholesale (rm -rf + recreate: umoci emits a `.wh.`
+#      per old file, not an opaque marker), adds a hardlink to a lower-layer
+#      file (umoci re-emits that file in this layer, since its nlink changed,
+#      and links to the copy), a hardlink pair, symlinks, and user xattrs
 #   4. `umoci insert --opaque`: a directory that masks its lower contents
 #      (an opaque whiteout `.wh..wh..opq`)
 # plus a config with Cmd, Env and WorkingDir.
@@ -55,13 +57,52 @@ done
 
 START=$(date +%s)
 mkdir -p "$FIXTURES"
+# Serialize builders (callers may also hold their own lock on
+# $FIXTURES/.debian-python.lock; this is a different file, so no deadlock).
+exec 9>"$FIXTURES/.$NAME.build.lock"
+flock 9
+if [[ -f "$FINAL/COMPLETE" ]]; then
+    log "built by another process meanwhile"
+    print_paths
+    exit 0
+fi
+
+# debootstrap mounts proc (and maybe more) inside the target while it runs;
+# an interrupted build can leave them. Unmount anything below $1, deepest
+# first, then remove $1 without crossing file systems.
+remove_tree() {
+    local dir=$1 mnt
+    [[ -e $dir ]] || return 0
+    while read -r mnt; do
+        umount -l "$mnt" 2>/dev/null || true
+    done < <(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r)
+    rm -rf --one-file-system -- "$dir"
+}
+
+# Leftovers of interrupted builds: staging dirs (safe to remove under the
+# lock) and scratch dirs under /tmp whose builder process is gone.
+for d in "$FIXTURES/.$NAME.tmp."*; do
+    [[ -d $d ]] && remove_tree "$d"
+done
+for d in /tmp/naiad-debian-build.*; do
+    [[ -d $d ]] || continue
+    pid=$(cat "$d/.pid" 2>/dev/null || true)
+    if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then
+        log "removing stale scratch dir $d"
+        remove_tree "$d"
+    fi
+done
+
 STAGE=$(mktemp -d "$FIXTURES/.$NAME.tmp.XXXXXX")
 # Scratch rootfs/bundle under /tmp: creating many files under /var is slow.
 SCRATCH=$(mktemp -d /tmp/naiad-debian-build.XXXXXX)
+echo $$ >"$SCRATCH/.pid"
 cleanup() {
-    rm -rf -- "$SCRATCH" "$STAGE"
+    remove_tree "$SCRATCH"
+    remove_tree "$STAGE"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 LAYOUT="$STAGE/layout"
 BUNDLE="$SCRATCH/bundle"
@@ -133,15 +174,31 @@ umoci repack --refresh-bundle --history.created "$CREATED" \
     --history.created_by "naiad: replace dir + hardlinks + symlinks + xattr" \
     --image "$LAYOUT:$TAG" "$BUNDLE"
 
-# --- layer 4: opaque directory via umoci insert --opaque ----------------------
-step "layer 4: opaque directory (umoci insert --opaque)"
-OPQ="$SCRATCH/opaque-src"
-mkdir -p "$OPQ/sub"
-printf 'only this survives\n' >"$OPQ/ONLY"
-printf 'sub\n' >"$OPQ/sub/file"
-umoci insert --opaque --history.created "$CREATED" \
+# --- layer 4: opaque directory ------------------------------------------------
+# umoci 0.4.7's `insert --opaque` writes a tar without its final padding and
+# end-of-archive blocks (GNU tar and Go's archive/tar reject it), so this
+# layer is written by Python's tarfile and appended verbatim.
+step "layer 4: opaque directory (tarfile + umoci raw add-layer)"
+OPQ_TAR="$SCRATCH/opaque-layer.tar"
+python3 - "$OPQ_TAR" "$CREATED" <<'PYEOF'
+import io, sys, tarfile, datetime
+out, created = sys.argv[1], sys.argv[2]
+mtime = int(datetime.datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
+d = "usr/share/doc/python3.11"
+with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as t:
+    def add(name, kind, data=b"", mode=0o644):
+        i = tarfile.TarInfo(name)
+        i.type, i.mode, i.mtime, i.size = kind, mode, mtime, len(data)
+        t.addfile(i, io.BytesIO(data) if data else None)
+    add(d, tarfile.DIRTYPE, mode=0o755)
+    add(d + "/.wh..wh..opq", tarfile.REGTYPE, mode=0)
+    add(d + "/ONLY", tarfile.REGTYPE, b"only this survives\n")
+    add(d + "/sub", tarfile.DIRTYPE, mode=0o755)
+    add(d + "/sub/file", tarfile.REGTYPE, b"sub\n")
+PYEOF
+umoci raw add-layer --history.created "$CREATED" \
     --history.created_by "naiad: opaque /usr/share/doc/python3.11" \
-    --image "$LAYOUT:$TAG" "$OPQ" /usr/share/doc/python3.11
+    --image "$LAYOUT:$TAG" "$OPQ_TAR"
 
 # --- config ----------------------------------------------------------------------
 step "config"
@@ -175,8 +232,9 @@ ELAPSED=$(($(date +%s) - START))
     echo "suite=$SUITE"
     echo "mirror=$MIRROR"
 } >"$STAGE/COMPLETE"
+chmod 0755 "$STAGE"   # mktemp -d made it 0700
 rm -rf -- "$FINAL"
 mv -- "$STAGE" "$FINAL"
-trap 'rm -rf -- "$SCRATCH"' EXIT
+trap 'remove_tree "$SCRATCH"' EXIT
 log "done in ${ELAPSED}s"
 print_paths

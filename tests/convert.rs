@@ -1,0 +1,353 @@
+//! `naiad convert`, `unpack`, `check` and `inspect` end to end, on real OCI
+//! layouts: small generated layers covering every layer-merge case, and a
+//! debootstrap-built Debian image. The reference is `umoci raw unpack`.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+
+fn run(args: &[&str]) -> Output {
+    let out = naiad().args(args).output().expect("run naiad");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "naiad panicked: {stderr}");
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(out.status.success(), "naiad {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs naiad expecting failure; returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "naiad {args:?} should have failed");
+    assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: {stderr}");
+    stderr
+}
+
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("naiad-test-{name}-")).tempdir_in("/tmp").expect("tempdir")
+}
+
+fn oci(dir: &Path, tag: &str) -> String {
+    format!("oci:{}:{tag}", dir.display())
+}
+
+const FIXED: &[&str] = &["--chunking", "fixed", "--chunk-size", "1M"];
+const CDC: &[&str] = &["--chunking", "cdc", "--cdc-min", "4K", "--cdc-avg", "16K", "--cdc-max", "64K"];
+
+fn convert(src: &str, dst: &str, chunking: &[&str]) -> serde_json::Value {
+    let mut args = vec!["convert", src, dst, "--json"];
+    args.extend_from_slice(chunking);
+    serde_json::from_str(&ok(&args)).expect("convert --json prints JSON")
+}
+
+fn generated_round_trip(compression: Compression, chunking: &[&str]) {
+    let tmp = scratch("gen");
+    let image = generate_image(tmp.path(), compression);
+    let out = tmp.path().join("out");
+    let summary = convert(&oci(&image.layout, "latest"), &oci(&out, "naiad"), chunking);
+    assert_eq!(summary["layers"], 4);
+    assert!(summary["unique_chunks"].as_u64().unwrap() < summary["chunks"].as_u64().unwrap(), "the generated image repeats content: {summary}");
+
+    let reference = tmp.path().join("reference");
+    umoci_unpack(&image.reference_layout, "latest", &reference);
+    let unpacked = tmp.path().join("unpacked");
+    ok(&["unpack", &oci(&out, "naiad"), unpacked.to_str().unwrap()]);
+    let diffs = compare_trees(&reference, &unpacked, &generated_compare_options());
+    assert!(diffs.is_empty(), "naiad unpack differs from umoci:\n{}", diffs.join("\n"));
+
+    // The tar output, extracted by GNU tar, is the same tree.
+    let tar_file = tmp.path().join("rootfs.tar");
+    ok(&["unpack", &oci(&out, "naiad"), "--tar", tar_file.to_str().unwrap()]);
+    let from_tar = tmp.path().join("from-tar");
+    fs::create_dir(&from_tar).unwrap();
+    let st = std::process::Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
+        .arg(&tar_file)
+        .arg("-C")
+        .arg(&from_tar)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let diffs = compare_trees(&reference, &from_tar, &generated_compare_options());
+    assert!(diffs.is_empty(), "naiad unpack --tar differs from umoci:\n{}", diffs.join("\n"));
+
+    ok(&["check", &oci(&out, "naiad")]);
+    let stats: serde_json::Value = serde_json::from_str(&ok(&["inspect", &oci(&out, "naiad"), "--json"])).unwrap();
+    assert_eq!(stats["files"], summary["files"]);
+    assert_eq!(stats["unique_chunks"], summary["unique_chunks"]);
+}
+
+#[test]
+fn generated_plain_tar_fixed_chunks() {
+    generated_round_trip(Compression::None, FIXED);
+}
+
+#[test]
+fn generated_gzip_cdc() {
+    generated_round_trip(Compression::Gzip, CDC);
+}
+
+#[test]
+fn generated_zstd_fixed_and_cdc() {
+    generated_round_trip(Compression::Zstd, FIXED);
+    generated_round_trip(Compression::Zstd, CDC);
+}
+
+#[test]
+fn generated_dedup_and_layout_details() {
+    let tmp = scratch("dedup");
+    let image = generate_image(tmp.path(), Compression::Gzip);
+    let out = tmp.path().join("out");
+    convert(&oci(&image.layout, "latest"), &oci(&out, "naiad"), FIXED);
+    let chunks = |p: &str| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", &oci(&out, "naiad"), "--json", "--path", p])).unwrap();
+        v.as_array().unwrap().iter().map(|c| c["digest"].as_str().unwrap().to_string()).collect()
+    };
+    let big = chunks(gen_paths::BIG);
+    assert_eq!(big.len(), 4, "3 MiB + 12345 bytes in 1 MiB chunks");
+    assert_eq!(chunks(gen_paths::BIG_COPY), big, "a copy in a later layer reuses the chunks");
+    assert_eq!(chunks(gen_paths::DUP1), chunks(gen_paths::DUP2));
+    assert_eq!(chunks(gen_paths::DUP1)[0], big[1]);
+    assert!(chunks(gen_paths::EMPTY).is_empty());
+    // Converting into the source layout keeps the source image.
+    let before = fs::read(image.layout.join("index.json")).unwrap();
+    convert(&oci(&image.layout, "latest"), &oci(&image.layout, "naiad"), CDC);
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(image.layout.join("index.json")).unwrap()).unwrap();
+    let tags: Vec<&str> = index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap()).collect();
+    assert_eq!(tags, vec!["latest", "naiad"]);
+    let old: serde_json::Value = serde_json::from_slice(&before).unwrap();
+    assert_eq!(index["manifests"][0], old["manifests"][0]);
+}
+
+fn debian_round_trip(layout: &Path, chunking: &[&str]) {
+    let deb = debian_image();
+    let tmp = scratch("debian");
+    let out = tmp.path().join("out");
+    let summary = convert(&oci(layout, "latest"), &oci(&out, "naiad"), chunking);
+    assert!(summary["files"].as_u64().unwrap() > 3000, "{summary}");
+    let unpacked = tmp.path().join("unpacked");
+    ok(&["unpack", &oci(&out, "naiad"), unpacked.to_str().unwrap()]);
+    let opts = CompareOptions { skip_dir_mtime: false, ..CompareOptions::default() };
+    let diffs = compare_trees(&deb.reference_rootfs, &unpacked, &opts);
+    assert!(diffs.is_empty(), "naiad unpack differs from umoci:\n{}", diffs.join("\n"));
+    ok(&["check", &oci(&out, "naiad")]);
+}
+
+#[test]
+fn debian_gzip_cdc() {
+    debian_round_trip(&debian_image().layout, &[]);
+}
+
+#[test]
+fn debian_zstd_fixed() {
+    debian_round_trip(&debian_image().layout_zstd, FIXED);
+}
+
+/// The stored blob file of layer `i` of the image tagged `tag`.
+fn manifest_of(layout: &Path, tag: &str) -> (PathBuf, serde_json::Value) {
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let desc = index["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag).expect("tag").clone();
+    let path = blob_path(layout, desc["digest"].as_str().unwrap());
+    let manifest = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    (path, manifest)
+}
+
+fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+}
+
+#[test]
+fn check_names_the_file_behind_a_flipped_byte() {
+    let tmp = scratch("flip");
+    let image = generate_image(tmp.path(), Compression::Gzip);
+    let out = tmp.path().join("out");
+    convert(&oci(&image.layout, "latest"), &oci(&out, "naiad"), FIXED);
+    let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", &oci(&out, "naiad"), "--json", "--path", gen_paths::EXACT_CHUNK])).unwrap();
+    let chunk = &v[0];
+    let (_, manifest) = manifest_of(&out, "naiad");
+    let blob = manifest["layers"][chunk["blob_index"].as_u64().unwrap() as usize]["digest"].as_str().unwrap().to_string();
+    let path = blob_path(&out, &blob);
+    let mut data = fs::read(&path).unwrap();
+    let at = (chunk["blob_offset"].as_u64().unwrap() + chunk["stored_size"].as_u64().unwrap() / 2) as usize;
+    data[at] ^= 0x01;
+    fs::write(&path, &data).unwrap();
+    let err = fails(&["check", &oci(&out, "naiad")]);
+    assert!(err.contains(gen_paths::EXACT_CHUNK), "check must name the file: {err}");
+    assert!(err.contains("at offset 0"), "{err}");
+    assert!(err.contains(&blob), "{err}");
+}
+
+/// Rewrites the image tagged `tag` so layer `i` is `data` (with matching
+/// digest and size), or only changes its descriptor with `edit`.
+fn rewrite_manifest(layout: &Path, tag: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let (_, mut manifest) = manifest_of(layout, tag);
+    edit(&mut manifest);
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    fs::write(blob_path(layout, &digest), &bytes).unwrap();
+    let mut index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    for m in index["manifests"].as_array_mut().unwrap() {
+        if m["annotations"]["org.opencontainers.image.ref.name"] == tag {
+            m["digest"] = digest.clone().into();
+            m["size"] = bytes.len().into();
+        }
+    }
+    fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+fn replace_layer(layout: &Path, tag: &str, i: usize, data: &[u8]) {
+    let digest = format!("sha256:{}", sha256_hex(data));
+    fs::write(blob_path(layout, &digest), data).unwrap();
+    rewrite_manifest(layout, tag, |m| {
+        m["layers"][i]["digest"] = digest.clone().into();
+        m["layers"][i]["size"] = data.len().into();
+    });
+}
+
+/// Converting `src` must fail with a message containing each of `needles`,
+/// exit 1, leave no destination behind, and leave an existing layout as it was.
+fn convert_fails(src: &Path, needles: &[&str]) {
+    let tmp = scratch("bad");
+    let dst = tmp.path().join("dst");
+    let err = fails(&["convert", &oci(src, "latest"), &oci(&dst, "naiad")]);
+    for n in needles {
+        assert!(err.contains(n), "error should mention {n:?}: {err}");
+    }
+    assert!(!dst.exists(), "nothing may be written at the destination");
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0, "no temporary files left");
+    // Into an existing layout (the source itself): nothing changes there.
+    let list = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(p.join("blobs/sha256")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    let blobs_before = list(src);
+    let index_before = fs::read(src.join("index.json")).unwrap();
+    fails(&["convert", &oci(src, "latest"), &oci(src, "naiad")]);
+    assert_eq!(list(src), blobs_before, "blobs added by a failed conversion must be removed");
+    assert_eq!(fs::read(src.join("index.json")).unwrap(), index_before);
+}
+
+fn layer_tar(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        // Write the name bytes directly: the tar crate refuses to build `..` paths.
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn bad_inputs_give_clear_errors_and_write_nothing() {
+    let tmp = scratch("inputs");
+    let fresh = |name: &str, c: Compression| -> PathBuf {
+        let image = generate_image(&tmp.path().join(name), c);
+        image.layout
+    };
+
+    // A truncated gzip layer (its digest matches the truncated bytes).
+    let layout = fresh("truncated", Compression::Gzip);
+    let (_, m) = manifest_of(&layout, "latest");
+    let l0 = fs::read(blob_path(&layout, m["layers"][0]["digest"].as_str().unwrap())).unwrap();
+    replace_layer(&layout, "latest", 0, &l0[..l0.len() / 2]);
+    let (_, m) = manifest_of(&layout, "latest");
+    convert_fails(&layout, &[m["layers"][0]["digest"].as_str().unwrap(), "truncated"]);
+
+    // Entries escaping the root.
+    for (name, needle) in [(&b"../evil"[..], "'..'"), (b"/etc/evil", "absolute path")] {
+        let layout = fresh("escape", Compression::None);
+        replace_layer(&layout, "latest", 1, &layer_tar(&[(b"fine", b"ok"), (name, b"x")]));
+        convert_fails(&layout, &[needle, &String::from_utf8_lossy(name)]);
+    }
+
+    // A layer whose content does not match the manifest's digest.
+    let layout = fresh("mismatch", Compression::None);
+    let (_, m) = manifest_of(&layout, "latest");
+    let digest = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    let path = blob_path(&layout, &digest);
+    let mut data = fs::read(&path).unwrap();
+    let at = data.windows(4).position(|w| w == b"\0\0\0\0").unwrap_or(600) + 1024;
+    data[at] ^= 0x20;
+    fs::write(&path, &data).unwrap();
+    convert_fails(&layout, &[&digest, "does not match"]);
+
+    // A missing blob.
+    let layout = fresh("missing", Compression::Gzip);
+    let (_, m) = manifest_of(&layout, "latest");
+    let digest = m["layers"][2]["digest"].as_str().unwrap().to_string();
+    fs::remove_file(blob_path(&layout, &digest)).unwrap();
+    convert_fails(&layout, &[&digest, "not found"]);
+
+    // An unknown media type.
+    let layout = fresh("mediatype", Compression::Gzip);
+    rewrite_manifest(&layout, "latest", |m| m["layers"][1]["mediaType"] = "application/vnd.example.unknown".into());
+    convert_fails(&layout, &["application/vnd.example.unknown", "media type"]);
+
+    // Not a layout, and a missing tag.
+    let err = fails(&["convert", "oci:/nonexistent/naiad:latest", &oci(&tmp.path().join("x"), "y")]);
+    assert!(err.contains("/nonexistent/naiad"), "{err}");
+    let layout = fresh("tag", Compression::None);
+    let err = fails(&["convert", &oci(&layout, "nosuchtag"), &oci(&tmp.path().join("x"), "y")]);
+    assert!(err.contains("nosuchtag") && err.contains("latest"), "{err}");
+}
+
+#[test]
+fn corrupted_bootstrap_is_refused() {
+    let tmp = scratch("boot");
+    let image = generate_image(tmp.path(), Compression::Gzip);
+    let out = tmp.path().join("out");
+    convert(&oci(&image.layout, "latest"), &oci(&out, "naiad"), FIXED);
+    let (_, m) = manifest_of(&out, "naiad");
+    let layers = m["layers"].as_array().unwrap();
+    let boot_index = layers.len() - 1;
+    let boot_blob = fs::read(blob_path(&out, layers[boot_index]["digest"].as_str().unwrap())).unwrap();
+    let raw = zstd::decode_all(&boot_blob[..]).unwrap();
+    let strings_offset = u64::from_le_bytes(raw[56 + 6 * 16..64 + 6 * 16].try_into().unwrap()) as usize;
+    let inode_table = u64::from_le_bytes(raw[56..64].try_into().unwrap()) as usize;
+    for (what, at, needle) in [("header", 9usize, "version"), ("header", 60, "checksum"), ("tables", inode_table + 70, "checksum"), ("strings", strings_offset + 1, "checksum")] {
+        let mut bad = raw.clone();
+        bad[at] ^= 0x40;
+        let tag = format!("bad-{at}");
+        // Copy the good image under a new tag, then swap in the bad bootstrap.
+        let (_, good) = manifest_of(&out, "naiad");
+        let bytes = serde_json::to_vec(&good).unwrap();
+        let d = format!("sha256:{}", sha256_hex(&bytes));
+        fs::write(blob_path(&out, &d), &bytes).unwrap();
+        let mut index: serde_json::Value = serde_json::from_slice(&fs::read(out.join("index.json")).unwrap()).unwrap();
+        index["manifests"].as_array_mut().unwrap().push(serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": bytes.len(), "annotations": {"org.opencontainers.image.ref.name": tag}}));
+        fs::write(out.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        replace_layer(&out, &tag, boot_index, &zstd::encode_all(&bad[..], 3).unwrap());
+        for cmd in ["check", "inspect"] {
+            let err = fails(&[cmd, &oci(&out, &tag)]);
+            assert!(err.contains("bootstrap") && err.contains(needle), "{what} corruption, {cmd}: {err}");
+            assert!(err.contains(&out.display().to_string()), "{err}");
+        }
+        let dest = tmp.path().join(format!("unpacked-{at}"));
+        fails(&["unpack", &oci(&out, &tag), dest.to_str().unwrap()]);
+        assert!(!dest.exists());
+    }
+    // A source image that is not a naiad image.
+    let err = fails(&["inspect", &oci(&image.layout, "latest")]);
+    assert!(err.contains("not a naiad image"), "{err}");
+}
