@@ -12,8 +12,11 @@
 //!   tree, never outside its root.
 //!
 //! Whiteout and opaque decisions use the layer that last wrote each
-//! directory entry, so entries a layer adds are never hidden by that same
-//! layer's whiteouts, whatever their order in the tar.
+//! directory entry, so an entry a layer writes is not hidden by that same
+//! layer's whiteout of it or opaque marker above it, whatever their order in
+//! the tar. (A layer that whites out a lower directory and also adds
+//! children under it without re-creating the directory is contradictory;
+//! the result then follows tar order.)
 
 use std::collections::BTreeMap;
 

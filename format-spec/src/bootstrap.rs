@@ -23,6 +23,9 @@ pub(crate) const CHECKSUM_RANGE: std::ops::Range<usize> = 24..56;
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 /// Longest file name accepted (Linux NAME_MAX).
 pub const MAX_NAME_LEN: usize = 255;
+/// Deepest directory nesting accepted (a Linux path of PATH_MAX bytes has
+/// at most 2048 components).
+pub const MAX_DEPTH: usize = 4096;
 
 /// The tables of a bootstrap, in file order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +156,15 @@ impl Bootstrap {
             }),
             m => return Err(FormatError::BadHeader(format!("unknown chunking mode {m}"))),
         };
+        match chunking {
+            Some(ChunkingParams::Fixed { size }) if !size.is_power_of_two() || size > MAX_CHUNK_SIZE => {
+                return Err(FormatError::BadHeader(format!("fixed chunk size {size} is not a power of two up to {MAX_CHUNK_SIZE}")));
+            }
+            Some(ChunkingParams::ContentDefined { min, avg, max }) if !(0 < min && min <= avg && avg <= max && max <= MAX_CHUNK_SIZE) => {
+                return Err(FormatError::BadHeader(format!("chunk sizes min={min} avg={avg} max={max} are inconsistent")));
+            }
+            _ => {}
+        }
         let b = Bootstrap { data, sections, chunking };
         let root = b.inode(ROOT_INO)?;
         if root.kind() != Some(InodeKind::Directory) {
@@ -405,8 +417,8 @@ impl Bootstrap {
             let inode = self.inode(entry.ino)?;
             visit(&child_path, entry.ino, &inode)?;
             if inode.kind() == Some(InodeKind::Directory) {
-                if stack.len() > 4096 {
-                    return Err(FormatError::BadInode { ino: entry.ino, detail: "directory tree deeper than 4096 levels".into() }.into());
+                if stack.len() > MAX_DEPTH + 1 {
+                    return Err(FormatError::BadInode { ino: entry.ino, detail: format!("directory nested deeper than {MAX_DEPTH} levels") }.into());
                 }
                 stack.push((entry.ino, child_path, 0));
             }
@@ -453,9 +465,12 @@ impl Bootstrap {
         let mut refs = vec![0u32; n_inodes as usize + 1];
         let mut subdirs = vec![0u32; n_inodes as usize + 1];
         let mut seen_dir = vec![false; n_inodes as usize + 1];
-        let mut stack = vec![ROOT_INO];
+        let mut stack = vec![(ROOT_INO, 0usize)];
         seen_dir[ROOT_INO as usize] = true;
-        while let Some(dir) = stack.pop() {
+        while let Some((dir, depth)) = stack.pop() {
+            if depth > MAX_DEPTH {
+                return Err(FormatError::BadInode { ino: dir, detail: format!("directory nested deeper than {MAX_DEPTH} levels") });
+            }
             let inode = self.inode(dir)?;
             let bad = |detail: String| FormatError::BadInode { ino: dir, detail };
             let end = inode.data_first.checked_add(inode.data_count as u64);
@@ -484,7 +499,7 @@ impl Bootstrap {
                     if child.parent != dir {
                         return Err(FormatError::BadInode { ino: e.ino, detail: format!("parent is {} but it is listed in {}", child.parent, dir) });
                     }
-                    stack.push(e.ino);
+                    stack.push((e.ino, depth + 1));
                 }
                 refs[e.ino as usize] += 1;
             }

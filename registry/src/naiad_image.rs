@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use naiad_format::oci::{ANNOTATION_FORMAT, MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
+use naiad_format::oci::{ANNOTATION_BOOTSTRAP_DIGEST, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
 use naiad_format::{decode_chunk, Bootstrap, ChunkRecord};
 use serde_json::Value;
 
@@ -49,7 +49,11 @@ impl NaiadImage {
     pub fn open(reference: &ImageRef) -> Result<Self> {
         let source = open_source(reference)?;
         let bad = |reason: String| RegistryError::BadImage { reference: reference.to_string(), reason };
-        let is_naiad = source.manifest.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_FORMAT));
+        let format = source.manifest.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
+        if format.is_some_and(|v| v != FORMAT_VERSION) {
+            return Err(bad(format!("naiad format version {:?} is not supported (this build reads {FORMAT_VERSION:?})", format.map(String::as_str).unwrap_or(""))));
+        }
+        let is_naiad = format.is_some();
         let boot = source.layers.iter().find(|l| l.media_type == MEDIA_TYPE_BOOTSTRAP);
         let boot = match (is_naiad, boot) {
             (true, Some(b)) => b.clone(),
@@ -64,6 +68,12 @@ impl NaiadImage {
         zstd::stream::read::Decoder::new(&compressed[..])
             .and_then(|d| d.take(MAX_BOOTSTRAP_SIZE + 1).read_to_end(&mut raw))
             .map_err(|e| bad(format!("bootstrap layer {}: cannot decompress: {e}", boot.digest)))?;
+        if let Some(expected) = boot.annotations.get(ANNOTATION_BOOTSTRAP_DIGEST) {
+            let actual = Digest::of(&raw);
+            if actual.as_str() != expected {
+                return Err(bad(format!("bootstrap {}: uncompressed content does not match its digest annotation {expected}", boot.digest)));
+            }
+        }
         let bootstrap = Bootstrap::from_bytes(raw).map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
         bootstrap.validate().map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
         let blob_digests: Vec<Digest> = bootstrap
