@@ -338,6 +338,10 @@ fn corrupted_bootstrap_is_refused() {
         index["manifests"].as_array_mut().unwrap().push(serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": bytes.len(), "annotations": {"org.opencontainers.image.ref.name": tag}}));
         fs::write(out.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
         replace_layer(&out, &tag, boot_index, &zstd::encode_all(&bad[..], 3).unwrap());
+        // As a buggy writer would: the annotation agrees with the bad bytes,
+        // so the format's own checks are what catch the damage.
+        let raw_digest = format!("sha256:{}", sha256_hex(&bad));
+        rewrite_manifest(&out, &tag, |m| m["layers"][boot_index]["annotations"]["org.naiad.bootstrap.uncompressed-digest"] = raw_digest.clone().into());
         for cmd in ["check", "inspect"] {
             let err = fails(&[cmd, &oci(&out, &tag)]);
             assert!(err.contains("bootstrap") && err.contains(needle), "{what} corruption, {cmd}: {err}");
@@ -347,6 +351,18 @@ fn corrupted_bootstrap_is_refused() {
         fails(&["unpack", &oci(&out, &tag), dest.to_str().unwrap()]);
         assert!(!dest.exists());
     }
+    // A stale uncompressed-digest annotation is caught before decoding.
+    let mut bad = raw.clone();
+    bad[strings_offset] ^= 0x01;
+    rewrite_manifest(&out, "naiad", |m| {
+        let data = zstd::encode_all(&bad[..], 3).unwrap();
+        let d = format!("sha256:{}", sha256_hex(&data));
+        fs::write(blob_path(&out, &d), &data).unwrap();
+        m["layers"][boot_index]["digest"] = d.into();
+        m["layers"][boot_index]["size"] = data.len().into();
+    });
+    let err = fails(&["inspect", &oci(&out, "naiad")]);
+    assert!(err.contains("does not match its digest annotation"), "{err}");
     // A source image that is not a naiad image.
     let err = fails(&["inspect", &oci(&image.layout, "latest")]);
     assert!(err.contains("not a naiad image"), "{err}");
