@@ -1,1 +1,58 @@
-//! naiad-fuse
+//! naiad-fuse: the read side of naiad. It serves a converted image as a
+//! read-only FUSE filesystem, fetching, verifying and caching chunks on
+//! demand, and runs commands in such an image under a writable overlay.
+//!
+//! The pieces, one concept per module:
+//!
+//! - [`filesystem`]: [`NaiadFs`], the `fuser::Filesystem` over a
+//!   [`naiad_format::Bootstrap`]: metadata comes from the bootstrap, file
+//!   bytes from the chunk cache.
+//! - [`attr`]: bootstrap inode records as FUSE attributes.
+//! - [`chunk_cache`]: [`ChunkCache`], the read path of one chunk: memory,
+//!   then disk, then the fetcher, with concurrent loads of one chunk merged.
+//! - [`fetcher`]: [`ChunkFetcher`], where chunks come from (a blob store now,
+//!   an HTTP range fetcher later), and [`StoreChunkFetcher`].
+//! - [`memory_cache`], [`disk_cache`], [`inflight`]: the tiers and the
+//!   single-flight map the chunk cache is made of.
+//! - [`counters`]: [`Counters`], per-mount statistics and their renderings.
+//! - [`stats_server`]: the unix socket `naiad stats` asks for counters.
+//! - [`runtime_paths`]: where a mount's socket, pid file and log live.
+//! - [`mountinfo`]: reading `/proc/self/mountinfo`.
+//! - [`daemon`]: [`serve`], which mounts an image and runs the session until
+//!   it is unmounted or the process is told to stop.
+//! - [`container`]: running a command chrooted into a mounted image under an
+//!   overlay, in new mount and PID namespaces (`naiad run`).
+//! - [`size`]: parsing and printing byte sizes ("2G").
+
+pub mod attr;
+pub mod chunk_cache;
+pub mod container;
+pub mod counters;
+pub mod daemon;
+pub mod disk_cache;
+pub mod error;
+pub mod fetcher;
+pub mod filesystem;
+pub mod inflight;
+pub mod memory_cache;
+pub mod mountinfo;
+pub mod runtime_paths;
+pub mod size;
+pub mod stats_server;
+
+pub use chunk_cache::ChunkCache;
+pub use counters::{CounterSnapshot, Counters};
+pub use daemon::{serve, CacheConfig, MountConfig, ServeConfig};
+pub use disk_cache::DiskCache;
+pub use error::{ChunkError, FuseError};
+pub use fetcher::{ChunkFetcher, StoreChunkFetcher};
+pub use filesystem::NaiadFs;
+pub use memory_cache::MemoryCache;
+pub use runtime_paths::RuntimePaths;
+pub use stats_server::{query_stats, StatsReport, StatsServer};
+
+/// The `fsname` and `subtype` of every naiad mount; `/proc/self/mountinfo`
+/// shows such a mount as type [`FSTYPE`].
+pub const FSNAME: &str = "naiad";
+/// The filesystem type of a naiad mount as the kernel reports it.
+pub const FSTYPE: &str = "fuse.naiad";

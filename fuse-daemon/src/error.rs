@@ -1,0 +1,67 @@
+//! Errors of the FUSE side: [`FuseError`] for setting a mount up and running
+//! it, [`ChunkError`] for one chunk that could not be served.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// What can go wrong mounting, serving or unmounting an image.
+#[derive(Debug, Error)]
+pub enum FuseError {
+    #[error("mountpoint {path}: {source}")]
+    Mountpoint { path: PathBuf, source: std::io::Error },
+    #[error("mountpoint {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("/dev/fuse is not usable ({0}); load the fuse module (modprobe fuse) or give the container the device")]
+    NoFuseDevice(std::io::Error),
+    #[error("cannot mount on {path}: {source}")]
+    Mount { path: PathBuf, source: std::io::Error },
+    #[error("cannot unmount {path}: {source}")]
+    Unmount { path: PathBuf, source: nix::Error },
+    #[error("FUSE session on {path} failed: {source}")]
+    Session { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix")]
+    BadSize(String),
+    #[error("stats socket {path}: {detail}")]
+    Stats { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Container(String),
+}
+
+/// Attaches a path to an `io::Error`.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T, FuseError>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T, FuseError> {
+        self.map_err(|source| FuseError::Io { path: path.into(), source })
+    }
+}
+
+/// Whether a chunk could not be read at all or was read and found bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkErrorKind {
+    /// The store could not deliver the bytes (missing blob, I/O error, ...).
+    Unavailable,
+    /// The bytes arrived but did not decompress or verify.
+    Corrupt,
+}
+
+/// One chunk that could not be served. Cloneable so every reader waiting
+/// on the same load gets the same answer.
+#[derive(Debug, Clone, Error)]
+#[error("chunk {digest}: {message}")]
+pub struct ChunkError {
+    pub kind: ChunkErrorKind,
+    /// Hex blake3 digest of the chunk.
+    pub digest: String,
+    /// The blob the chunk lives in, when known.
+    pub blob: Option<String>,
+    /// Offset of the chunk's stored bytes inside the blob.
+    pub offset: u64,
+    /// What went wrong, naming blob and offset.
+    pub message: String,
+}

@@ -1,0 +1,480 @@
+//! [`NaiadFs`]: the read-only `fuser::Filesystem` of a naiad image.
+//!
+//! Metadata requests (lookup, getattr, readdir, readlink, xattrs, statfs)
+//! are answered from the in-memory bootstrap, reading only the records they
+//! need. Reads map the requested range to the chunks covering it and get
+//! their bytes from the [`ChunkCache`]. Everything that would modify the
+//! image answers `EROFS`. The image never changes under a mount, so entries,
+//! attributes, directory listings and file pages are cached by the kernel
+//! for as long as it likes (long TTLs, `FOPEN_KEEP_CACHE`,
+//! `FOPEN_CACHE_DIR`), including negative lookups.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use naiad_format::{Bootstrap, InodeKind, InodeRecord};
+use naiad_registry::NaiadImage;
+
+use crate::attr::{file_attr, file_type, BLOCK_SIZE};
+use crate::chunk_cache::ChunkCache;
+use crate::counters::{add, inc, Counters};
+
+/// Largest read and write the kernel is asked to send (it may cap lower).
+pub const MAX_IO_SIZE: u32 = 1 << 20;
+
+/// Totals reported by statfs, computed once.
+#[derive(Debug, Clone, Copy)]
+struct FsTotals {
+    bytes: u64,
+    inodes: u64,
+}
+
+/// A mounted naiad image.
+pub struct NaiadFs {
+    image: Arc<NaiadImage>,
+    chunks: Arc<ChunkCache>,
+    counters: Arc<Counters>,
+    ttl: Duration,
+    totals: FsTotals,
+}
+
+/// An inode number from the kernel as a bootstrap inode number.
+fn ino32(ino: INodeNo) -> Option<u32> {
+    u32::try_from(ino.0).ok().filter(|&i| i != 0)
+}
+
+impl NaiadFs {
+    /// A filesystem over `image`, reading file bytes through `chunks`;
+    /// `ttl` is how long the kernel may cache entries and attributes.
+    pub fn new(image: Arc<NaiadImage>, chunks: Arc<ChunkCache>, ttl: Duration) -> Self {
+        let b = &image.bootstrap;
+        let mut bytes = 0u64;
+        for ino in 1..=b.inode_count() {
+            if let Ok(r) = b.inode(ino) {
+                if r.kind() == Some(InodeKind::RegularFile) {
+                    bytes = bytes.saturating_add(r.size);
+                }
+            }
+        }
+        let totals = FsTotals { bytes, inodes: b.inode_count() as u64 };
+        let counters = chunks.counters().clone();
+        NaiadFs { image, chunks, counters, ttl, totals }
+    }
+
+    fn bootstrap(&self) -> &Bootstrap {
+        &self.image.bootstrap
+    }
+
+    /// The record and kind of inode `ino`, or the errno to answer.
+    fn inode(&self, ino: INodeNo) -> Result<(u32, InodeRecord, InodeKind), Errno> {
+        let i = ino32(ino).ok_or(Errno::ENOENT)?;
+        let r = self.bootstrap().inode(i).map_err(|_| Errno::ENOENT)?;
+        // The bootstrap was validated at open: every inode has a kind.
+        let kind = r.kind().ok_or(Errno::EIO)?;
+        Ok((i, r, kind))
+    }
+
+    fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
+        let (i, r, kind) = self.inode(ino)?;
+        Ok(file_attr(i, &r, kind))
+    }
+
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<Option<FileAttr>, Errno> {
+        let (p, _, kind) = self.inode(parent)?;
+        if kind != InodeKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        match self.bootstrap().lookup(p, name.as_bytes()).map_err(|_| Errno::EIO)? {
+            Some(child) => self.attr(INodeNo(child as u64)).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Entry `pos` of directory `dir` as (inode, kind, name): positions 0
+    /// and 1 are "." and "..", then the bootstrap's entries in order.
+    fn dir_entry(&self, dir: u32, rec: &InodeRecord, pos: u64) -> Result<Option<(u32, InodeKind, Vec<u8>)>, Errno> {
+        match pos {
+            0 => Ok(Some((dir, InodeKind::Directory, b".".to_vec()))),
+            1 => {
+                let parent = if dir == naiad_format::ROOT_INO { dir } else { rec.parent };
+                Ok(Some((parent, InodeKind::Directory, b"..".to_vec())))
+            }
+            _ => match self.bootstrap().dir_entry(dir, pos - 2).map_err(|_| Errno::EIO)? {
+                None => Ok(None),
+                Some(e) => {
+                    let child = self.bootstrap().inode(e.ino).map_err(|_| Errno::EIO)?;
+                    let kind = child.kind().ok_or(Errno::EIO)?;
+                    Ok(Some((e.ino, kind, e.name.to_vec())))
+                }
+            },
+        }
+    }
+
+    fn open_dir(&self, ino: INodeNo) -> Result<(u32, InodeRecord), Errno> {
+        let (i, r, kind) = self.inode(ino)?;
+        if kind != InodeKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok((i, r))
+    }
+
+    /// The bytes `[offset, offset + size)` of regular file `ino` (short at
+    /// the end of the file).
+    fn do_read(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
+        let (i, r, kind) = match self.inode(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        if kind != InodeKind::RegularFile {
+            return reply.error(if kind == InodeKind::Directory { Errno::EISDIR } else { Errno::EINVAL });
+        }
+        inc(&self.counters.reads);
+        if offset >= r.size || size == 0 {
+            return reply.data(&[]);
+        }
+        let end = r.size.min(offset.saturating_add(size as u64));
+        let chunks = match self.bootstrap().file_chunks_in_range(i, offset, end - offset) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("inode {i}: cannot map read {offset}+{size} to chunks: {e}");
+                inc(&self.counters.read_errors);
+                return reply.error(Errno::EIO);
+            }
+        };
+        let mut out: Vec<u8> = Vec::new();
+        for c in &chunks {
+            let data = match self.chunks.get(&c.chunk) {
+                Ok(d) => d,
+                Err(_) => {
+                    // ChunkCache has logged blob and offset.
+                    inc(&self.counters.read_errors);
+                    return reply.error(Errno::EIO);
+                }
+            };
+            let c_end = c.file_offset + data.len() as u64;
+            let from = offset.max(c.file_offset);
+            let to = end.min(c_end);
+            if from >= to {
+                continue;
+            }
+            let slice = &data[(from - c.file_offset) as usize..(to - c.file_offset) as usize];
+            if chunks.len() == 1 {
+                // The common case: answer straight from the cached chunk.
+                add(&self.counters.read_bytes, slice.len() as u64);
+                return reply.data(slice);
+            }
+            if out.is_empty() {
+                out.reserve((end - offset) as usize);
+            }
+            out.extend_from_slice(slice);
+        }
+        add(&self.counters.read_bytes, out.len() as u64);
+        reply.data(&out)
+    }
+
+    fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(value.len() as u32)
+        } else if value.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(value)
+        }
+    }
+}
+
+impl Filesystem for NaiadFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(max) = config.set_max_write(MAX_IO_SIZE) {
+            let _ = config.set_max_write(max);
+        }
+        if let Err(max) = config.set_max_readahead(MAX_IO_SIZE) {
+            let _ = config.set_max_readahead(max);
+        }
+        for flag in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_MAX_PAGES,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent, name) {
+            Ok(Some(attr)) => reply.entry(&self.ttl, &attr, Generation(0)),
+            Ok(None) => {
+                // A negative entry (inode 0) the kernel may cache: the image
+                // cannot gain the name later.
+                let mut attr = match self.attr(INodeNo::ROOT) {
+                    Ok(a) => a,
+                    Err(e) => return reply.error(e),
+                };
+                attr.ino = INodeNo(0);
+                reply.entry_with_ttls(&Duration::ZERO, &self.ttl, &attr, Generation(0))
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Ok(a) => reply.attr(&self.ttl, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let Some(i) = ino32(ino) else { return reply.error(Errno::ENOENT) };
+        match self.inode(ino) {
+            Ok((_, _, InodeKind::Symlink)) => match self.bootstrap().symlink_target(i) {
+                Ok(t) => reply.data(t),
+                Err(_) => reply.error(Errno::EIO),
+            },
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.inode(ino) {
+            Ok((_, _, InodeKind::Directory)) => reply.error(Errno::EISDIR),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        self.do_read(ino, offset, size, reply)
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok()
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok()
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.open_dir(ino) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let (dir, rec) = match self.open_dir(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let mut pos = offset;
+        loop {
+            match self.dir_entry(dir, &rec, pos) {
+                Ok(Some((child, kind, name))) => {
+                    if reply.add(INodeNo(child as u64), pos + 1, file_type(kind), OsStr::from_bytes(&name)) {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return reply.error(e),
+            }
+            pos += 1;
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let (dir, rec) = match self.open_dir(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let mut pos = offset;
+        loop {
+            match self.dir_entry(dir, &rec, pos) {
+                Ok(Some((child, _, name))) => {
+                    let attr = match self.attr(INodeNo(child as u64)) {
+                        Ok(a) => a,
+                        Err(e) => return reply.error(e),
+                    };
+                    if reply.add(INodeNo(child as u64), pos + 1, OsStr::from_bytes(&name), &self.ttl, &attr, Generation(0)) {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return reply.error(e),
+            }
+            pos += 1;
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.totals.bytes.div_ceil(BLOCK_SIZE as u64);
+        reply.statfs(blocks, 0, 0, self.totals.inodes, 0, BLOCK_SIZE, 255, BLOCK_SIZE)
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(i) = ino32(ino) else { return reply.error(Errno::ENOENT) };
+        match self.bootstrap().xattrs(i) {
+            Ok(list) => match list.iter().find(|(n, _)| *n == name.as_bytes()) {
+                Some((_, v)) => Self::xattr_reply(v, size, reply),
+                None => reply.error(Errno::NO_XATTR),
+            },
+            Err(_) => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(i) = ino32(ino) else { return reply.error(Errno::ENOENT) };
+        match self.bootstrap().xattrs(i) {
+            Ok(list) => {
+                let mut names = Vec::new();
+                for (n, _) in list {
+                    names.extend_from_slice(n);
+                    names.push(0);
+                }
+                Self::xattr_reply(&names, size, reply)
+            }
+            Err(_) => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let (_, r, kind) = match self.inode(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        let mode = r.mode;
+        let allowed = if req.uid() == 0 {
+            // root may read anything and execute what has an x bit.
+            !mask.contains(AccessFlags::X_OK) || kind == InodeKind::Directory || mode & 0o111 != 0
+        } else {
+            let bits = if req.uid() == r.uid {
+                (mode >> 6) & 7
+            } else if req.gid() == r.gid {
+                (mode >> 3) & 7
+            } else {
+                mode & 7
+            };
+            (!mask.contains(AccessFlags::R_OK) || bits & 4 != 0) && (!mask.contains(AccessFlags::X_OK) || bits & 1 != 0)
+        };
+        if allowed {
+            reply.ok()
+        } else {
+            reply.error(Errno::EACCES)
+        }
+    }
+
+    // Everything below would change the image.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn mknod(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn symlink(&self, _req: &Request, _parent: INodeNo, _link_name: &OsStr, _target: &Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn rename(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _newparent: INodeNo, _newname: &OsStr, _flags: RenameFlags, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn write(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: u64, _data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn setxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _value: &[u8], _flags: i32, _position: u32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn create(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: u64, _length: u64, _mode: i32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+}
+

@@ -1,0 +1,211 @@
+//! `naiad run SRC [-- CMD ARGS...]`: mounts the image lazily (a daemon, as
+//! `naiad mount` starts it), puts a writable overlay over it in a temporary
+//! directory under /tmp and runs the command there, chrooted, as PID 1 of
+//! new mount and PID namespaces (see `naiad_fuse::container`). Returns the
+//! command's exit code (128+N if killed by signal N) and always unmounts and
+//! removes what it created, also when the command or the setup fails.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use naiad_fuse::container::{self, ContainerSpec, DEFAULT_PATH};
+use naiad_fuse::{daemon, mountinfo, FSTYPE};
+use naiad_registry::{open_source, ImageRef};
+use serde_json::Value;
+
+use super::mount::{spawn_daemon, wait_for_exit, DaemonOptions, DaemonSpawn};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The image: oci:DIR[:TAG]
+    pub source: String,
+    /// The command and its arguments (default: the image's Entrypoint and Cmd;
+    /// given, it replaces Cmd and follows the Entrypoint, as `docker run` does).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+    /// Replace the image's Entrypoint ("" clears it).
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+    /// Set an environment variable (KEY=VALUE), after the image's Env.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside the container (default: the image's WorkingDir or /).
+    #[arg(long, short = 'w', value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User to run as: name, uid, name:group or uid:gid (default: the image's User or root).
+    #[arg(long, short = 'u', value_name = "USER")]
+    pub user: Option<String>,
+    /// Keep the overlay's upper directory (the command's changes) and print its path.
+    #[arg(long)]
+    pub keep: bool,
+    #[command(flatten)]
+    pub daemon: DaemonOptions,
+}
+
+/// The temporary directory of one run and the mount in it; dropping it
+/// unmounts the image, waits for its daemon and removes the directory.
+struct RunDir {
+    dir: PathBuf,
+    lower: PathBuf,
+    daemon_pid: Option<i32>,
+    keep_upper: bool,
+    /// The image daemon's log: removed at the end unless it has problems.
+    log_file: Option<PathBuf>,
+}
+
+impl RunDir {
+    fn create() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("naiad-run-{}-{:x}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)));
+        for sub in ["", "lower", "upper", "work", "merged"] {
+            let p = dir.join(sub);
+            std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        // Only root may reach the image mount and the container's files.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).with_context(|| format!("setting the mode of {}", dir.display()))?;
+        let lower = dir.join("lower");
+        Ok(RunDir { dir, lower, daemon_pid: None, keep_upper: false, log_file: None })
+    }
+
+    fn path(&self, sub: &str) -> PathBuf {
+        self.dir.join(sub)
+    }
+}
+
+fn is_naiad_mount(p: &Path) -> bool {
+    mountinfo::find(p).ok().flatten().is_some_and(|m| m.fstype == FSTYPE)
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        // The overlay lived in the container's mount namespace and is gone
+        // with it; the kernel may need a moment to release the lower mount.
+        if is_naiad_mount(&self.lower) {
+            let mut unmounted = false;
+            for _ in 0..100 {
+                match daemon::unmount(&self.lower, false) {
+                    Ok(()) => {
+                        unmounted = true;
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            if !unmounted {
+                if let Err(e) = daemon::unmount(&self.lower, true) {
+                    eprintln!("naiad run: warning: {e}");
+                }
+            }
+        }
+        if let Some(pid) = self.daemon_pid {
+            if !wait_for_exit(pid, Duration::from_secs(10)) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        if let Some(log) = &self.log_file {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.lines().any(|l| l.contains(" WARN ") || l.contains(" ERROR ")) {
+                eprintln!("naiad run: the image daemon reported problems; see {}", log.display());
+            } else {
+                let _ = std::fs::remove_file(log);
+            }
+        }
+        if is_naiad_mount(&self.lower) {
+            eprintln!("naiad run: warning: {} is still mounted; not removing {}", self.lower.display(), self.dir.display());
+            return;
+        }
+        let result = if self.keep_upper {
+            ["lower", "work", "merged"].iter().try_for_each(|s| std::fs::remove_dir_all(self.path(s)))
+        } else {
+            std::fs::remove_dir_all(&self.dir)
+        };
+        if let Err(e) = result {
+            eprintln!("naiad run: warning: cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array).map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
+}
+
+/// Entrypoint + Cmd, with `docker run` semantics for overrides.
+fn command_line(a: &RunArgs, cfg: Option<&Value>) -> Vec<String> {
+    let entrypoint = match &a.entrypoint {
+        Some(e) if e.is_empty() => vec![],
+        Some(e) => vec![e.clone()],
+        None => strings(cfg.and_then(|c| c.get("Entrypoint"))),
+    };
+    let cmd = if !a.command.is_empty() {
+        a.command.clone()
+    } else if a.entrypoint.is_some() {
+        vec![]
+    } else {
+        strings(cfg.and_then(|c| c.get("Cmd")))
+    };
+    entrypoint.into_iter().chain(cmd).collect()
+}
+
+pub fn run(a: RunArgs) -> Result<i32> {
+    let reference = ImageRef::parse(&a.source).with_context(|| format!("image {}", a.source))?;
+    let image = open_source(&reference).with_context(|| format!("opening image {}", a.source))?;
+    let cfg = image.config.get("config");
+    let argv = command_line(&a, cfg);
+    if argv.is_empty() {
+        bail!("image {} has no Entrypoint or Cmd; give a command after --", a.source);
+    }
+    daemon::check_fuse_device()?;
+
+    let mut rd = RunDir::create()?;
+    rd.keep_upper = a.keep;
+    let log_file = naiad_fuse::RuntimePaths::new(&a.daemon.run_dir(), &rd.lower).log_file;
+    rd.log_file = Some(log_file.clone());
+    let spawned = spawn_daemon(&DaemonSpawn {
+        source: a.source.clone(),
+        mountpoint: rd.lower.clone(),
+        options: a.daemon.clone(),
+        extra: vec![],
+        log_file,
+        timeout: Duration::from_secs(120),
+    })?;
+    rd.daemon_pid = Some(spawned.pid);
+
+    let user_spec = a.user.clone().or_else(|| cfg.and_then(|c| c.get("User")).and_then(Value::as_str).map(String::from)).unwrap_or_default();
+    let user = container::resolve_user(&rd.lower, &user_spec).with_context(|| format!("user {user_spec:?} of image {}", a.source))?;
+    let mut base_env = strings(cfg.and_then(|c| c.get("Env")));
+    if !base_env.iter().any(|e| e.starts_with("PATH=")) {
+        base_env.insert(0, format!("PATH={DEFAULT_PATH}"));
+    }
+    if !base_env.iter().chain(&a.env).any(|e| e.starts_with("HOME=")) {
+        base_env.push(format!("HOME={}", user.home.clone().unwrap_or_else(|| "/".into())));
+    }
+    for e in &a.env {
+        if !e.contains('=') || e.starts_with('=') {
+            bail!("--env {e:?}: expected KEY=VALUE");
+        }
+    }
+    let cwd = a.workdir.clone().or_else(|| cfg.and_then(|c| c.get("WorkingDir")).and_then(Value::as_str).map(String::from)).filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        bail!("working directory {cwd:?} is not absolute");
+    }
+    let spec = ContainerSpec {
+        lower: rd.lower.clone(),
+        upper: rd.path("upper"),
+        work: rd.path("work"),
+        merged: rd.path("merged"),
+        argv: argv.into_iter().map(OsString::from).collect(),
+        env: container::merge_env(&base_env, &a.env),
+        cwd: PathBuf::from(cwd),
+        uid: user.uid,
+        gid: user.gid,
+        groups: user.groups,
+    };
+    let code = container::run(&spec).with_context(|| format!("running {} in {}", spec.argv[0].to_string_lossy(), a.source))?;
+    if a.keep {
+        eprintln!("naiad run: the command's changes are in {}", rd.path("upper").display());
+    }
+    drop(rd);
+    Ok(code)
+}

@@ -1,0 +1,331 @@
+//! `naiad mount`, `naiad umount` and `naiad stats` through real FUSE mounts
+//! (/dev/fuse, root): the mounted tree equals a reference unpack of the
+//! source image; reads are lazy; a corrupted chunk gives EIO for what needs
+//! it and nothing else; a restarted daemon serves what was read before from
+//! its disk cache; errors are clear and leave no mount behind; SIGTERM
+//! unmounts. Every mount is under the test's own temporary directory and is
+//! unmounted by a guard even when the test fails.
+
+mod common;
+mod mount_support;
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mount_support::*;
+use naiad_registry::{ImageRef, NaiadImage};
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("naiad-mount-test-").tempdir_in("/tmp").expect("tempdir")
+}
+
+/// The generated image, converted; returns (tempdir, naiad image ref, the
+/// umoci-compatible source layout).
+fn converted_generated(dir: &Path) -> (String, std::path::PathBuf) {
+    let img = generate_image(&dir.join("src"), Compression::Gzip);
+    let reference = convert(&img.layout, img.tag, &dir.join("naiad"));
+    (reference, img.reference_layout)
+}
+
+fn read_all(p: &Path) -> std::io::Result<Vec<u8>> {
+    fs::read(p)
+}
+
+#[test]
+fn generated_image_mounts_like_its_reference_unpack() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, reference_layout) = converted_generated(tmp.path());
+    let expected = tmp.path().join("expected");
+    umoci_unpack(&reference_layout, GENERATED_TAG, &expected);
+
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let diffs = compare_trees(&expected, &m.mountpoint, &generated_compare_options());
+    assert!(diffs.is_empty(), "mounted tree differs from the umoci unpack:\n{}", diffs.join("\n"));
+
+    // Inode numbers: the root is 1, hardlinks share one and report nlink.
+    assert_eq!(lstat(&m.mountpoint).ino(), 1);
+    for group in [&gen_paths::HL_GROUP, &gen_paths::LOWER_HL_GROUP, &gen_paths::LATE_HL_GROUP] {
+        let a = ino_nlink(&m.path(group[0]));
+        let b = ino_nlink(&m.path(group[1]));
+        assert_eq!(a, b, "{group:?} are one inode");
+        assert_eq!(a.1, 2, "{group:?} nlink");
+    }
+    // Special files with type and device numbers.
+    let null = lstat(&m.path(gen_paths::CHAR_DEV));
+    assert!(null.file_type().is_char_device());
+    assert_eq!((major(null.rdev()), minor(null.rdev())), (1, 3));
+    let lp = lstat(&m.path(gen_paths::BLOCK_DEV));
+    assert!(lp.file_type().is_block_device());
+    assert_eq!((major(lp.rdev()), minor(lp.rdev())), (7, 0));
+    assert!(lstat(&m.path(gen_paths::FIFO)).file_type().is_fifo());
+    // Nanosecond mtime, blocks = ceil(size / 512).
+    let precise = lstat(&m.path(gen_paths::PRECISE_MTIME));
+    assert_eq!((precise.mtime(), precise.mtime_nsec()), (1_700_000_000, 123_456_789));
+    let big = lstat(&m.path(gen_paths::BIG));
+    assert_eq!(big.blocks(), big.len().div_ceil(512));
+    // xattrs.
+    assert_eq!(xattr::get(m.path(gen_paths::XATTR_FILE), "user.binary").unwrap(), Some(vec![0, 1, 0xfe, 0xff]));
+    assert_eq!(xattr::get(m.path(gen_paths::XATTR_FILE), "user.missing").unwrap(), None);
+    // Read-only: writes get EROFS.
+    for r in [
+        fs::OpenOptions::new().write(true).open(m.path(gen_paths::BIG)).map(drop),
+        fs::OpenOptions::new().read(true).write(true).open(m.path(gen_paths::EMPTY)).map(drop),
+        fs::File::create(m.path("new-file")).map(drop),
+        fs::create_dir(m.path("new-dir")),
+        fs::remove_file(m.path(gen_paths::BIG)),
+        xattr::set(m.path(gen_paths::XATTR_FILE), "user.x", b"y"),
+    ] {
+        assert_eq!(r.expect_err("a write succeeded").raw_os_error(), Some(libc::EROFS));
+    }
+    // Reads at odd offsets spanning chunk boundaries (1 MiB chunks).
+    let data = read_all(&m.path(gen_paths::BIG)).unwrap();
+    let expected_big = fs::read(expected.join(gen_paths::BIG)).unwrap();
+    assert_eq!(data, expected_big);
+    let f = fs::File::open(m.path(gen_paths::BIG)).unwrap();
+    let mut buf = vec![0u8; 300_000];
+    use std::os::unix::fs::FileExt;
+    for off in [0u64, (1 << 20) - 1000, 3 << 20, big.len() - 10] {
+        let n = f.read_at(&mut buf, off).unwrap();
+        let end = (off as usize + n).min(expected_big.len());
+        assert_eq!(&buf[..n], &expected_big[off as usize..end], "read at {off}");
+    }
+    drop(f);
+    // statfs answers.
+    let c = CString::new(m.mountpoint.as_os_str().as_encoded_bytes()).unwrap();
+    let mut sfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut sfs) }, 0);
+    assert!(sfs.f_blocks > 0 && sfs.f_files > 0 && sfs.f_flag & libc::ST_RDONLY != 0);
+
+    let s = m.stats();
+    assert_eq!(s["counters"]["errors"], 0);
+    assert!(s["counters"]["store_chunks"].as_u64().unwrap() > 0);
+    m.umount();
+}
+
+#[test]
+fn debian_image_is_lazy_and_mounts_like_its_reference_unpack() {
+    if !fuse_available() {
+        return;
+    }
+    let debian = debian_image();
+    let tmp = tempdir();
+    let image = convert(&debian.layout, "latest", &tmp.path().join("naiad"));
+
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    eprintln!("naiad mount returned after {:?}", m.mount_time);
+
+    // Laziness: one small file costs a small fraction of the image.
+    let t = Instant::now();
+    let release = fs::read_to_string(m.path("etc/os-release")).unwrap();
+    let first_read = t.elapsed();
+    assert!(release.contains("Debian"));
+    let s = m.stats();
+    let blob_bytes = s["blob_bytes"].as_u64().unwrap();
+    let store_bytes = s["counters"]["store_bytes"].as_u64().unwrap();
+    eprintln!("after reading /etc/os-release ({first_read:?}): {store_bytes} of {blob_bytes} blob bytes read ({} chunks)", s["counters"]["store_chunks"]);
+    assert!(store_bytes > 0);
+    assert!(store_bytes * 100 < blob_bytes, "reading one small file read {store_bytes} of {blob_bytes} bytes");
+
+    let t = Instant::now();
+    let diffs = compare_trees(&debian.reference_rootfs, &m.mountpoint, &CompareOptions::default());
+    eprintln!("compared the whole tree in {:?}", t.elapsed());
+    assert!(diffs.is_empty(), "mounted Debian tree differs from the reference:\n{}", diffs.join("\n"));
+    let s = m.stats();
+    assert_eq!(s["counters"]["errors"], 0);
+    eprintln!("after reading everything: {} of {blob_bytes} blob bytes read", s["counters"]["store_bytes"]);
+    m.umount();
+}
+
+/// The first chunk of `rel` in the image and the path of its blob file.
+fn first_chunk_of(image_ref: &str, rel: &str) -> (naiad_format::ChunkRecord, std::path::PathBuf) {
+    let r = ImageRef::parse(image_ref).unwrap();
+    let img = NaiadImage::open(&r).unwrap();
+    let ino = img.bootstrap.resolve_path(rel.as_bytes()).unwrap().unwrap_or_else(|| panic!("{rel} not in the image"));
+    let chunk = img.bootstrap.file_chunks(ino).unwrap()[0].chunk;
+    let ImageRef::Layout { dir, .. } = r else { unreachable!() };
+    let blob = dir.join("blobs/sha256").join(img.blob_digests[chunk.blob_index as usize].hex());
+    (chunk, blob)
+}
+
+#[test]
+fn corrupted_chunk_gives_eio_and_the_daemon_stays_up() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, _) = converted_generated(tmp.path());
+    let (bad, blob) = first_chunk_of(&image, gen_paths::PRECISE_MTIME);
+    let (other, _) = first_chunk_of(&image, gen_paths::BIG);
+    assert_ne!(other.digest, bad.digest);
+    // Flip one byte in the middle of the chunk's stored bytes.
+    let mut bytes = fs::read(&blob).unwrap();
+    let at = (bad.compressed_offset + bad.compressed_size as u64 / 2) as usize;
+    bytes[at] ^= 0x55;
+    fs::write(&blob, &bytes).unwrap();
+
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let mut errors = 0;
+    for attempt in 1..=2 {
+        let err = fs::read(m.path(gen_paths::PRECISE_MTIME)).expect_err("a corrupted chunk was served");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "attempt {attempt}: {err}");
+        // Not remembered: every attempt goes back to the store (the kernel
+        // itself retries a failed readahead once).
+        let now = m.counter("errors");
+        assert!(now > errors, "attempt {attempt} did not try the store again");
+        errors = now;
+    }
+    assert!(m.daemon_alive());
+    // Other files still read fine.
+    assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap().len() as u64, lstat(&m.path(gen_paths::BIG)).len());
+    let log = m.log();
+    let blob_hex = blob.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR") && l.contains(&blob_hex) && l.contains(&bad.compressed_offset.to_string())),
+        "no error line naming blob {blob_hex} and offset {} in the daemon log:\n{log}",
+        bad.compressed_offset
+    );
+    // Repair the blob: the next read works (no negative caching).
+    bytes[at] ^= 0x55;
+    fs::write(&blob, &bytes).unwrap();
+    assert!(fs::read(m.path(gen_paths::PRECISE_MTIME)).is_ok());
+    m.umount();
+}
+
+#[test]
+fn restarted_daemon_serves_from_the_disk_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, _) = converted_generated(tmp.path());
+    let cache = tmp.path().join("cache");
+    let files = [gen_paths::BIG, gen_paths::DUP1, gen_paths::PRECISE_MTIME, gen_paths::XATTR_FILE];
+
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    let first: Vec<Vec<u8>> = files.iter().map(|f| fs::read(m.path(f)).unwrap()).collect();
+    assert!(m.counter("store_chunks") > 0);
+    m.umount();
+
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    let second: Vec<Vec<u8>> = files.iter().map(|f| fs::read(m.path(f)).unwrap()).collect();
+    assert_eq!(first, second);
+    let s = m.stats();
+    assert_eq!(s["counters"]["store_chunks"], 0, "the store was read: {s}");
+    assert_eq!(s["counters"]["store_bytes"], 0);
+    assert!(s["counters"]["disk_hits"].as_u64().unwrap() > 0);
+
+    // A damaged cache file is detected, dropped and refetched, never served.
+    m.umount();
+    let mut damaged = 0;
+    for sub in fs::read_dir(cache.join("chunks")).unwrap().flatten() {
+        for f in fs::read_dir(sub.path()).unwrap().flatten() {
+            let mut d = fs::read(f.path()).unwrap();
+            d[0] ^= 1;
+            fs::write(f.path(), d).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    let third: Vec<Vec<u8>> = files.iter().map(|f| fs::read(m.path(f)).unwrap()).collect();
+    assert_eq!(first, third);
+    let s = m.stats();
+    assert!(s["counters"]["disk_corrupt"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["counters"]["disk_hits"], 0, "{s}");
+    m.umount();
+}
+
+#[test]
+fn mount_errors_are_clear_and_leave_no_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, _) = converted_generated(tmp.path());
+    let cache = tmp.path().join("cache");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let run_dir = tmp.path().join("run");
+    let mount = |image: &str, mp: &Path| output(naiad().arg("mount").arg("--cache-dir").arg(&cache).arg("--run-dir").arg(&run_dir).arg(image).arg(mp));
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // Missing mountpoint.
+    let missing = tmp.path().join("no-such-dir");
+    let o = mount(&image, &missing);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no-such-dir"), "{}", stderr(&o));
+    // A file as mountpoint.
+    let file = tmp.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    let o = mount(&image, &file);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a directory"), "{}", stderr(&o));
+    // Not a naiad image: the source image itself. The error comes from the
+    // daemon and is reported by `naiad mount`.
+    let src = format!("oci:{}:latest", tmp.path().join("src/generated-gzip").display());
+    let o = mount(&src, &mnt);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a naiad image"), "{}", stderr(&o));
+    assert!(!is_naiad_mount(&mnt));
+    // No such image.
+    let o = mount(&format!("oci:{}:latest", tmp.path().join("nothing").display()), &mnt);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nothing"), "{}", stderr(&o));
+    assert!(!is_naiad_mount(&mnt));
+    // umount and stats of something that is not a naiad mount.
+    let o = output(naiad().arg("umount").arg("--run-dir").arg(&run_dir).arg(&mnt));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not mounted"), "{}", stderr(&o));
+    let o = output(naiad().arg("stats").arg("--run-dir").arg(&run_dir).arg(&mnt));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not mounted"), "{}", stderr(&o));
+
+    // Mounting twice on the same mountpoint is refused; the first stays.
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    let o = mount(&image, &m.mountpoint);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already a naiad mount"), "{}", stderr(&o));
+    // A busy mount is not unmounted by a plain umount.
+    let busy = fs::File::open(m.path(gen_paths::BIG)).unwrap();
+    let o = output(naiad().arg("umount").arg("--run-dir").arg(&m.run_dir).arg(&m.mountpoint));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("busy"), "{}", stderr(&o));
+    assert!(is_naiad_mount(&m.mountpoint) && m.daemon_alive());
+    drop(busy);
+    // Text stats name the counters.
+    let text = check(naiad().arg("stats").arg("--run-dir").arg(&m.run_dir).arg(&m.mountpoint));
+    assert!(text.contains("store_bytes") && text.contains("disk_hits"), "{text}");
+    m.umount();
+}
+
+#[test]
+fn sigterm_unmounts_and_the_daemon_exits() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, _) = converted_generated(tmp.path());
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let mut f = fs::File::open(m.path(gen_paths::PRECISE_MTIME)).unwrap();
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    drop(f);
+    // SAFETY: kill(2) of the daemon this test started.
+    assert_eq!(unsafe { libc::kill(m.pid, libc::SIGTERM) }, 0);
+    assert!(wait_until(Duration::from_secs(10), || !is_naiad_mount(&m.mountpoint)), "still mounted after SIGTERM");
+    assert!(wait_until(Duration::from_secs(10), || !m.daemon_alive()), "daemon still running after SIGTERM");
+    // The socket and pid file are gone too.
+    let left: Vec<_> = fs::read_dir(&m.run_dir).unwrap().flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().ends_with(".log")).collect();
+    assert!(left.is_empty(), "left in the run dir: {left:?}");
+    // The mountpoint is a plain empty directory again.
+    let e = fs::File::open(m.path(gen_paths::PRECISE_MTIME)).expect_err("file visible after unmount");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+}

@@ -1,0 +1,198 @@
+//! Support for the FUSE integration tests (`tests/mount.rs`, `tests/run.rs`):
+//! converting fixture images with `naiad convert`, and [`MountGuard`], a
+//! `naiad mount` that is always unmounted and whose daemon is always gone
+//! when the guard is dropped, even when the test fails.
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::naiad;
+
+/// Tag the converted images get.
+pub const NAIAD_TAG: &str = "naiad";
+
+/// True unless the FUSE tests cannot run here (not root, no /dev/fuse);
+/// then prints why.
+pub fn fuse_available() -> bool {
+    if !crate::common::running_as_root() {
+        eprintln!("skipping: the FUSE tests need root");
+        return false;
+    }
+    if fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_err() {
+        eprintln!("skipping: /dev/fuse is not available");
+        return false;
+    }
+    true
+}
+
+/// Runs a command and returns its output, panicking if it cannot start.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn check(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(out.status.success(), "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `naiad convert oci:SRC:TAG oci:DST:naiad`; returns the image reference
+/// of the result.
+pub fn convert(src_layout: &Path, tag: &str, dst_layout: &Path) -> String {
+    check(naiad().arg("convert").arg("--quiet").arg(format!("oci:{}:{tag}", src_layout.display())).arg(format!("oci:{}:{NAIAD_TAG}", dst_layout.display())));
+    format!("oci:{}:{NAIAD_TAG}", dst_layout.display())
+}
+
+/// Whether a `fuse.naiad` filesystem is mounted exactly at `path`.
+pub fn is_naiad_mount(path: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.len() > 4 && f[4] == want && l.contains(" - fuse.naiad ")
+    })
+}
+
+fn process_alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))).unwrap_or(false)
+}
+
+/// Waits up to `timeout` for `cond`.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A naiad mount under a test's directory: `dir/mnt`, with its own run
+/// directory `dir/run` (socket, pid file) and log `dir/daemon.log`.
+pub struct MountGuard {
+    pub mountpoint: PathBuf,
+    pub run_dir: PathBuf,
+    pub log_file: PathBuf,
+    pub pid: i32,
+    /// How long `naiad mount` took to return.
+    pub mount_time: Duration,
+}
+
+impl MountGuard {
+    /// `naiad mount` of `image` on `dir/mnt` with the disk cache in
+    /// `cache_dir`; panics (with the daemon's log) if it fails.
+    pub fn mount(image: &str, dir: &Path, cache_dir: &Path) -> MountGuard {
+        let mountpoint = dir.join("mnt");
+        let run_dir = dir.join("run");
+        let log_file = dir.join("daemon.log");
+        fs::create_dir_all(&mountpoint).expect("create mountpoint");
+        let start = Instant::now();
+        let out = output(
+            naiad()
+                .arg("mount")
+                .arg("--cache-dir")
+                .arg(cache_dir)
+                .arg("--run-dir")
+                .arg(&run_dir)
+                .arg("--log-file")
+                .arg(&log_file)
+                .arg(image)
+                .arg(&mountpoint),
+        );
+        let mount_time = start.elapsed();
+        let pid = read_pid(&run_dir);
+        let guard = pid.map(|pid| MountGuard { mountpoint: mountpoint.clone(), run_dir: run_dir.clone(), log_file: log_file.clone(), pid, mount_time });
+        assert!(
+            out.status.success(),
+            "naiad mount {image} failed ({}): {}\nlog:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            fs::read_to_string(&log_file).unwrap_or_default()
+        );
+        let guard = guard.expect("the daemon wrote no pid file");
+        assert!(is_naiad_mount(&mountpoint), "naiad mount returned but {} is not mounted", mountpoint.display());
+        guard
+    }
+
+    /// `naiad stats --json` of this mount.
+    pub fn stats(&self) -> Value {
+        let text = check(naiad().arg("stats").arg("--json").arg("--run-dir").arg(&self.run_dir).arg(&self.mountpoint));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("naiad stats --json printed invalid JSON ({e}): {text}"))
+    }
+
+    /// One counter of [`MountGuard::stats`].
+    pub fn counter(&self, name: &str) -> u64 {
+        let s = self.stats();
+        s["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name} in {s}"))
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    pub fn daemon_alive(&self) -> bool {
+        process_alive(self.pid)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// `naiad umount`, which must succeed and leave no daemon.
+    pub fn umount(self) {
+        check(naiad().arg("umount").arg("--run-dir").arg(&self.run_dir).arg(&self.mountpoint));
+        assert!(!is_naiad_mount(&self.mountpoint), "still mounted after naiad umount");
+        assert!(!process_alive(self.pid), "daemon {} still running after naiad umount", self.pid);
+        // Drop finds nothing left to do.
+    }
+}
+
+fn read_pid(run_dir: &Path) -> Option<i32> {
+    for e in fs::read_dir(run_dir).ok()?.flatten() {
+        if e.path().extension().is_some_and(|x| x == "pid") {
+            return fs::read_to_string(e.path()).ok()?.trim().parse().ok();
+        }
+    }
+    None
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_naiad_mount(&self.mountpoint) {
+            let _ = output(naiad().arg("umount").arg("--timeout").arg("5").arg("--run-dir").arg(&self.run_dir).arg(&self.mountpoint));
+        }
+        if is_naiad_mount(&self.mountpoint) {
+            if let Ok(c) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()) {
+                // SAFETY: a valid C string; MNT_DETACH never blocks.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        if process_alive(self.pid) && !wait_until(Duration::from_secs(2), || !process_alive(self.pid)) {
+            // SAFETY: plain kill(2) of the daemon this guard started.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            wait_until(Duration::from_secs(2), || !process_alive(self.pid));
+        }
+    }
+}
+
+/// Inode number, link count, mode and rdev of a path (lstat).
+pub fn lstat(p: &Path) -> fs::Metadata {
+    fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
+}
+
+/// `(ino, nlink)` of a path.
+pub fn ino_nlink(p: &Path) -> (u64, u64) {
+    let m = lstat(p);
+    (m.ino(), m.nlink())
+}

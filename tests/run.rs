@@ -1,0 +1,120 @@
+//! `naiad run` on the Debian + python3 fixture: the command runs in the
+//! lazily mounted image under a writable overlay, its exit code comes back,
+//! the image's config (Cmd, Env, WorkingDir) applies, and nothing (mounts,
+//! daemons, directories) is left behind, also when the command fails.
+
+mod common;
+mod mount_support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+use mount_support::*;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("naiad-run-test-").tempdir_in("/tmp").expect("tempdir")
+}
+
+/// `naiad run` with the cache under `dir`; returns its output and the
+/// temporary directory it used (named after its pid).
+fn run(dir: &Path, args: &[&str]) -> (Output, std::path::PathBuf) {
+    let child = naiad()
+        .arg("run")
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn naiad run");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for naiad run");
+    (out, std::path::PathBuf::from(format!("/tmp/naiad-run-{pid}-")))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Nothing of a finished `naiad run` remains: no mount or directory whose
+/// name starts with `prefix`, no daemon.
+fn assert_cleaned_up(prefix: &Path) {
+    let p = prefix.to_string_lossy().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&p)).collect();
+    assert!(left.is_empty(), "mounts left behind: {left:?}");
+    let dirs: Vec<_> = std::fs::read_dir("/tmp").unwrap().flatten().filter(|e| e.path().to_string_lossy().starts_with(&p)).map(|e| e.path()).collect();
+    assert!(dirs.is_empty(), "directories left behind: {dirs:?}");
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!text(&ps.stdout).contains(&p), "a daemon for {p} is still running");
+}
+
+#[test]
+fn run_python_and_forward_exit_codes() {
+    if !fuse_available() {
+        return;
+    }
+    let debian = debian_image();
+    let tmp = tempdir();
+    let image = convert(&debian.layout, "latest", &tmp.path().join("naiad"));
+
+    let (out, prefix) = run(tmp.path(), &[&image, "--", "python3", "-c", "import json; print(42)"]);
+    assert!(out.status.success(), "python3 failed ({}): {}", out.status, text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "42");
+    assert_cleaned_up(&prefix);
+
+    let (out, prefix) = run(tmp.path(), &[&image, "--", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_cleaned_up(&prefix);
+
+    // Without a command: the image's Cmd (python3 -c 'print(42)').
+    let (out, prefix) = run(tmp.path(), &[&image]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "42");
+    assert_cleaned_up(&prefix);
+
+    // A command that does not exist: 127, and still cleaned up.
+    let (out, prefix) = run(tmp.path(), &[&image, "--", "no-such-command"]);
+    assert_eq!(out.status.code(), Some(127), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no-such-command"), "{}", text(&out.stderr));
+    assert_cleaned_up(&prefix);
+}
+
+#[test]
+fn run_applies_config_user_and_isolates_writes() {
+    if !fuse_available() {
+        return;
+    }
+    let debian = debian_image();
+    let tmp = tempdir();
+    let image = convert(&debian.layout, "latest", &tmp.path().join("naiad"));
+
+    // PID 1 of its own namespace, /proc and /dev inside, the image's Env,
+    // a writable root whose changes do not reach the image.
+    let script = "echo pid=$$; echo env=$NAIAD_TEST; echo cwd=$(pwd); \
+                  test -c /dev/null && test -r /proc/self/status && echo dev-proc-ok; \
+                  echo changed > /etc/naiad-release && cat /etc/naiad-release";
+    let (out, prefix) = run(tmp.path(), &[&image, "-w", "/usr", "--", "sh", "-c", script]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", stdout, text(&out.stderr));
+    for want in ["pid=1", "env=1", "cwd=/usr", "dev-proc-ok", "changed"] {
+        assert!(stdout.lines().any(|l| l == want), "missing {want:?} in:\n{stdout}");
+    }
+    assert_cleaned_up(&prefix);
+    let (out, _) = run(tmp.path(), &[&image, "--", "cat", "/etc/naiad-release"]);
+    assert!(text(&out.stdout).contains("layer=2"), "the image was changed: {}", text(&out.stdout));
+
+    // Users by name (from the image's /etc/passwd) and by number.
+    let (out, _) = run(tmp.path(), &[&image, "-u", "nobody", "--", "id", "-u"]);
+    assert_eq!(text(&out.stdout).trim(), "65534", "{}", text(&out.stderr));
+    let (out, _) = run(tmp.path(), &[&image, "-u", "1234:5678", "--", "sh", "-c", "echo $(id -u):$(id -g)"]);
+    assert_eq!(text(&out.stdout).trim(), "1234:5678", "{}", text(&out.stderr));
+    let (out, prefix) = run(tmp.path(), &[&image, "-u", "no-such-user", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no-such-user"), "{}", text(&out.stderr));
+    assert_cleaned_up(&prefix);
+}
