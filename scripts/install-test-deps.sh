@@ -7,11 +7,13 @@
 # Packages and why:
 #   fuse3              fusermount3 and /etc/fuse.conf for the FUSE daemon tests
 #   umoci              building the fixture image and reference unpacks
-#   skopeo             zstd copy of the fixture image
+#   skopeo             zstd copy of the fixture image; pushing test images to registries
 #   debootstrap        the Debian bookworm rootfs of the fixture image
 #   debian-archive-keyring, gpgv, wget, ca-certificates   what debootstrap uses
-#   docker-registry    a local OCI registry for pull tests
-#   apache2-utils      htpasswd, for registry auth tests
+#   docker-registry    CNCF Distribution (/usr/bin/docker-registry): the local
+#                      registries of tests/registry.rs (plain, auth, mirror, TLS)
+#   apache2-utils      htpasswd, for registry Basic auth tests
+#   openssl            test CA/server certificates and signing registry tokens
 #   zstd, tar          layer (de)compression, GNU sparse tars
 #   python3            tests' helpers and the fixture image's entrypoint check
 #   coreutils          truncate, dd, sha256sum ...
@@ -24,7 +26,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 PACKAGES=(
     fuse3 umoci skopeo debootstrap debian-archive-keyring gpgv wget ca-certificates
-    docker-registry apache2-utils zstd tar python3 coreutils attr util-linux kmod
+    docker-registry apache2-utils openssl zstd tar python3 coreutils attr util-linux kmod
 )
 
 log() { printf 'install-test-deps: %s\n' "$*"; }

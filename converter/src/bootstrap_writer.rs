@@ -28,8 +28,10 @@ pub struct TreeCounts {
 }
 
 /// Builds the bootstrap bytes. `sink` must be flushed.
-pub fn write_bootstrap(tree: &Tree, sink: &ChunkSink, chunking: naiad_format::ChunkingParams) -> Result<(Vec<u8>, TreeCounts)> {
+/// `prefetch` is the prefetch table (chunk indexes in fetch order).
+pub fn write_bootstrap(tree: &Tree, sink: &ChunkSink, chunking: naiad_format::ChunkingParams, prefetch: Vec<u32>) -> Result<(Vec<u8>, TreeCounts)> {
     let mut b = BootstrapBuilder::new(Some(chunking));
+    b.prefetch = prefetch;
     b.chunks = sink.chunks.clone();
     b.blobs = sink.blobs.clone();
     let mut counts = TreeCounts::default();

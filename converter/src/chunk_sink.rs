@@ -21,7 +21,8 @@ pub struct ChunkSink {
     layout: OciLayout,
     zstd_level: i32,
     batch_limit: usize,
-    pending: Vec<Vec<u8>>,
+    /// Queued chunks, each with whether it belongs in the prefetch blob.
+    pending: Vec<(Vec<u8>, bool)>,
     pending_bytes: usize,
     /// Chunk index of every flushed sequence number.
     seq_to_chunk: Vec<u32>,
@@ -29,6 +30,11 @@ pub struct ChunkSink {
     pub chunks: Vec<ChunkRecord>,
     pub blobs: Vec<BlobRecord>,
     current: Option<BlobWriter>,
+    /// The blob holding the startup (prefetch) set, opened on first use and
+    /// committed by [`ChunkSink::end_prefetch_blob`]; its chunks get their
+    /// blob index then.
+    prefetch: Option<BlobWriter>,
+    prefetch_chunks: Vec<u32>,
     /// Blobs this conversion added to the layout (removed again on failure).
     pub created: Vec<Digest>,
     /// Uncompressed bytes handed to the sink.
@@ -48,6 +54,8 @@ impl ChunkSink {
             chunks: Vec::new(),
             blobs: Vec::new(),
             current: None,
+            prefetch: None,
+            prefetch_chunks: Vec::new(),
             created: Vec::new(),
             bytes_in: 0,
         }
@@ -59,12 +67,13 @@ impl ChunkSink {
         Ok(())
     }
 
-    /// Queues a chunk and returns its sequence number.
-    pub fn add(&mut self, data: Vec<u8>) -> Result<ChunkSeq> {
+    /// Queues a chunk and returns its sequence number. A new chunk marked
+    /// `prefetch` goes to the prefetch blob instead of the layer's blob.
+    pub fn add(&mut self, data: Vec<u8>, prefetch: bool) -> Result<ChunkSeq> {
         let seq = (self.seq_to_chunk.len() + self.pending.len()) as ChunkSeq;
         self.bytes_in += data.len() as u64;
         self.pending_bytes += data.len();
-        self.pending.push(data);
+        self.pending.push((data, prefetch));
         if self.pending_bytes >= self.batch_limit {
             self.flush()?;
         }
@@ -83,7 +92,7 @@ impl ChunkSink {
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        let digests: Vec<ChunkDigest> = pending.par_iter().map(|d| *blake3::hash(d).as_bytes()).collect();
+        let digests: Vec<ChunkDigest> = pending.par_iter().map(|(d, _)| *blake3::hash(d).as_bytes()).collect();
         // Decide which chunks are new, in order; duplicates inside the batch count once.
         let mut fresh: Vec<usize> = Vec::new();
         let mut batch_first: HashMap<ChunkDigest, usize> = HashMap::new();
@@ -94,13 +103,22 @@ impl ChunkSink {
             }
         }
         let level = self.zstd_level;
-        let encoded: Vec<_> = fresh.par_iter().map(|&i| encode_chunk(&pending[i], level)).collect();
-        let blob_index = self.blobs.len() as u32;
-        let writer = self.current.as_mut().ok_or_else(|| ConvertError::Invalid("chunk added outside a blob".into()))?;
-        for e in encoded {
+        let encoded: Vec<_> = fresh.par_iter().map(|&i| (encode_chunk(&pending[i].0, level), pending[i].1)).collect();
+        for (e, to_prefetch) in encoded {
+            let index = self.chunks.len() as u32;
+            let (writer, blob_index) = if to_prefetch {
+                if self.prefetch.is_none() {
+                    self.prefetch = Some(self.layout.blob_writer()?);
+                }
+                self.prefetch_chunks.push(index);
+                // The real index is known once the prefetch blob is committed.
+                (self.prefetch.as_mut(), u32::MAX)
+            } else {
+                (self.current.as_mut(), self.blobs.len() as u32)
+            };
+            let writer = writer.ok_or_else(|| ConvertError::Invalid("chunk added outside a blob".into()))?;
             let offset = writer.bytes_written();
             writer.write_all(&e.stored).map_err(|source| ConvertError::Io { path: "blob".into(), source })?;
-            let index = self.chunks.len() as u32;
             self.chunks.push(ChunkRecord {
                 digest: e.digest,
                 compressed_offset: offset,
@@ -128,6 +146,21 @@ impl ChunkSink {
             return Ok(());
         }
         let (digest, size) = writer.commit()?;
+        self.created.push(digest.clone());
+        self.blobs.push(BlobRecord { sha256: digest.bytes(), size });
+        Ok(())
+    }
+
+    /// Flushes and commits the prefetch blob, if any chunk went there, and
+    /// gives its chunks their blob index.
+    pub fn end_prefetch_blob(&mut self) -> Result<()> {
+        self.flush()?;
+        let Some(writer) = self.prefetch.take() else { return Ok(()) };
+        let (digest, size) = writer.commit()?;
+        let index = self.blobs.len() as u32;
+        for &c in &self.prefetch_chunks {
+            self.chunks[c as usize].blob_index = index;
+        }
         self.created.push(digest.clone());
         self.blobs.push(BlobRecord { sha256: digest.bytes(), size });
         Ok(())

@@ -6,6 +6,10 @@
 //! place; in an existing layout, blobs appear under their digests (which no
 //! manifest names yet) and index.json is replaced atomically at the very
 //! end, and a failed conversion removes the blobs it added.
+//!
+//! A `docker://` source is streamed from the registry. A `docker://`
+//! destination is staged in a temporary OCI layout, pushed (blobs, then
+//! the manifest under the tag) and the layout removed afterwards.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
@@ -13,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use naiad_registry::{open_source, Digest, ImageRef, OciLayout, SourceImage};
+use naiad_registry::{open_source_with, push_image, Digest, ImageRef, OciLayout, PushSummary, RegistryOptions, SourceImage};
 use serde::Serialize;
 
 use crate::bootstrap_writer::{write_bootstrap, TreeCounts};
@@ -22,6 +26,7 @@ use crate::chunker::{Chunking, SplitError};
 use crate::error::{ConvertError, Result};
 use crate::layer::{check_media_type, decompress};
 use crate::package::package;
+use crate::prefetch::{prefetch_table, PrefetchList};
 use crate::tree::{split_path, Meta, Node, NodeKind, Tree};
 
 /// Receives progress while a conversion runs.
@@ -41,11 +46,16 @@ pub struct ConvertOptions {
     /// Uncompressed bytes gathered before hashing and compressing them in parallel.
     pub batch_bytes: usize,
     pub progress: Option<Arc<dyn Progress>>,
+    /// What a workload reads at startup: those chunks go into one blob of
+    /// their own, and the bootstrap's prefetch table lists them in order.
+    pub prefetch: Option<Arc<PrefetchList>>,
+    /// How to reach registries for `docker://` sources and destinations.
+    pub registry: RegistryOptions,
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { chunking: Chunking::default(), zstd_level: 3, batch_bytes: 32 << 20, progress: None }
+        ConvertOptions { chunking: Chunking::default(), zstd_level: 3, batch_bytes: 32 << 20, progress: None, prefetch: None, registry: RegistryOptions::default() }
     }
 }
 
@@ -73,6 +83,9 @@ pub struct ConvertSummary {
     /// Chunk references over unique chunks.
     pub dedup_ratio: f64,
     pub seconds: f64,
+    /// For a `docker://` destination: what the push did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushSummary>,
 }
 
 /// Converts `source` into a naiad image at `destination` (an `oci:` layout).
@@ -81,19 +94,40 @@ pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions)
     if !(1..=22).contains(&opts.zstd_level) {
         return Err(ConvertError::Invalid(format!("zstd level {} must be 1 to 22", opts.zstd_level)));
     }
-    let ImageRef::Layout { dir: dst_dir, tag: dst_tag } = destination else {
-        return Err(ConvertError::Invalid(format!("destination {destination}: must be an OCI layout, oci:DIR[:TAG]")));
+    // A registry destination is first written to a temporary layout.
+    let (dst_dir, dst_tag, staging) = match destination {
+        ImageRef::Layout { dir, tag } => (dir.clone(), tag.clone(), None),
+        ImageRef::Docker(r) => {
+            if r.tag.is_none() && r.digest.is_some() {
+                return Err(ConvertError::Invalid(format!("destination {destination}: give a tag to push to, not a digest")));
+            }
+            let tmp = tempfile::Builder::new().prefix("naiad-push-").tempdir().map_err(|source| ConvertError::Io { path: std::env::temp_dir(), source })?;
+            (tmp.path().join("layout"), r.tag_or_latest().to_string(), Some((tmp, r.clone())))
+        }
+        ImageRef::DockerArchive { .. } => {
+            return Err(ConvertError::Invalid(format!("destination {destination}: must be an OCI layout (oci:DIR[:TAG]) or a registry (docker://...)")));
+        }
     };
     let started = Instant::now();
-    let src = open_source(source)?;
-    let target = Destination::prepare(dst_dir)?;
-    let result = convert_into(&src, &target.layout, dst_tag, opts);
+    let src = open_source_with(source, &opts.registry)?;
+    let target = Destination::prepare(&dst_dir)?;
+    let result = convert_into(&src, &target.layout, &dst_tag, opts);
     if let Some(p) = &opts.progress {
         p.finished();
     }
     match result {
         Ok((mut summary, created)) => match target.commit() {
             Ok(()) => {
+                if let Some((tmp, dst)) = staging {
+                    let layout = OciLayout::open(&dst_dir)?;
+                    let mount_from = match source {
+                        ImageRef::Docker(s) => Some(s),
+                        _ => None,
+                    };
+                    let pushed = push_image(&layout, &dst_tag, &dst, &opts.registry, mount_from)?;
+                    summary.push = Some(pushed);
+                    drop(tmp);
+                }
                 summary.source = source.to_string();
                 summary.destination = destination.to_string();
                 summary.seconds = started.elapsed().as_secs_f64();
@@ -194,7 +228,14 @@ fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &Convert
         }
         source_layer_bytes += layer.size;
     }
-    let (bootstrap, counts) = match write_bootstrap(&tree, &sink, opts.chunking.params()) {
+    if let Err(e) = sink.end_prefetch_blob() {
+        return Err(fail(e, &sink));
+    }
+    let prefetch = match &opts.prefetch {
+        Some(list) => prefetch_table(list, &mut tree, &sink),
+        None => Vec::new(),
+    };
+    let (bootstrap, counts) = match write_bootstrap(&tree, &sink, opts.chunking.params(), prefetch) {
         Ok(x) => x,
         Err(e) => return Err(fail(e, &sink)),
     };
@@ -226,6 +267,7 @@ fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &Convert
         dedup_ratio: if unique == 0 { 1.0 } else { counts.chunk_refs as f64 / unique as f64 },
         tree: counts,
         seconds: 0.0,
+        push: None,
     };
     Ok((summary, created))
 }
@@ -398,10 +440,17 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mu
         T::Regular | T::Continuous | T::GNUSparse => {
             let expected = entry.size();
             let mut chunks = Vec::new();
+            // Chunks a prefetch list wants go to the prefetch blob.
+            let abs_path = format!("/{}", parts.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>().join("/"));
+            let prefetch = opts.prefetch.as_deref().filter(|l| l.wants_file(&abs_path));
+            let mut offset = 0u64;
             let size = opts
                 .chunking
                 .split(&mut *entry, |data| {
-                    chunks.push(sink.add(data)?);
+                    let len = data.len() as u64;
+                    let wanted = prefetch.is_some_and(|l| l.wants_range(&abs_path, offset, len));
+                    chunks.push(sink.add(data, wanted)?);
+                    offset += len;
                     Ok::<(), ConvertError>(())
                 })
                 .map_err(|e| match e {

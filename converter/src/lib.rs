@@ -22,9 +22,11 @@ pub mod error;
 pub mod inspect;
 pub mod layer;
 pub mod package;
+pub mod prefetch;
 pub mod tree;
 pub mod unpack;
 
 pub use chunker::Chunking;
 pub use convert::{convert, ConvertOptions, ConvertSummary, Progress};
 pub use error::ConvertError;
+pub use prefetch::{PrefetchList, TraceRecord};

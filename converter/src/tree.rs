@@ -293,3 +293,24 @@ impl Tree {
         }
     }
 }
+
+impl Tree {
+    /// Every regular file with its absolute path (`/a/b`), depth-first in
+    /// name order; a hardlinked file appears under each of its names.
+    pub fn files(&self) -> Vec<(String, NodeId)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(ROOT, String::new())];
+        while let Some((dir, path)) = stack.pop() {
+            let Some(children) = self.children(dir) else { continue };
+            for (name, e) in children.iter().rev() {
+                let p = format!("{path}/{}", String::from_utf8_lossy(name));
+                match self.nodes[e.node].kind {
+                    NodeKind::Dir { .. } => stack.push((e.node, p)),
+                    NodeKind::File { .. } => out.push((p, e.node)),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}

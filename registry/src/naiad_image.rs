@@ -2,6 +2,10 @@
 //! manifest, decompress and validate it, and give a [`BlobStore`] for its
 //! chunk blobs. This is all a reader (the FUSE daemon, `naiad check`,
 //! `naiad unpack`) needs before its first chunk read.
+//!
+//! The image may be in an OCI layout (chunks read from the blob files) or
+//! in a registry (`docker://`: the bootstrap is downloaded, chunks are read
+//! lazily with HTTP range requests through a [`crate::RegistryBlobStore`]).
 
 use std::io::Read;
 use std::sync::Arc;
@@ -12,10 +16,11 @@ use serde_json::Value;
 
 use crate::digest::Digest;
 use crate::error::{RegistryError, Result};
-use crate::layout::OciLayout;
 use crate::reference::ImageRef;
-use crate::source::open_source;
-use crate::store::{BlobStore, LayoutBlobStore};
+use crate::registry_client::{RegistryClient, RegistryStats};
+use crate::registry_options::RegistryOptions;
+use crate::source::open_source_with;
+use crate::store::BlobStore;
 
 /// Largest bootstrap naiad accepts, uncompressed.
 pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
@@ -31,6 +36,8 @@ pub struct NaiadImage {
     pub config: Value,
     /// Compressed size of the bootstrap layer.
     pub bootstrap_layer_size: u64,
+    /// The registry client chunks are read through, for a `docker://` image.
+    registry: Option<RegistryClient>,
 }
 
 /// What went wrong reading one chunk.
@@ -45,9 +52,17 @@ pub enum ChunkReadError {
 }
 
 impl NaiadImage {
-    /// Opens `reference`, checks it is a naiad image and validates its bootstrap.
+    /// Opens `reference`, checks it is a naiad image and validates its
+    /// bootstrap; a registry is reached with default options (anonymous or
+    /// docker config credentials, plain HTTP for loopback only).
     pub fn open(reference: &ImageRef) -> Result<Self> {
-        let source = open_source(reference)?;
+        Self::open_with(reference, &RegistryOptions::default())
+    }
+
+    /// [`NaiadImage::open`] with registry options (credentials, mirrors,
+    /// timeouts, ...) for a `docker://` reference.
+    pub fn open_with(reference: &ImageRef, options: &RegistryOptions) -> Result<Self> {
+        let source = open_source_with(reference, options)?;
         let bad = |reason: String| RegistryError::BadImage { reference: reference.to_string(), reason };
         let format = source.manifest.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
         if format.is_some_and(|v| v != FORMAT_VERSION) {
@@ -59,11 +74,10 @@ impl NaiadImage {
             (true, Some(b)) => b.clone(),
             _ => return Err(bad("not a naiad image (no naiad bootstrap layer); convert it first with `naiad convert`".into())),
         };
-        let ImageRef::Layout { dir, .. } = reference else {
-            return Err(bad("naiad images are read from an OCI layout (oci:DIR[:TAG])".into()));
-        };
-        let layout = OciLayout::open(dir)?;
-        let compressed = layout.read_blob(&boot.digest, MAX_BOOTSTRAP_SIZE)?;
+        if matches!(reference, ImageRef::DockerArchive { .. }) {
+            return Err(bad("naiad images are read from an OCI layout (oci:DIR[:TAG]) or a registry (docker://...)".into()));
+        }
+        let compressed = source.read_blob(&boot.digest, MAX_BOOTSTRAP_SIZE)?;
         let mut raw = Vec::new();
         zstd::stream::read::Decoder::new(&compressed[..])
             .and_then(|d| d.take(MAX_BOOTSTRAP_SIZE + 1).read_to_end(&mut raw))
@@ -91,10 +105,22 @@ impl NaiadImage {
             reference: reference.clone(),
             bootstrap,
             blob_digests,
-            store: Arc::new(LayoutBlobStore::new(layout)),
+            store: source.blob_store()?,
+            registry: source.registry_client().cloned(),
             config: source.config.clone(),
             bootstrap_layer_size: boot.size,
         })
+    }
+
+    /// Requests, retries, tokens, mirror use and bytes received so far, for
+    /// an image read from a registry.
+    pub fn registry_stats(&self) -> Option<RegistryStats> {
+        self.registry.as_ref().map(RegistryClient::stats)
+    }
+
+    /// The registry client chunks are read through, for a `docker://` image.
+    pub fn registry_client(&self) -> Option<&RegistryClient> {
+        self.registry.as_ref()
     }
 
     /// Reads, decompresses and verifies chunk `index` from the store.

@@ -1,7 +1,9 @@
-//! Image references as users type them on the command line.
+//! Image references as users type them on the command line: `oci:`,
+//! `docker-archive:` and `docker://` transports.
 
 use std::path::PathBuf;
 
+use crate::docker_ref::DockerReference;
 use crate::error::{RegistryError, Result};
 
 /// Where an image is, and which one.
@@ -11,6 +13,9 @@ pub enum ImageRef {
     Layout { dir: PathBuf, tag: String },
     /// `docker-archive:FILE`: a `docker save` tarball (its first image).
     DockerArchive { file: PathBuf },
+    /// `docker://[HOST[:PORT]/]NAME[:TAG][@sha256:HEX]`: an image in a
+    /// registry (Docker Hub when no host is written).
+    Docker(DockerReference),
 }
 
 impl ImageRef {
@@ -37,10 +42,10 @@ impl ImageRef {
             }
             return Ok(ImageRef::DockerArchive { file: PathBuf::from(file) });
         }
-        if s.starts_with("docker://") {
-            return Err(bad("docker:// (registry) references are not supported yet"));
+        if let Some(rest) = s.strip_prefix("docker://") {
+            return Ok(ImageRef::Docker(DockerReference::parse(rest)?));
         }
-        Err(bad("expected oci:DIR[:TAG] or docker-archive:FILE"))
+        Err(bad("expected oci:DIR[:TAG], docker-archive:FILE or docker://[HOST/]NAME[:TAG]"))
     }
 }
 
@@ -49,6 +54,7 @@ impl std::fmt::Display for ImageRef {
         match self {
             ImageRef::Layout { dir, tag } => write!(f, "oci:{}:{}", dir.display(), tag),
             ImageRef::DockerArchive { file } => write!(f, "docker-archive:{}", file.display()),
+            ImageRef::Docker(r) => write!(f, "docker://{r}"),
         }
     }
 }
@@ -66,5 +72,8 @@ mod tests {
         assert!(ImageRef::parse("oci:/a:b c").is_err());
         assert!(ImageRef::parse("/a/b").is_err());
         assert_eq!(ImageRef::parse("docker-archive:/x.tar").unwrap(), ImageRef::DockerArchive { file: "/x.tar".into() });
+        let d = ImageRef::parse("docker://127.0.0.1:5000/img:1").unwrap();
+        assert_eq!(d.to_string(), "docker://127.0.0.1:5000/img:1");
+        assert!(ImageRef::parse("docker://").is_err());
     }
 }

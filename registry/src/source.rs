@@ -1,8 +1,11 @@
-//! [`SourceImage`]: an image opened for reading, whatever store it is in.
-//! It gives the config and a verified raw reader for each layer.
+//! [`SourceImage`]: an image opened for reading, whatever store it is in
+//! (OCI layout, docker archive, registry). It gives the config and a
+//! verified raw reader for each layer; from a registry the layer bytes
+//! stream straight from the HTTP response, nothing is copied locally.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -11,7 +14,13 @@ use crate::docker_archive::DockerArchive;
 use crate::error::{IoContext, RegistryError, Result};
 use crate::layout::{OciLayout, MAX_JSON_SIZE};
 use crate::manifest::*;
+use crate::blob_stream::BlobStream;
 use crate::reference::ImageRef;
+use crate::registry_client::RegistryClient;
+use crate::registry_options::RegistryOptions;
+use crate::remote_image::resolve;
+use crate::remote_store::RegistryBlobStore;
+use crate::store::{BlobStore, LayoutBlobStore};
 
 /// One layer blob of a source image.
 #[derive(Debug, Clone)]
@@ -25,6 +34,7 @@ pub struct LayerBlob {
 enum Backend {
     Layout(OciLayout),
     Archive { archive: DockerArchive, members: Vec<String> },
+    Registry { client: RegistryClient, repository: String },
 }
 
 /// An image opened for reading.
@@ -40,12 +50,41 @@ pub struct SourceImage {
     backend: Backend,
 }
 
-/// Opens the image `reference` names.
+/// Opens the image `reference` names, with default registry options.
 pub fn open_source(reference: &ImageRef) -> Result<SourceImage> {
+    open_source_with(reference, &RegistryOptions::default())
+}
+
+/// Opens the image `reference` names; `options` say how to reach a
+/// registry and which platform to pick from an index.
+pub fn open_source_with(reference: &ImageRef, options: &RegistryOptions) -> Result<SourceImage> {
     match reference {
-        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag),
+        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options),
         ImageRef::DockerArchive { file } => open_archive(reference, file),
+        ImageRef::Docker(r) => open_registry(reference, r, options),
     }
+}
+
+fn layer_blobs(manifest: &Manifest) -> Result<Vec<LayerBlob>> {
+    manifest
+        .layers
+        .iter()
+        .map(|l| Ok(LayerBlob { digest: Digest::parse(&l.digest)?, media_type: l.media_type.clone(), size: l.size, annotations: l.annotations.clone().unwrap_or_default() }))
+        .collect()
+}
+
+fn open_registry(reference: &ImageRef, r: &crate::docker_ref::DockerReference, options: &RegistryOptions) -> Result<SourceImage> {
+    let client = RegistryClient::for_reference(r, options)?;
+    let image = resolve(&client, r, &options.platform())?;
+    let layers = layer_blobs(&image.manifest)?;
+    Ok(SourceImage {
+        reference: reference.clone(),
+        manifest: image.manifest,
+        manifest_digest: Some(image.manifest_digest),
+        config: image.config,
+        layers,
+        backend: Backend::Registry { client, repository: r.repository.clone() },
+    })
 }
 
 fn bad(reference: &ImageRef, reason: impl Into<String>) -> RegistryError {
@@ -56,7 +95,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(data: &[u8], what: String) -> Resu
     serde_json::from_slice(data).map_err(|source| RegistryError::Json { what, source })
 }
 
-fn open_layout(reference: &ImageRef, layout: &OciLayout, tag: &str) -> Result<SourceImage> {
+fn open_layout(reference: &ImageRef, layout: &OciLayout, tag: &str, options: &RegistryOptions) -> Result<SourceImage> {
+    let platform = options.platform();
     let mut desc = layout.resolve(tag)?;
     // Follow an index to this host's platform.
     for _ in 0..4 {
@@ -65,9 +105,7 @@ fn open_layout(reference: &ImageRef, layout: &OciLayout, tag: &str) -> Result<So
         }
         let digest = Digest::parse(&desc.digest)?;
         let index: Index = parse_json(&layout.read_blob(&digest, MAX_JSON_SIZE)?, format!("{reference}: index {digest}"))?;
-        desc = select_platform(&index.manifests, host_architecture())
-            .ok_or_else(|| bad(reference, format!("index {digest} has no manifest for linux/{}", host_architecture())))?
-            .clone();
+        desc = platform.select(&index.manifests).ok_or_else(|| bad(reference, format!("index {digest} has no manifest for {platform}")))?.clone();
     }
     if desc.media_type != MEDIA_TYPE_OCI_MANIFEST && desc.media_type != MEDIA_TYPE_DOCKER_MANIFEST {
         return Err(bad(reference, format!("unsupported manifest media type {:?}", desc.media_type)));
@@ -76,13 +114,7 @@ fn open_layout(reference: &ImageRef, layout: &OciLayout, tag: &str) -> Result<So
     let manifest: Manifest = parse_json(&layout.read_blob(&manifest_digest, MAX_JSON_SIZE)?, format!("{reference}: manifest {manifest_digest}"))?;
     let config_digest = Digest::parse(&manifest.config.digest)?;
     let config: Value = parse_json(&layout.read_blob(&config_digest, MAX_JSON_SIZE)?, format!("{reference}: config {config_digest}"))?;
-    let layers = manifest
-        .layers
-        .iter()
-        .map(|l| {
-            Ok(LayerBlob { digest: Digest::parse(&l.digest)?, media_type: l.media_type.clone(), size: l.size, annotations: l.annotations.clone().unwrap_or_default() })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let layers = layer_blobs(&manifest)?;
     Ok(SourceImage { reference: reference.clone(), manifest, manifest_digest: Some(manifest_digest), config, layers, backend: Backend::Layout(layout.clone()) })
 }
 
@@ -130,10 +162,26 @@ fn open_archive(reference: &ImageRef, file: &std::path::Path) -> Result<SourceIm
 pub struct LayerStream {
     reader: Option<Box<dyn Read + Send>>,
     check: DigestCheck,
-    /// A second handle on the same open file (sharing its offset), to read
-    /// what the consumer left unread, up to `limit` bytes in all.
-    rest: File,
+    /// A second handle on the same source (sharing its position: a cloned
+    /// file, or the same HTTP stream), to read what the consumer left
+    /// unread, up to `limit` bytes in all.
+    rest: Box<dyn Read + Send>,
     limit: u64,
+}
+
+/// One reader used through two handles, each reading where the other stopped.
+struct SharedReader<R>(Arc<Mutex<R>>);
+
+impl<R> Clone for SharedReader<R> {
+    fn clone(&self) -> Self {
+        SharedReader(self.0.clone())
+    }
+}
+
+impl<R: Read> Read for SharedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.lock().map_err(|_| std::io::Error::other("layer stream poisoned"))?.read(buf)
+    }
 }
 
 impl LayerStream {
@@ -176,14 +224,51 @@ impl SourceImage {
         let (file, limit) = match &self.backend {
             Backend::Layout(layout) => (layout.open_blob(&layer.digest)?, u64::MAX),
             Backend::Archive { archive, members } => {
-                let (pos, size) = archive.member(&members[i])?;
+                let member = members.get(i).ok_or_else(|| bad(&self.reference, format!("no layer {i}")))?;
+                let (pos, size) = archive.member(member)?;
                 let mut f = File::open(&archive.path).at(&archive.path)?;
                 f.seek(SeekFrom::Start(pos)).at(&archive.path)?;
                 (f, size)
             }
+            Backend::Registry { client, repository } => {
+                let stream = SharedReader(Arc::new(Mutex::new(BlobStream::open(client, repository, &layer.digest, layer.size)?)));
+                let (reader, check) = DigestReader::new(stream.clone(), layer.digest.clone());
+                return Ok(LayerStream { reader: Some(Box::new(reader)), check, rest: Box::new(stream), limit: layer.size });
+            }
         };
         let rest = file.try_clone().map_err(|e| RegistryError::Io { path: "layer".into(), source: e })?;
         let (reader, check) = DigestReader::new(file.take(limit), layer.digest.clone());
-        Ok(LayerStream { reader: Some(Box::new(reader)), check, rest, limit })
+        Ok(LayerStream { reader: Some(Box::new(reader)), check, rest: Box::new(rest), limit })
+    }
+
+    /// Reads a whole blob of the image (config, bootstrap, ...) of at most
+    /// `max` bytes, verified against its digest.
+    pub fn read_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>> {
+        match &self.backend {
+            Backend::Layout(layout) => layout.read_blob(digest, max),
+            Backend::Registry { client, repository } => client.get_blob(repository, digest, max),
+            Backend::Archive { .. } => Err(bad(&self.reference, "blobs of a docker archive are read as layers only")),
+        }
+    }
+
+    /// Random access to the image's blobs: the layout's files, or range
+    /// requests to the registry (blob sizes taken from the manifest).
+    pub fn blob_store(&self) -> Result<Arc<dyn BlobStore>> {
+        match &self.backend {
+            Backend::Layout(layout) => Ok(Arc::new(LayoutBlobStore::new(layout.clone()))),
+            Backend::Registry { client, repository } => {
+                let sizes = self.layers.iter().map(|l| (l.digest.clone(), l.size));
+                Ok(Arc::new(RegistryBlobStore::new(client.clone(), repository).with_blob_sizes(sizes)))
+            }
+            Backend::Archive { .. } => Err(bad(&self.reference, "a docker archive cannot be read at random; convert it first")),
+        }
+    }
+
+    /// The registry client the image was opened with, if it is in a registry.
+    pub fn registry_client(&self) -> Option<&RegistryClient> {
+        match &self.backend {
+            Backend::Registry { client, .. } => Some(client),
+            _ => None,
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! [`BlobStore`]: random access to blob bytes, the interface every chunk
-//! source (a local OCI layout now, an HTTP registry with range reads later)
-//! implements for the FUSE daemon and for `naiad check`/`unpack`.
+//! source implements for the FUSE daemon and for `naiad check`/`unpack`:
+//! a local OCI layout ([`LayoutBlobStore`]) or a registry read with HTTP
+//! range requests ([`crate::RegistryBlobStore`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,6 +16,13 @@ use crate::layout::OciLayout;
 pub trait BlobStore: Send + Sync {
     /// Reads exactly `len` bytes of blob `digest` from `offset`.
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Reads several `(offset, len)` ranges of blob `digest`, returning
+    /// their bytes in the order asked. Stores where a request is costly
+    /// (a registry) merge ranges that lie close together into one request;
+    /// this default reads them one by one.
+    fn read_ranges(&self, digest: &Digest, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        ranges.iter().map(|&(offset, len)| self.read_range(digest, offset, len)).collect()
+    }
     /// A short description for logs and errors (`oci:/path`).
     fn describe(&self) -> String;
 }

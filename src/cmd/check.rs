@@ -4,15 +4,19 @@ use anyhow::{Context, Result};
 use clap::Args;
 use naiad_registry::{ImageRef, NaiadImage};
 
+use crate::cmd::registry_flags::RegistryFlags;
+
 #[derive(Args)]
 pub struct CheckArgs {
-    /// The naiad image: oci:DIR[:TAG]
+    /// The naiad image: oci:DIR[:TAG] or docker://[HOST/]NAME[:TAG|@DIGEST]
     pub source: String,
+    #[command(flatten)]
+    pub registry: RegistryFlags,
 }
 
 pub fn run(a: CheckArgs) -> Result<i32> {
     let reference = ImageRef::parse(&a.source)?;
-    let image = NaiadImage::open(&reference).with_context(|| format!("checking {reference}"))?;
+    let image = NaiadImage::open_with(&reference, &a.registry.options()?).with_context(|| format!("checking {reference}"))?;
     let report = naiad_converter::check::check(&image)?;
     for p in &report.problems {
         eprintln!("naiad: {reference}: {p}");

@@ -9,6 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use naiad_converter::{Chunking, ConvertOptions, Progress};
 use naiad_registry::ImageRef;
 
+use crate::cmd::registry_flags::RegistryFlags;
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ChunkMode {
     /// Fixed-size chunks of --chunk-size bytes.
@@ -19,9 +21,9 @@ pub enum ChunkMode {
 
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Source image: oci:DIR[:TAG] or docker-archive:FILE
+    /// Source image: oci:DIR[:TAG], docker-archive:FILE or docker://[HOST/]NAME[:TAG|@DIGEST]
     pub source: String,
-    /// Destination: oci:DIR[:TAG] (created if missing; other images in it are kept)
+    /// Destination: oci:DIR[:TAG] (created if missing; other images in it are kept) or docker://[HOST/]NAME[:TAG]
     pub destination: String,
     /// How files are cut into chunks.
     #[arg(long, value_enum, default_value = "cdc")]
@@ -38,12 +40,19 @@ pub struct ConvertArgs {
     /// zstd compression level for chunks (1-22).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
+    /// What the workload reads at startup: a trace from `naiad mount
+    /// --record-trace`, or paths and globs, one per line. Those chunks are
+    /// stored together and fetched first at mount.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<std::path::PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub registry: RegistryFlags,
 }
 
 /// Parses `4096`, `64K`, `1M`, `2G` (binary units).
@@ -87,7 +96,10 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
         ChunkMode::Fixed => Chunking::Fixed { size: to_u32(a.chunk_size, "--chunk-size")? },
         ChunkMode::Cdc => Chunking::ContentDefined { min: to_u32(a.cdc_min, "--cdc-min")?, avg: to_u32(a.cdc_avg, "--cdc-avg")?, max: to_u32(a.cdc_max, "--cdc-max")? },
     };
-    let mut opts = ConvertOptions { chunking, zstd_level: a.zstd_level, ..Default::default() };
+    let mut opts = ConvertOptions { chunking, zstd_level: a.zstd_level, registry: a.registry.options()?, ..Default::default() };
+    if let Some(path) = &a.prefetch_list {
+        opts.prefetch = Some(Arc::new(naiad_converter::PrefetchList::load(path)?));
+    }
     if !a.quiet && std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -116,6 +128,17 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
             summary.dedup_ratio,
             summary.seconds
         );
+        if let Some(p) = &summary.push {
+            eprintln!(
+                "pushed {} ({}): {} blobs uploaded ({:.1} MiB), {} mounted, {} already there",
+                p.destination,
+                p.manifest_digest,
+                p.blobs_uploaded,
+                p.bytes_uploaded as f64 / 1048576.0,
+                p.blobs_mounted,
+                p.blobs_existing
+            );
+        }
     }
     Ok(0)
 }

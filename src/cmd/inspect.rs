@@ -4,9 +4,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use naiad_registry::{ImageRef, NaiadImage};
 
+use crate::cmd::registry_flags::RegistryFlags;
+
 #[derive(Args)]
 pub struct InspectArgs {
-    /// The naiad image: oci:DIR[:TAG]
+    /// The naiad image: oci:DIR[:TAG] or docker://[HOST/]NAME[:TAG|@DIGEST]
     pub source: String,
     /// Print JSON.
     #[arg(long)]
@@ -14,11 +16,13 @@ pub struct InspectArgs {
     /// List the chunks of this file instead.
     #[arg(long)]
     pub path: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryFlags,
 }
 
 pub fn run(a: InspectArgs) -> Result<i32> {
     let reference = ImageRef::parse(&a.source)?;
-    let image = NaiadImage::open(&reference).with_context(|| format!("opening {reference}"))?;
+    let image = NaiadImage::open_with(&reference, &a.registry.options()?).with_context(|| format!("opening {reference}"))?;
     if let Some(path) = &a.path {
         let chunks = naiad_converter::inspect::file_chunks(&image.bootstrap, path)?;
         if a.json {

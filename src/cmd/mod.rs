@@ -5,5 +5,6 @@ pub mod check;
 pub mod convert;
 pub mod inspect;
 pub mod mount;
+pub mod registry_flags;
 pub mod run;
 pub mod unpack;

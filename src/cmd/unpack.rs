@@ -6,20 +6,24 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use naiad_registry::{ImageRef, NaiadImage};
 
+use crate::cmd::registry_flags::RegistryFlags;
+
 #[derive(Args)]
 pub struct UnpackArgs {
-    /// The naiad image: oci:DIR[:TAG]
+    /// The naiad image: oci:DIR[:TAG] or docker://[HOST/]NAME[:TAG|@DIGEST]
     pub source: String,
     /// Directory to create (must not exist, or be empty).
     pub dir: Option<PathBuf>,
     /// Write a tar file instead of a directory.
     #[arg(long, conflicts_with = "dir")]
     pub tar: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryFlags,
 }
 
 pub fn run(a: UnpackArgs) -> Result<i32> {
     let reference = ImageRef::parse(&a.source)?;
-    let image = NaiadImage::open(&reference).with_context(|| format!("opening {reference}"))?;
+    let image = NaiadImage::open_with(&reference, &a.registry.options()?).with_context(|| format!("opening {reference}"))?;
     match (&a.dir, &a.tar) {
         (Some(dir), None) => naiad_converter::unpack::unpack_to_dir(&image, dir).with_context(|| format!("unpacking {reference} into {}", dir.display()))?,
         (None, Some(tar)) => naiad_converter::unpack::unpack_to_tar(&image, tar).with_context(|| format!("unpacking {reference} to {}", tar.display()))?,

@@ -1,0 +1,222 @@
+//! [`RegistryBlobStore`]: a [`BlobStore`] reading blob ranges from a
+//! registry with HTTP Range requests, so a naiad image is read lazily, a
+//! chunk at a time, without downloading its blobs.
+//!
+//! A range answer must be 206 with the Content-Range asked for and a body
+//! of exactly that length (shorter is retried). A server that ignores
+//! Range and answers 200 with the whole blob is tolerated only for reads
+//! within its first [`MAX_UNRANGED_PREFIX`] bytes (the prefix is read and
+//! sliced); further in it is an error (a mirror doing so is skipped for
+//! the origin). Close ranges are merged into one request by
+//! [`BlobStore::read_ranges`].
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use reqwest::blocking::Response;
+use reqwest::header::{CONTENT_RANGE, RANGE};
+
+use crate::digest::Digest;
+use crate::docker_ref::DockerReference;
+use crate::error::{RegistryError, Result};
+use crate::range_plan::{merge_ranges, slice_of, MergedSpan};
+use crate::registry_client::{AttemptError, RegistryClient, MAX_UNRANGED_PREFIX};
+use crate::registry_options::RegistryOptions;
+use crate::store::BlobStore;
+
+/// Largest span [`RegistryBlobStore::read_ranges`] merges ranges into.
+pub const MAX_MERGED_SPAN: u64 = 8 << 20;
+/// Spans of one `read_ranges` call fetched at the same time.
+const PARALLEL_SPANS: usize = 4;
+
+pub struct RegistryBlobStore {
+    client: RegistryClient,
+    repository: String,
+    /// Blob sizes from the manifest, to check ranges before asking.
+    sizes: HashMap<Digest, u64>,
+    merge_gap: u64,
+}
+
+impl RegistryBlobStore {
+    /// A store for the blobs of `repository` served by `client`'s registry.
+    pub fn new(client: RegistryClient, repository: &str) -> Self {
+        let merge_gap = client.options().range_merge_gap;
+        RegistryBlobStore { client, repository: repository.to_string(), sizes: HashMap::new(), merge_gap }
+    }
+
+    /// A store for the repository of `reference`.
+    pub fn open(reference: &DockerReference, options: &RegistryOptions) -> Result<Self> {
+        Ok(Self::new(RegistryClient::for_reference(reference, options)?, &reference.repository))
+    }
+
+    /// Records blob sizes (from a manifest) so out-of-range reads fail
+    /// without a request.
+    pub fn with_blob_sizes(mut self, sizes: impl IntoIterator<Item = (Digest, u64)>) -> Self {
+        self.sizes.extend(sizes);
+        self
+    }
+
+    /// Ranges closer than `gap` bytes are merged by `read_ranges`.
+    pub fn with_merge_gap(mut self, gap: u64) -> Self {
+        self.merge_gap = gap;
+        self
+    }
+
+    pub fn client(&self) -> &RegistryClient {
+        &self.client
+    }
+
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    fn check_bounds(&self, digest: &Digest, offset: u64, len: u64) -> Result<()> {
+        if let Some(&size) = self.sizes.get(digest) {
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset, len, size });
+            }
+        }
+        Ok(())
+    }
+
+    /// One range GET (mirrors first), checked and read in full.
+    fn fetch(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.check_bounds(digest, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset + len - 1;
+        let what = format!("blob {digest} of {}/{} bytes {offset}-{end}", self.client.registry(), self.repository);
+        let headers = vec![(RANGE, format!("bytes={offset}-{end}"))];
+        let data = self.client.blob_request(&self.repository, digest, &headers, &what, |resp| self.read_ranged(resp, digest, offset, len, &what))?;
+        self.client.count_blob_bytes(data.len() as u64);
+        Ok(data)
+    }
+
+    fn read_ranged(&self, resp: Response, digest: &Digest, offset: u64, len: u64, what: &str) -> std::result::Result<Vec<u8>, AttemptError> {
+        let host = self.client.registry().to_string();
+        let truncated = |got: usize| AttemptError::Retryable(RegistryError::Network { host: host.clone(), what: what.to_string(), reason: format!("body truncated ({got} of {len} bytes)") });
+        let read_error = |e: std::io::Error| AttemptError::Retryable(RegistryError::Network { host: host.clone(), what: what.to_string(), reason: format!("reading the body: {e}") });
+        match resp.status().as_u16() {
+            206 => {
+                let content_range = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_default();
+                let (start, stop, total) = parse_content_range(&content_range)
+                    .ok_or_else(|| AttemptError::Fatal(self.client.bad_response(what, format!("206 with a bad Content-Range {content_range:?}"))))?;
+                if start != offset || stop != offset + len - 1 {
+                    return Err(AttemptError::Fatal(self.client.bad_response(what, format!("asked for bytes {offset}-{}, got {content_range:?}", offset + len - 1))));
+                }
+                if let (Some(total), Some(&size)) = (total, self.sizes.get(digest)) {
+                    if total != size {
+                        return Err(AttemptError::Fatal(self.client.bad_response(what, format!("blob is {total} bytes, the manifest says {size}"))));
+                    }
+                }
+                let mut data = Vec::with_capacity(len as usize);
+                resp.take(len + 1).read_to_end(&mut data).map_err(read_error)?;
+                if (data.len() as u64) < len {
+                    return Err(truncated(data.len()));
+                }
+                if data.len() as u64 > len {
+                    return Err(AttemptError::Fatal(self.client.bad_response(what, "206 body longer than the range")));
+                }
+                Ok(data)
+            }
+            200 => {
+                let need = offset + len;
+                if need > MAX_UNRANGED_PREFIX {
+                    return Err(AttemptError::Fatal(self.client.bad_response(
+                        what,
+                        format!("the server ignored the Range header (200 with the whole blob); reading {need} bytes of it for one range is refused"),
+                    )));
+                }
+                tracing::debug!("{what}: server ignored Range; reading the first {need} bytes of the blob");
+                let mut data = Vec::with_capacity(need as usize);
+                resp.take(need).read_to_end(&mut data).map_err(read_error)?;
+                if (data.len() as u64) < need {
+                    return Err(truncated(data.len().saturating_sub(offset as usize)));
+                }
+                Ok(data.split_off(offset as usize))
+            }
+            416 => {
+                let size = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit('/').next()).and_then(|v| v.parse().ok()).unwrap_or(0);
+                Err(AttemptError::Fatal(RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset, len, size }))
+            }
+            404 => Err(AttemptError::Fatal(RegistryError::BlobNotFound { digest: digest.to_string(), store: self.describe() })),
+            _ => Err(AttemptError::Fatal(self.client.http_error(what, resp))),
+        }
+    }
+
+    fn fetch_span(&self, digest: &Digest, span: &MergedSpan, ranges: &[(u64, u64)]) -> Result<SpanParts> {
+        let data = self.fetch(digest, span.offset, span.len)?;
+        span.members
+            .iter()
+            .map(|&i| {
+                let (o, l) = ranges[i];
+                slice_of(span, &data, o, l).map(|d| (i, d)).ok_or_else(|| RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset: o, len: l, size: span.offset + data.len() as u64 })
+            })
+            .collect()
+    }
+}
+
+/// The ranges one span was cut into: (index in the request, bytes).
+type SpanParts = Vec<(usize, Vec<u8>)>;
+
+/// `bytes START-END/TOTAL` (TOTAL may be `*`).
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let total = if total == "*" { None } else { Some(total.parse().ok()?) };
+    Some((a.parse().ok()?, b.parse().ok()?, total))
+}
+
+impl BlobStore for RegistryBlobStore {
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.fetch(digest, offset, len)
+    }
+
+    fn read_ranges(&self, digest: &Digest, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        for &(o, l) in ranges {
+            self.check_bounds(digest, o, l)?;
+        }
+        let spans = merge_ranges(ranges, self.merge_gap, MAX_MERGED_SPAN);
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; ranges.len()];
+        if spans.len() == 1 {
+            for (i, d) in self.fetch_span(digest, &spans[0], ranges)? {
+                out[i] = Some(d);
+            }
+        } else {
+            for group in spans.chunks(PARALLEL_SPANS) {
+                let results: Vec<Result<SpanParts>> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = group.iter().map(|span| scope.spawn(move || self.fetch_span(digest, span, ranges))).collect();
+                    handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(RegistryError::Config("range reader thread panicked".into())))).collect()
+                });
+                for r in results {
+                    for (i, d) in r? {
+                        out[i] = Some(d);
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, d)| d.ok_or_else(|| RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset: ranges[i].0, len: ranges[i].1, size: 0 }))
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        format!("docker://{}/{}", self.client.registry(), self.repository)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_range;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99, Some(1000))));
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+}

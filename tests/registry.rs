@@ -1,0 +1,680 @@
+//! naiad against a real OCI registry (CNCF Distribution, started per test
+//! on 127.0.0.1): convert from and to `docker://`, unpack/check/inspect
+//! lazily over HTTP range reads, with anonymous, Basic and token auth,
+//! docker config credentials, a pull-through mirror, injected network
+//! faults, registry outages and bad input. Images are pushed with skopeo;
+//! the reference tree is `umoci raw unpack` of the source layout.
+
+mod common;
+#[path = "common/registry_server.rs"]
+mod registry_server;
+
+use std::fs;
+use std::path::Path;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use naiad_registry::{BlobStore, Digest, ImageRef, NaiadImage, RegistryBlobStore, RegistryClient, RegistryOptions};
+use registry_server::*;
+
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = naiad();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // Keep the tests independent of the machine's docker login.
+    if !env.iter().any(|(k, _)| *k == "DOCKER_CONFIG") {
+        cmd.env("DOCKER_CONFIG", "/nonexistent-naiad-test-docker-config");
+    }
+    if !env.iter().any(|(k, _)| *k == "REGISTRY_AUTH_FILE") {
+        cmd.env_remove("REGISTRY_AUTH_FILE");
+    }
+    let out = cmd.output().expect("run naiad");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "naiad panicked: {stderr}");
+    out
+}
+
+fn ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = run_env(args, env);
+    assert!(out.status.success(), "naiad {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ok(args: &[&str]) -> String {
+    ok_env(args, &[])
+}
+
+/// Runs naiad expecting exit code 1; returns stderr.
+fn fails_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = run_env(args, env);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "naiad {args:?} should fail with exit code 1; stderr: {stderr}");
+    stderr
+}
+
+fn fails(args: &[&str]) -> String {
+    fails_env(args, &[])
+}
+
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("naiad-test-{name}-")).tempdir_in("/tmp").expect("tempdir")
+}
+
+const CDC: &[&str] = &["--chunking", "cdc", "--cdc-min", "4K", "--cdc-avg", "16K", "--cdc-max", "64K"];
+
+fn convert_json(src: &str, dst: &str, extra: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let mut args = vec!["convert", src, dst, "--json", "--quiet"];
+    args.extend_from_slice(CDC);
+    args.extend_from_slice(extra);
+    serde_json::from_str(&ok_env(&args, env)).expect("convert --json prints JSON")
+}
+
+/// The generated image pushed to `host` as `img:1`, and the umoci unpack
+/// of its reference twin.
+struct PushedImage {
+    tmp: tempfile::TempDir,
+    image: GeneratedImage,
+    reference_tree: std::path::PathBuf,
+}
+
+fn push_generated(host: &str, skopeo_extra: &[&str]) -> PushedImage {
+    let tmp = scratch("reg");
+    let image = generate_image(tmp.path(), Compression::Gzip);
+    skopeo_copy(&format!("oci:{}:latest", image.layout.display()), &format!("docker://{host}/img:1"), skopeo_extra);
+    let reference_tree = tmp.path().join("reference");
+    umoci_unpack(&image.reference_layout, "latest", &reference_tree);
+    PushedImage { tmp, image, reference_tree }
+}
+
+fn assert_same_tree(expected: &Path, actual: &Path) {
+    let diffs = compare_trees(expected, actual, &generated_compare_options());
+    assert!(diffs.is_empty(), "unpacked tree differs from umoci's:\n{}", diffs.join("\n"));
+}
+
+/// Unpacks `image` with naiad into a fresh dir under `tmp` and compares.
+fn unpack_and_compare(image: &str, pushed: &PushedImage, name: &str, extra: &[&str], env: &[(&str, &str)]) {
+    let dir = pushed.tmp.path().join(name);
+    let mut args = vec!["unpack", image, dir.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    ok_env(&args, env);
+    assert_same_tree(&pushed.reference_tree, &dir);
+}
+
+fn options() -> RegistryOptions {
+    RegistryOptions { retry_base_delay: Duration::from_millis(20), ..RegistryOptions::default() }
+}
+
+#[test]
+fn round_trip_push_pull_mount_and_digest_refs() {
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let h = reg.host();
+    let pushed = push_generated(&h, &[]);
+    let src = format!("docker://{h}/img:1");
+    let dst = format!("docker://{h}/img:1-naiad");
+
+    // Registry to registry, with 1 MiB upload chunks so large blobs go up in PATCHes.
+    let s = convert_json(&src, &dst, &["--upload-chunk-size", "1M"], &[]);
+    let push = &s["push"];
+    eprintln!("convert docker->docker: {}", serde_json::to_string(push).unwrap_or_default());
+    assert_eq!(s["layers"], 4);
+    let blobs = s["blobs"].as_u64().unwrap() as usize;
+    assert_eq!(push["blobs_uploaded"].as_u64().unwrap() as usize, blobs + 2, "chunk blobs + bootstrap + config: {push}");
+    assert!(push["blobs_chunked"].as_u64().unwrap() >= 1, "a blob above 1 MiB goes up in chunks: {push}");
+    let manifest_digest = s["manifest_digest"].as_str().unwrap().to_string();
+    assert_eq!(push["manifest_digest"], manifest_digest.as_str());
+
+    unpack_and_compare(&dst, &pushed, "unpacked", &[], &[]);
+    let out = ok(&["check", &dst]);
+    assert!(out.contains("ok ("), "{out}");
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&["inspect", &dst, "--json"])).unwrap();
+    assert_eq!(inspect["blobs"].as_array().unwrap().len(), blobs);
+
+    // By digest.
+    let by_digest = format!("docker://{h}/img@{manifest_digest}");
+    unpack_and_compare(&by_digest, &pushed, "by-digest", &[], &[]);
+
+    // Converting again changes nothing: every blob is already there.
+    let again = convert_json(&src, &dst, &[], &[]);
+    assert_eq!(again["push"]["blobs_existing"].as_u64().unwrap() as usize, blobs + 2, "{}", again["push"]);
+    assert_eq!(again["push"]["blobs_uploaded"], 0);
+    assert_eq!(again["manifest_digest"], manifest_digest.as_str(), "conversion is deterministic");
+
+    // Into another repository: the blobs the source repository has are mounted.
+    let other = format!("docker://{h}/other/copy:naiad");
+    let mounted = convert_json(&src, &other, &[], &[]);
+    eprintln!("convert into another repository: {}", mounted["push"]);
+    assert_eq!(mounted["push"]["blobs_mounted"].as_u64().unwrap() as usize, blobs + 2, "{}", mounted["push"]);
+    assert_eq!(mounted["push"]["bytes_uploaded"], 0);
+    unpack_and_compare(&other, &pushed, "from-other", &[], &[]);
+
+    // Registry to layout, and layout to registry.
+    let layout = pushed.tmp.path().join("pulled");
+    let to_layout = convert_json(&src, &format!("oci:{}:n", layout.display()), &[], &[]);
+    assert_eq!(to_layout["manifest_digest"], manifest_digest.as_str());
+    let from_layout = convert_json(&format!("oci:{}:latest", pushed.image.layout.display()), &format!("docker://{h}/fromlayout:v1"), &[], &[]);
+    assert_eq!(from_layout["push"]["blobs_uploaded"].as_u64().unwrap() as usize, blobs + 2);
+    unpack_and_compare(&format!("docker://{h}/fromlayout:v1"), &pushed, "from-layout", &[], &[]);
+    // The source image's manifest digest is recorded (the same whatever the transport).
+    assert_eq!(from_layout["manifest_digest"], manifest_digest.as_str());
+}
+
+/// A registry holding the generated image as `img:1` and its conversion as `img:1-naiad`.
+fn registry_with_converted() -> (Distribution, PushedImage) {
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let pushed = push_generated(&reg.host(), &[]);
+    convert_json(&format!("docker://{}/img:1", reg.host()), &format!("docker://{}/img:1-naiad", reg.host()), &[], &[]);
+    (reg, pushed)
+}
+
+fn open_image(host: &str, opts: &RegistryOptions) -> NaiadImage {
+    let r = ImageRef::parse(&format!("docker://{host}/img:1-naiad")).expect("reference");
+    NaiadImage::open_with(&r, opts).unwrap_or_else(|e| panic!("open {r}: {e}"))
+}
+
+/// Chunk indices of blob `blob`, sorted by offset.
+fn chunks_of_blob(image: &NaiadImage, blob: u32) -> Vec<u32> {
+    let b = &image.bootstrap;
+    let mut v: Vec<(u64, u32)> = (0..b.chunk_count()).filter_map(|i| b.chunk(i).ok().filter(|c| c.blob_index == blob).map(|c| (c.compressed_offset, i))).collect();
+    v.sort();
+    v.into_iter().map(|(_, i)| i).collect()
+}
+
+#[test]
+fn range_reads_are_lazy_merged_and_reuse_connections() {
+    let (reg, _pushed) = registry_with_converted();
+    let proxy = TestProxy::start(reg.port, ProxyConfig::default());
+    let st = proxy.stats.clone();
+    let image = open_image(&proxy.host(), &options());
+    assert!(image.store.describe().starts_with("docker://"), "{}", image.store.describe());
+    let open_bytes = ProxyStats::get(&st.blob_body_bytes);
+    let blob_sizes: Vec<u64> = image.bootstrap.blobs().unwrap().iter().map(|b| b.size).collect();
+    let total: u64 = blob_sizes.iter().sum();
+    let source = naiad_registry::open_source(&ImageRef::parse(&format!("docker://{}/img:1-naiad", reg.host())).unwrap()).unwrap();
+    assert_eq!(open_bytes, image.bootstrap_layer_size + source.manifest.config.size, "opening fetches the bootstrap layer and the config, no chunk blob");
+
+    // Three chunks from the largest blob.
+    let largest = (0..blob_sizes.len()).max_by_key(|&i| blob_sizes[i]).unwrap() as u32;
+    let chunks = chunks_of_blob(&image, largest);
+    let picks = [chunks[0], chunks[chunks.len() / 2], chunks[chunks.len() - 1]];
+    let gets_before = ProxyStats::get(&st.blob_gets);
+    let mut expected = 0u64;
+    for &i in &picks {
+        let c = image.bootstrap.chunk(i).unwrap();
+        expected += c.compressed_size as u64;
+        let data = image.read_chunk(i).expect("chunk reads and verifies");
+        assert_eq!(data.len() as u64, c.uncompressed_size as u64);
+    }
+    let fetched = ProxyStats::get(&st.blob_body_bytes) - open_bytes;
+    eprintln!(
+        "laziness: 3 chunks fetched {fetched} bytes of a {} byte blob ({} bytes in all blobs, {:.2}%); opening fetched {open_bytes} bytes (bootstrap layer {} + config)",
+        blob_sizes[largest as usize],
+        total,
+        100.0 * fetched as f64 / total as f64,
+        image.bootstrap_layer_size
+    );
+    assert_eq!(fetched, expected, "exactly the chunks' stored bytes travel");
+    assert_eq!(ProxyStats::get(&st.blob_gets) - gets_before, 3);
+    assert!(fetched * 20 < total, "a few chunks are a small fraction of the blobs");
+
+    // A RegistryBlobStore of its own: consecutive chunks are one merged
+    // request, cut back into the chunks.
+    let docker_ref = naiad_registry::DockerReference::parse(&format!("{}/img:1-naiad", proxy.host())).unwrap();
+    let sizes = image.blob_digests.iter().cloned().zip(blob_sizes.iter().copied());
+    let store = RegistryBlobStore::open(&docker_ref, &options()).unwrap().with_blob_sizes(sizes);
+    let run: Vec<u32> = chunks.iter().copied().skip(1).take(8).collect();
+    let ranges: Vec<(u64, u64)> = run.iter().map(|&i| image.bootstrap.chunk(i).unwrap()).map(|c| (c.compressed_offset, c.compressed_size as u64)).collect();
+    let digest = &image.blob_digests[largest as usize];
+    let before = ProxyStats::get(&st.blob_gets);
+    let parts = store.read_ranges(digest, &ranges).expect("read_ranges");
+    assert_eq!(ProxyStats::get(&st.blob_gets) - before, 1, "8 adjacent ranges in one request");
+    for ((&i, part), &(o, l)) in run.iter().zip(&parts).zip(&ranges) {
+        assert_eq!(part.len() as u64, l);
+        assert_eq!(part, &store.read_range(digest, o, l).unwrap());
+        naiad_format::decode_chunk(part, &image.bootstrap.chunk(i).unwrap()).expect("merged slice decodes");
+    }
+    // Far apart ranges are not merged (first and last chunk of the blob).
+    let far = [ranges[0], {
+        let c = image.bootstrap.chunk(*chunks.last().unwrap()).unwrap();
+        (c.compressed_offset, c.compressed_size as u64)
+    }];
+    let before = ProxyStats::get(&st.blob_gets);
+    store.read_ranges(digest, &far).unwrap();
+    assert_eq!(ProxyStats::get(&st.blob_gets) - before, 2);
+    eprintln!("read_ranges: 8 adjacent chunks ({} bytes) in 1 request; 2 distant chunks in 2; store stats {:?}", ranges.iter().map(|r| r.1).sum::<u64>(), store.client().stats());
+
+    // Out-of-range reads fail without a request.
+    let before = ProxyStats::get(&st.requests);
+    assert!(store.read_range(digest, blob_sizes[largest as usize], 1).is_err());
+    assert_eq!(ProxyStats::get(&st.requests), before);
+
+    // Connections are reused: many requests, few connections.
+    let (conns, reqs) = (ProxyStats::get(&st.connections), ProxyStats::get(&st.requests));
+    eprintln!("connection reuse: {reqs} requests over {conns} connections");
+    assert!(conns <= 3 && reqs >= 10, "{conns} connections for {reqs} requests");
+
+    // Concurrent readers share the store (several requests in flight).
+    let image = Arc::new(image);
+    let all: Vec<u32> = chunks.clone();
+    std::thread::scope(|s| {
+        for part in all.chunks(all.len().div_ceil(4)) {
+            let image = image.clone();
+            s.spawn(move || {
+                for &i in part {
+                    image.read_chunk(i).expect("concurrent chunk read");
+                }
+            });
+        }
+    });
+    let stats = image.registry_stats().expect("registry image has stats");
+    eprintln!("registry stats after concurrent reads: {stats:?}");
+    assert_eq!(stats.retries, 0);
+}
+
+#[test]
+fn redirects_drop_authorization_and_unranged_answers_are_sliced() {
+    let (reg, _pushed) = registry_with_converted();
+    // The proxy demands Basic auth and redirects blob GETs to localhost:PORT
+    // (another host name); the client must not send its credentials there.
+    let proxy = TestProxy::start(reg.port, ProxyConfig { require_basic: Some(("carol".into(), "redirect-secret".into())), redirect_blobs: true, ..Default::default() });
+    let creds = naiad_registry::Credentials::parse("carol:redirect-secret").unwrap();
+    let opts = RegistryOptions { credentials: Some(creds), ..options() };
+    let image = open_image(&proxy.host(), &opts);
+    for i in chunks_of_blob(&image, 0).into_iter().take(5) {
+        image.read_chunk(i).expect("chunk through a redirect");
+    }
+    let st = &proxy.stats;
+    eprintln!("redirects: {} redirected requests, {} of them with Authorization", ProxyStats::get(&st.redirected_requests), ProxyStats::get(&st.redirected_with_auth));
+    assert!(ProxyStats::get(&st.redirected_requests) >= 6, "bootstrap, config and chunks went through the redirect");
+    assert_eq!(ProxyStats::get(&st.redirected_with_auth), 0, "Authorization must not follow a redirect to another host");
+    // Without credentials the proxy refuses.
+    let r = ImageRef::parse(&format!("docker://{}/img:1-naiad", proxy.host())).unwrap();
+    let err = NaiadImage::open_with(&r, &options()).err().expect("needs credentials").to_string();
+    assert!(err.contains("unauthorized") && err.contains("authentication required"), "{err}");
+
+    // A server that ignores Range: reads near the start of a blob are cut
+    // from the whole-blob answer.
+    let plain = TestProxy::start(reg.port, ProxyConfig { ignore_range: true, ..Default::default() });
+    let image = open_image(&plain.host(), &options());
+    let chunks = chunks_of_blob(&image, 0);
+    for &i in chunks.iter().take(3) {
+        image.read_chunk(i).expect("chunk from an unranged answer");
+    }
+}
+
+#[test]
+fn basic_auth_with_creds_flag_and_auth_file() {
+    let (user, password) = ("alice", "pw-basic-7f3a9");
+    let reg = Distribution::start(RegistryAuth::Htpasswd { user: user.into(), password: password.into() }, None);
+    let h = reg.host();
+    let creds = format!("{user}:{password}");
+    let pushed = push_generated(&h, &["--dest-creds", &creds]);
+    let src = format!("docker://{h}/img:1");
+    let dst = format!("docker://{h}/img:1-naiad");
+    convert_json(&src, &dst, &["--creds", &creds], &[]);
+    unpack_and_compare(&dst, &pushed, "unpacked", &["--creds", &creds], &[]);
+
+    // REGISTRY_AUTH_FILE with username/password fields.
+    let auth_file = pushed.tmp.path().join("auth.json");
+    fs::write(&auth_file, format!(r#"{{"auths":{{"{h}":{{"username":"{user}","password":"{password}"}}}}}}"#)).unwrap();
+    let auth_env = [("REGISTRY_AUTH_FILE", auth_file.to_str().unwrap())];
+    ok_env(&["check", &dst], &auth_env);
+
+    // No credentials, wrong credentials: clear errors, no secret in them (even with -v).
+    let e = fails(&["inspect", &dst]);
+    assert!(e.contains("unauthorized") && e.contains("authentication required") && e.contains(&h), "{e}");
+    eprintln!("no credentials: {}", e.trim());
+    let e = fails(&["-v", "unpack", &dst, pushed.tmp.path().join("x").to_str().unwrap(), "--creds", "alice:wrong-secret-value"]);
+    eprintln!("wrong credentials: {}", e.lines().last().unwrap_or(""));
+    assert!(e.contains("refused the credentials"), "{e}");
+    assert!(!e.contains("wrong-secret-value") && !e.contains(&base64_of("alice:wrong-secret-value")), "secret leaked: {e}");
+    let e = fails(&["convert", &src, &format!("docker://{h}/img:x"), "--creds", "alice:wrong-secret-value"]);
+    assert!(e.contains("unauthorized") && !e.contains("wrong-secret-value"), "{e}");
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[test]
+fn token_auth_with_docker_config_and_token_renewal() {
+    let tmp = scratch("token");
+    let key = make_signing_key(tmp.path());
+    let (user, password) = ("tokenuser", "pw-token-51c0");
+    let ts = TokenServer::start(&key, user, password, 3600);
+    let reg = Distribution::start(
+        RegistryAuth::Token { realm: ts.realm(), service: TOKEN_SERVICE.into(), issuer: TOKEN_ISSUER.into(), cert_pem: key.cert_pem.clone() },
+        None,
+    );
+    let h = reg.host();
+    let creds = format!("{user}:{password}");
+    let pushed = push_generated(&h, &["--dest-creds", &creds]);
+
+    // Credentials from $DOCKER_CONFIG/config.json (base64 "auth").
+    let docker_dir = tmp.path().join("docker");
+    fs::create_dir_all(&docker_dir).unwrap();
+    fs::write(docker_dir.join("config.json"), format!(r#"{{"auths":{{"http://{h}":{{"auth":"{}"}}}}}}"#, base64_of(&creds))).unwrap();
+    let env = [("DOCKER_CONFIG", docker_dir.to_str().unwrap())];
+    let src = format!("docker://{h}/img:1");
+    let dst = format!("docker://{h}/img:1-naiad");
+    let issued_before = ts.issued.load(std::sync::atomic::Ordering::SeqCst);
+    convert_json(&src, &dst, &[], &env);
+    // Into another repository: the mount needs a token for both repositories.
+    let mounted = convert_json(&src, &format!("docker://{h}/mirror/img:1-naiad"), &[], &env);
+    assert_eq!(mounted["push"]["blobs_uploaded"], 0, "{}", mounted["push"]);
+    unpack_and_compare(&dst, &pushed, "unpacked", &[], &env);
+    ok_env(&["check", &dst], &env);
+    let issued = ts.issued.load(std::sync::atomic::Ordering::SeqCst) - issued_before;
+    eprintln!("token auth: {issued} tokens issued for 2 conversions, an unpack and a check");
+    assert!(issued >= 4);
+
+    // Anonymous: the token server gives a token without access; the registry refuses.
+    let e = fails(&["inspect", &dst]);
+    assert!(e.contains("unauthorized"), "{e}");
+    // Wrong password in the docker config.
+    fs::write(docker_dir.join("config.json"), format!(r#"{{"auths":{{"{h}":{{"auth":"{}"}}}}}}"#, base64_of("tokenuser:bad-token-pw"))).unwrap();
+    let e = fails_env(&["inspect", &dst], &env);
+    assert!(e.contains("token server refused the credentials") && !e.contains("bad-token-pw"), "{e}");
+
+    // Token cache: reused while valid, renewed on expiry and when refused.
+    ts.expires_in.store(2, std::sync::atomic::Ordering::SeqCst);
+    let opts = RegistryOptions { credentials: Some(naiad_registry::Credentials::parse(&creds).unwrap()), ..options() };
+    let image = open_image(&h, &opts);
+    let chunks = chunks_of_blob(&image, 0);
+    let count = || ts.issued.load(std::sync::atomic::Ordering::SeqCst);
+    let t0 = count();
+    image.read_chunk(chunks[0]).unwrap();
+    image.read_chunk(chunks[1]).unwrap();
+    assert_eq!(count(), t0, "the cached token serves further reads");
+    std::thread::sleep(Duration::from_millis(2300));
+    image.read_chunk(chunks[2]).unwrap();
+    assert_eq!(count(), t0 + 1, "an expired token is renewed before use");
+    ts.poison.store(1, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2300));
+    image.read_chunk(chunks[3]).unwrap();
+    assert_eq!(count(), t0 + 3, "a refused token (401) is dropped and a new one fetched");
+    let stats = image.registry_stats().unwrap();
+    eprintln!("token renewal: {stats:?}");
+}
+
+#[test]
+fn debian_image_through_registry() {
+    let deb = debian_image();
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let h = reg.host();
+    skopeo_copy(&format!("oci:{}:latest", deb.layout.display()), &format!("docker://{h}/debian:12"), &[]);
+    let tmp = scratch("reg-debian");
+    let started = Instant::now();
+    let out = ok(&["convert", &format!("docker://{h}/debian:12"), &format!("docker://{h}/debian:12-naiad"), "--json", "--quiet"]);
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    eprintln!("debian docker->docker convert: {:.1}s, {} files, push {}", started.elapsed().as_secs_f64(), s["files"], s["push"]);
+    assert!(s["files"].as_u64().unwrap() > 3000);
+    let dir = tmp.path().join("unpacked");
+    let started = Instant::now();
+    ok(&["unpack", &format!("docker://{h}/debian:12-naiad"), dir.to_str().unwrap()]);
+    eprintln!("debian unpack over range reads: {:.1}s", started.elapsed().as_secs_f64());
+    let opts = CompareOptions { skip_dir_mtime: false, ..CompareOptions::default() };
+    let diffs = compare_trees(&deb.reference_rootfs, &dir, &opts);
+    assert!(diffs.is_empty(), "naiad unpack differs from umoci:\n{}", diffs.join("\n"));
+    ok(&["check", &format!("docker://{h}/debian:12-naiad")]);
+}
+
+#[test]
+fn mirror_serves_blobs_and_origin_takes_over_when_it_stops() {
+    let (origin, pushed) = registry_with_converted();
+    let mut mirror = Distribution::start(RegistryAuth::None, Some(&origin.url()));
+    let origin_proxy = TestProxy::start(origin.port, ProxyConfig::default());
+    let mirror_proxy = TestProxy::start(mirror.port, ProxyConfig::default());
+    let image = format!("docker://{}/img:1-naiad", origin_proxy.host());
+    let mirror_url = format!("http://{}", mirror_proxy.host());
+    unpack_and_compare(&image, &pushed, "via-mirror", &["--mirror", &mirror_url], &[]);
+    let (o, m) = (&origin_proxy.stats, &mirror_proxy.stats);
+    eprintln!("with mirror: origin saw {} blob GETs, mirror {} blob GETs ({} bytes)", ProxyStats::get(&o.blob_gets), ProxyStats::get(&m.blob_gets), ProxyStats::get(&m.blob_body_bytes));
+    assert_eq!(ProxyStats::get(&o.blob_gets), 0, "blobs come from the mirror");
+    assert!(ProxyStats::get(&m.blob_gets) > 5);
+    assert!(count_lines(&mirror.log(), "/v2/img/blobs/sha256:") > 0, "the mirror's access log shows the blob reads");
+
+    // Mirror gone: reads fall back to the origin.
+    mirror.stop();
+    drop(mirror_proxy);
+    let started = Instant::now();
+    unpack_and_compare(&image, &pushed, "after-mirror", &["--mirror", &mirror_url], &[]);
+    eprintln!("mirror down: unpack took {:.2}s, origin served {} blob GETs", started.elapsed().as_secs_f64(), ProxyStats::get(&o.blob_gets));
+    assert!(ProxyStats::get(&o.blob_gets) > 5);
+}
+
+#[test]
+fn injected_faults_are_retried_and_every_file_reads_correctly() {
+    let (reg, pushed) = registry_with_converted();
+    let plan = FaultPlan {
+        seed: 0x6e_6169_6164,
+        reset_pct: 5,
+        error500_pct: 5,
+        truncate_pct: 5,
+        delay_pct: 5,
+        delay: Duration::from_millis(100),
+        stall_pct: 1,
+        stall: Duration::from_millis(2000),
+        error429_pct: 0,
+    };
+    let proxy = TestProxy::start(reg.port, ProxyConfig { faults: Some(plan.clone()), ..Default::default() });
+    let flags = ["--read-timeout", "0.5", "--retries", "6", "--retry-delay", "0.02"];
+    let image = format!("docker://{}/img:1-naiad", proxy.host());
+    let started = Instant::now();
+    unpack_and_compare(&image, &pushed, "unpacked", &flags, &[]);
+    eprintln!("faults, unpack: {:.1}s; proxy: {}", started.elapsed().as_secs_f64(), proxy.stats.summary());
+    assert!(proxy.stats.faults() >= 10, "enough faults were injected: {}", proxy.stats.summary());
+
+    // Streaming the source layers through frequent truncations and resets:
+    // the layer streams resume where they broke off.
+    let harsh = FaultPlan { seed: 7, reset_pct: 20, truncate_pct: 40, ..Default::default() };
+    let harsh_proxy = TestProxy::start(reg.port, ProxyConfig { faults: Some(harsh), ..Default::default() });
+    let out = pushed.tmp.path().join("converted");
+    let direct = convert_json(&format!("docker://{}/img:1", reg.host()), &format!("oci:{}:a", out.display()), &[], &[]);
+    let faulty = convert_json(&format!("docker://{}/img:1", harsh_proxy.host()), &format!("oci:{}:b", out.display()), &flags, &[]);
+    assert_eq!(faulty["manifest_digest"], direct["manifest_digest"], "the same image despite faults");
+    let log = harsh_proxy.stats.log.lock().unwrap().clone();
+    let resumed = log.iter().filter(|l| l.contains("/blobs/") && l.contains("bytes=")).count();
+    eprintln!("faults, convert: {} resumed layer requests; proxy: {}", resumed, harsh_proxy.stats.summary());
+    assert!(harsh_proxy.stats.faults() >= 2, "{}", harsh_proxy.stats.summary());
+
+    // Library level: count retries.
+    let opts = RegistryOptions { read_timeout: Duration::from_secs(1), max_attempts: 7, ..options() };
+    let img = open_image(&proxy.host(), &opts);
+    for i in 0..img.bootstrap.chunk_count() {
+        img.read_chunk(i).unwrap_or_else(|e| panic!("chunk {i}: {e}"));
+    }
+    let stats = img.registry_stats().unwrap();
+    eprintln!("faults, all {} chunks: {stats:?}", img.bootstrap.chunk_count());
+    assert!(stats.retries > 0);
+
+    // 429 with Retry-After: 1 is waited out.
+    let busy = TestProxy::start(reg.port, ProxyConfig { faults: Some(FaultPlan { seed: 3, error429_pct: 40, ..Default::default() }), ..Default::default() });
+    let img = open_image(&busy.host(), &options());
+    let before = ProxyStats::get(&busy.stats.errors429);
+    let t = Instant::now();
+    for &i in chunks_of_blob(&img, 0).iter().take(6) {
+        img.read_chunk(i).expect("read despite 429s");
+    }
+    let n429 = ProxyStats::get(&busy.stats.errors429) - before;
+    eprintln!("429s: {n429} answered, 6 chunks read in {:.2}s", t.elapsed().as_secs_f64());
+    assert!(n429 >= 1 && t.elapsed() >= Duration::from_secs(n429), "each 429 waits its Retry-After second");
+}
+
+#[test]
+fn registry_outage_fails_within_the_timeout_and_recovers() {
+    let (mut reg, _pushed) = registry_with_converted();
+    let opts = RegistryOptions {
+        connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(1),
+        max_attempts: 3,
+        retry_base_delay: Duration::from_millis(100),
+        retry_max_delay: Duration::from_millis(400),
+        ..RegistryOptions::default()
+    };
+    let image = open_image(&reg.host(), &opts);
+    let chunks = chunks_of_blob(&image, 0);
+    image.read_chunk(chunks[0]).unwrap();
+
+    // Hung registry: every attempt times out.
+    reg.pause();
+    let t = Instant::now();
+    let e = image.read_chunk(chunks[1]).expect_err("a hung registry fails the read").to_string();
+    let hung = t.elapsed();
+    eprintln!("hung registry: read failed after {:.2}s: {e}", hung.as_secs_f64());
+    assert!(hung >= Duration::from_secs(3) && hung < Duration::from_secs(6), "3 attempts of 1 s plus backoff, took {hung:?}");
+    assert!(e.contains(&reg.host()) && e.contains("timed out") && e.contains("3 attempts"), "{e}");
+    reg.resume();
+    image.read_chunk(chunks[1]).expect("reads work again once the registry answers");
+
+    // Stopped registry: refused at once.
+    reg.stop();
+    let t = Instant::now();
+    let e = image.read_chunk(chunks[2]).expect_err("a stopped registry fails the read").to_string();
+    let down = t.elapsed();
+    eprintln!("stopped registry: read failed after {:.2}s: {e}", down.as_secs_f64());
+    assert!(down < Duration::from_secs(2), "{down:?}");
+    assert!(e.contains("cannot connect"), "{e}");
+    reg.restart();
+    image.read_chunk(chunks[2]).expect("reads work again after a restart");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let (reg, _pushed) = registry_with_converted();
+    let h = reg.host();
+    let tmp = scratch("reg-bad");
+    let dir = tmp.path().join("out");
+    let d = dir.to_str().unwrap();
+
+    // Nothing listens there.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let e = fails(&["unpack", &format!("docker://{dead}/img:1"), d, "--retries", "1"]);
+    eprintln!("nothing listening: {}", e.trim());
+    assert!(e.contains(&dead) && e.contains("cannot connect"), "{e}");
+    // Missing tag, missing repository.
+    let e = fails(&["unpack", &format!("docker://{h}/img:nope"), d]);
+    eprintln!("missing tag: {}", e.trim());
+    assert!(e.contains("img:nope") && e.contains("not found"), "{e}");
+    let e = fails(&["convert", &format!("docker://{h}/absent:1"), &format!("oci:{d}")]);
+    assert!(e.contains("absent") && e.contains("not found"), "{e}");
+    // A plain image given where a naiad image is expected.
+    for cmd in ["inspect", "check"] {
+        let e = fails(&[cmd, &format!("docker://{h}/img:1")]);
+        eprintln!("{cmd} of a plain image: {}", e.trim());
+        assert!(e.contains("not a naiad image"), "{cmd}: {e}");
+    }
+    // A digest the registry does not have.
+    let zero = format!("sha256:{}", "0".repeat(64));
+    let e = fails(&["unpack", &format!("docker://{h}/img@{zero}"), d]);
+    assert!(e.contains("not found"), "{e}");
+    // A manifest that does not hash to the digest asked for.
+    let naiad_digest = naiad_registry::open_source(&ImageRef::parse(&format!("docker://{h}/img:1-naiad")).unwrap()).unwrap().manifest_digest.unwrap();
+    let liar = TestProxy::start(reg.port, ProxyConfig { manifest_digest_to_tag: Some("1".into()), ..Default::default() });
+    let e = fails(&["unpack", &format!("docker://{}/img@{naiad_digest}", liar.host()), d]);
+    eprintln!("lying registry: {}", e.trim());
+    assert!(e.contains("does not match digest") && e.contains(naiad_digest.as_str()), "{e}");
+    // Malformed references and destinations.
+    let e = fails(&["inspect", "docker://UPPER/x"]);
+    assert!(e.contains("invalid image reference"), "{e}");
+    let e = fails(&["convert", &format!("docker://{h}/img:1"), &format!("docker://{h}/img@{zero}")]);
+    assert!(e.contains("give a tag"), "{e}");
+    assert!(!dir.exists(), "failed commands leave no output");
+    // The library says the same.
+    let client = RegistryClient::new(&h, &options()).unwrap();
+    client.ping().expect("ping");
+    assert!(client.head_blob("img", &Digest::parse(&zero).unwrap()).unwrap().is_none());
+}
+
+#[test]
+fn tls_mirror_with_ca_file() {
+    let (origin, pushed) = registry_with_converted();
+    let origin_proxy = TestProxy::start(origin.port, ProxyConfig::default());
+    let (key, cert, ca_cert) = make_server_cert(pushed.tmp.path());
+    let mirror = Distribution::start_with(RegistryAuth::None, Some(&origin.url()), Some((&cert, &key)));
+    let image = format!("docker://{}/img:1-naiad", origin_proxy.host());
+    let mirror_url = format!("https://{}", mirror.host());
+    let ca = ca_cert.to_str().unwrap();
+    unpack_and_compare(&image, &pushed, "tls-mirror", &["--mirror", &mirror_url, "--ca-file", ca], &[]);
+    assert_eq!(ProxyStats::get(&origin_proxy.stats.blob_gets), 0, "all blobs came over TLS from the mirror");
+    assert!(count_lines(&mirror.log(), "/v2/img/blobs/sha256:") > 0);
+
+    // Without the CA the certificate is refused; the origin serves instead.
+    let out = run_env(&["unpack", &image, pushed.tmp.path().join("no-ca").to_str().unwrap(), "--mirror", &mirror_url], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    eprintln!("mirror without its CA: {}", stderr.trim());
+    assert!(stderr.contains("mirror") && stderr.to_lowercase().contains("certificate"), "{stderr}");
+    assert!(ProxyStats::get(&origin_proxy.stats.blob_gets) > 0);
+}
+
+/// The descriptor `tag` names in `layout`'s index.json.
+fn tagged_descriptor(layout: &Path, tag: &str) -> serde_json::Value {
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag).expect("tag").clone()
+}
+
+#[test]
+fn index_platform_selection_and_docker_schema2() {
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let h = reg.host();
+    let pushed = push_generated(&h, &[]);
+    // A two-platform index: this host's architecture -> the generated
+    // image; another architecture -> its (differently built) reference twin.
+    let multi = pushed.tmp.path().join("multi");
+    let st = std::process::Command::new("cp").arg("-a").arg(&pushed.image.layout).arg(&multi).status().unwrap();
+    assert!(st.success());
+    for e in fs::read_dir(pushed.image.reference_layout.join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        let to = multi.join("blobs/sha256").join(e.file_name());
+        if !to.exists() {
+            fs::copy(e.path(), to).unwrap();
+        }
+    }
+    let host_arch = naiad_registry::Platform::host().architecture;
+    let other_arch = if host_arch == "s390x" { "riscv64" } else { "s390x" };
+    let mut a = tagged_descriptor(&pushed.image.layout, "latest");
+    let mut b = tagged_descriptor(&pushed.image.reference_layout, "latest");
+    for d in [&mut a, &mut b] {
+        d.as_object_mut().unwrap().remove("annotations");
+    }
+    a["platform"] = serde_json::json!({"os": "linux", "architecture": host_arch});
+    b["platform"] = serde_json::json!({"os": "linux", "architecture": other_arch});
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [b, a]});
+    let index_bytes = serde_json::to_vec(&index).unwrap();
+    let index_digest = Digest::of(&index_bytes);
+    fs::write(multi.join("blobs/sha256").join(index_digest.hex()), &index_bytes).unwrap();
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest.as_str(), "size": index_bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "multi"}}]});
+    fs::write(multi.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    skopeo_copy(&format!("oci:{}:multi", multi.display()), &format!("docker://{h}/multi:1"), &["--all"]);
+
+    let r = ImageRef::parse(&format!("docker://{h}/multi:1")).unwrap();
+    let mine = naiad_registry::open_source(&r).expect("open index for this host");
+    assert_eq!(mine.manifest_digest.as_ref().unwrap().as_str(), a["digest"].as_str().unwrap(), "default: this host's platform");
+    let opts = RegistryOptions { platform: Some(naiad_registry::Platform::parse(&format!("linux/{other_arch}")).unwrap()), ..options() };
+    let other = naiad_registry::open_source_with(&r, &opts).expect("open index for the other platform");
+    assert_eq!(other.manifest_digest.as_ref().unwrap().as_str(), b["digest"].as_str().unwrap());
+    // Converted for the other platform through the CLI: the same tree.
+    let dst = format!("docker://{h}/multi:1-naiad-{other_arch}");
+    convert_json(&format!("docker://{h}/multi:1"), &dst, &["--platform", &format!("linux/{other_arch}")], &[]);
+    unpack_and_compare(&dst, &pushed, "other-platform", &[], &[]);
+    let e = fails(&["convert", &format!("docker://{h}/multi:1"), &format!("oci:{}", pushed.tmp.path().join("x").display()), "--platform", "linux/mips64"]);
+    assert!(e.contains("no manifest for linux/mips64") && e.contains(other_arch), "{e}");
+
+    // Docker schema 2 manifest and manifest list (skopeo converts the formats).
+    skopeo_copy(&format!("oci:{}:latest", pushed.image.layout.display()), &format!("docker://{h}/img:v2s2"), &["--format", "v2s2"]);
+    let v2 = naiad_registry::open_source(&ImageRef::parse(&format!("docker://{h}/img:v2s2")).unwrap()).unwrap();
+    assert_eq!(v2.manifest.media_type.as_deref(), Some("application/vnd.docker.distribution.manifest.v2+json"));
+    convert_json(&format!("docker://{h}/img:v2s2"), &format!("docker://{h}/img:v2s2-naiad"), &[], &[]);
+    unpack_and_compare(&format!("docker://{h}/img:v2s2-naiad"), &pushed, "from-v2s2", &[], &[]);
+    skopeo_copy(&format!("oci:{}:multi", multi.display()), &format!("docker://{h}/list:1"), &["--all", "--format", "v2s2"]);
+    let list = naiad_registry::open_source(&ImageRef::parse(&format!("docker://{h}/list:1")).unwrap()).expect("open a manifest list");
+    assert_eq!(list.manifest.media_type.as_deref(), Some("application/vnd.docker.distribution.manifest.v2+json"));
+    assert_eq!(list.layers.len(), 4);
+}
