@@ -367,3 +367,72 @@ fn corrupted_bootstrap_is_refused() {
     let err = fails(&["inspect", &oci(&image.layout, "latest")]);
     assert!(err.contains("not a naiad image"), "{err}");
 }
+
+#[test]
+fn prefetch_list_puts_the_startup_set_in_one_blob() {
+    let tmp = scratch("prefetch");
+    let image = generate_image(tmp.path(), Compression::Gzip);
+    let list = tmp.path().join("startup.list");
+    // The second MiB of the big file (as a trace records it), then every
+    // file directly under /etc.
+    fs::write(&list, format!("# startup set\n{{\"path\": \"/{}\", \"offset\": 1048576, \"length\": 4096}}\n/etc/*\n", gen_paths::BIG)).unwrap();
+    let out = tmp.path().join("out");
+    let mut args = vec!["convert", "--prefetch-list", list.to_str().unwrap()];
+    let (src, dst) = (oci(&image.layout, "latest"), oci(&out, "naiad"));
+    args.extend([src.as_str(), dst.as_str(), "--json"]);
+    args.extend_from_slice(FIXED);
+    let summary: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&ok(&["inspect", &dst, "--json"])).unwrap();
+    let blobs = stats["blobs"].as_array().unwrap().len();
+    assert_eq!(summary["blobs"].as_u64().unwrap() as usize, blobs);
+    let prefetch_blob = (blobs - 1) as u64;
+    let listing = |p: &str| -> Vec<serde_json::Value> { serde_json::from_str::<serde_json::Value>(&ok(&["inspect", &dst, "--json", "--path", p])).unwrap().as_array().unwrap().clone() };
+    let big = listing(gen_paths::BIG);
+    let in_prefetch: Vec<u64> = big.iter().map(|c| c["blob_index"].as_u64().unwrap()).collect();
+    assert_eq!(in_prefetch[1], prefetch_blob, "the traced chunk is in the prefetch blob");
+    assert!(in_prefetch[0] != prefetch_blob && in_prefetch[2] != prefetch_blob, "untraced chunks are not: {in_prefetch:?}");
+    let xattr_file = listing(gen_paths::XATTR_FILE);
+    assert!(xattr_file.iter().all(|c| c["blob_index"].as_u64().unwrap() == prefetch_blob));
+    let etc_chunks: usize = ["etc/xattrs", "etc/precise-mtime"].iter().map(|p| listing(p).len()).sum();
+    assert!(stats["prefetch_chunks"].as_u64().unwrap() as usize >= 1 + etc_chunks, "{stats}");
+    ok(&["check", &dst]);
+    // Same tree as without a prefetch list.
+    let reference = tmp.path().join("reference");
+    umoci_unpack(&image.reference_layout, "latest", &reference);
+    let unpacked = tmp.path().join("unpacked");
+    ok(&["unpack", &dst, unpacked.to_str().unwrap()]);
+    let diffs = compare_trees(&reference, &unpacked, &generated_compare_options());
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+#[test]
+fn docker_archive_source_round_trips() {
+    let tmp = scratch("archive");
+    let image = generate_image(tmp.path(), Compression::Gzip);
+    // skopeo writes what `docker save` writes (uncompressed layers, manifest.json).
+    let archive = tmp.path().join("saved.tar");
+    let st = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", &format!("oci:{}:latest", image.reference_layout.display()), &format!("docker-archive:{}:naiad/test:latest", archive.display())])
+        .status()
+        .expect("skopeo");
+    assert!(st.success(), "skopeo copy to docker-archive failed");
+    let out = tmp.path().join("out");
+    let summary = convert(&format!("docker-archive:{}", archive.display()), &oci(&out, "naiad"), CDC);
+    assert_eq!(summary["layers"], 4);
+    let reference = tmp.path().join("reference");
+    umoci_unpack(&image.reference_layout, "latest", &reference);
+    let unpacked = tmp.path().join("unpacked");
+    ok(&["unpack", &oci(&out, "naiad"), unpacked.to_str().unwrap()]);
+    let diffs = compare_trees(&reference, &unpacked, &generated_compare_options());
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    // The config (Cmd, Env) is carried over.
+    let (_, m) = manifest_of(&out, "naiad");
+    let config: serde_json::Value = serde_json::from_slice(&fs::read(blob_path(&out, m["config"]["digest"].as_str().unwrap())).unwrap()).unwrap();
+    assert_eq!(config["config"]["Cmd"][0], "/bin/sh");
+    // A corrupted archive is refused with its name.
+    let bad = tmp.path().join("bad.tar");
+    let data = fs::read(&archive).unwrap();
+    fs::write(&bad, &data[..data.len() / 3]).unwrap();
+    let err = fails(&["convert", &format!("docker-archive:{}", bad.display()), &oci(&tmp.path().join("o2"), "x")]);
+    assert!(err.contains("bad.tar"), "{err}");
+}
