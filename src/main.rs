@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Convert an OCI image into a naiad image (bootstrap + chunk blobs).
     Convert(cmd::convert::ConvertArgs),
+    /// Convert, record what the image's command reads at startup, and convert again with that startup set first.
+    Optimize(cmd::optimize::OptimizeArgs),
     /// Summarize a naiad image: files, chunks, blobs, compression.
     Inspect(cmd::inspect::InspectArgs),
     /// Validate a naiad image's bootstrap and verify every chunk of every blob.
@@ -40,6 +42,7 @@ fn main() {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Convert(a) => cmd::convert::run(a),
+        Command::Optimize(a) => cmd::optimize::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Unpack(a) => cmd::unpack::run(a),

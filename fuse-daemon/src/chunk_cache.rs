@@ -1,23 +1,65 @@
-//! [`ChunkCache`]: how the filesystem gets the decompressed bytes of one
-//! chunk. In order: the in-memory LRU, the on-disk cache (re-verified), and
-//! finally the [`ChunkFetcher`], whose verified result is kept in both
-//! caches. Concurrent requests for a chunk that is being loaded wait for
-//! that load instead of starting another. Failures are logged and counted
-//! but not remembered: the next request tries the store again.
+//! [`ChunkCache`]: how the filesystem gets the decompressed bytes of
+//! chunks. In order: the in-memory LRU, the on-disk cache (re-verified), and
+//! finally the [`ChunkFetcher`], whose verified result is kept in the
+//! caches. Failures are logged and counted but not remembered: the next
+//! request tries the store again.
+//!
+//! Every load from the store is single-flight: a chunk being loaded (for a
+//! reader, or by the prefetcher as part of a batch) is registered in one
+//! [`InFlight`] map, and whoever needs it meanwhile waits for that load
+//! instead of starting another. [`ChunkCache::get`] loads one chunk;
+//! [`ChunkCache::load_batch`] loads many, grouping those of one blob that lie
+//! close together into one store request (see [`crate::fetch_plan`]); it
+//! claims every chunk of a request before the request starts.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use naiad_format::bootstrap::hex;
 use naiad_format::{ChunkDigest, ChunkRecord};
 
-use crate::counters::{add, inc, Counters};
+use crate::counters::{add, inc, CounterSnapshot, Counters, Origin};
 use crate::disk_cache::DiskCache;
 use crate::error::{ChunkError, ChunkErrorKind};
+use crate::fetch_plan::{plan, MAX_REQUEST, MERGE_GAP};
 use crate::fetcher::ChunkFetcher;
 use crate::inflight::InFlight;
 use crate::memory_cache::MemoryCache;
 
-type Loaded = Result<Arc<Vec<u8>>, ChunkError>;
+/// The outcome of loading one chunk.
+pub type Loaded = Result<Arc<Vec<u8>>, ChunkError>;
+
+/// What [`ChunkCache::load_batch`] did with the chunks it was given
+/// (duplicates counted once): (chunks, stored bytes) per outcome.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Read from the store by this call.
+    pub fetched: (u64, u64),
+    /// Already in memory or on disk.
+    pub cached: (u64, u64),
+    /// Being loaded by someone else.
+    pub elsewhere: (u64, u64),
+    /// Failed to load.
+    pub failed: (u64, u64),
+    /// Requests made.
+    pub requests: u64,
+    /// Results of the chunks this call loaded itself (fetched or found
+    /// cached after claiming), for a caller that needs the bytes.
+    pub loaded: Vec<(ChunkDigest, Loaded)>,
+}
+
+impl BatchOutcome {
+    /// Chunks and bytes that are (or are about to be) available.
+    pub fn available(&self) -> (u64, u64) {
+        (self.fetched.0 + self.cached.0 + self.elsewhere.0, self.fetched.1 + self.cached.1 + self.elsewhere.1)
+    }
+}
+
+fn bump(t: &mut (u64, u64), c: &ChunkRecord) {
+    t.0 += 1;
+    t.1 += c.compressed_size as u64;
+}
 
 /// The tiered, single-flight chunk read path of one mount.
 pub struct ChunkCache {
@@ -26,31 +68,58 @@ pub struct ChunkCache {
     disk: Option<DiskCache>,
     inflight: InFlight<ChunkDigest, Loaded>,
     counters: Arc<Counters>,
+    /// Every chunk this mount read from the store, to count refetches.
+    fetched: Mutex<HashSet<ChunkDigest>>,
+    /// Store requests for readers running now.
+    demand_active: AtomicUsize,
+}
+
+/// Counts a demand request as running while it lives.
+struct Active<'a>(&'a AtomicUsize);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn abandoned(chunk: &ChunkRecord) -> Loaded {
+    Err(ChunkError {
+        kind: ChunkErrorKind::Unavailable,
+        digest: hex(&chunk.digest),
+        blob: None,
+        offset: chunk.compressed_offset,
+        message: "the load of this chunk was abandoned".into(),
+    })
 }
 
 impl ChunkCache {
     pub fn new(fetcher: Arc<dyn ChunkFetcher>, memory: MemoryCache, disk: Option<DiskCache>, counters: Arc<Counters>) -> Self {
-        ChunkCache { fetcher, memory, disk, inflight: InFlight::new(), counters }
+        ChunkCache { fetcher, memory, disk, inflight: InFlight::new(), counters, fetched: Mutex::new(HashSet::new()), demand_active: AtomicUsize::new(0) }
     }
 
-    /// The verified, decompressed bytes of `chunk`.
+    /// The verified, decompressed bytes of `chunk`. If it is being loaded
+    /// already, waits for that load; if that load fails, tries once itself.
     pub fn get(&self, chunk: &ChunkRecord) -> Loaded {
         if let Some(data) = self.memory.get(&chunk.digest) {
             inc(&self.counters.memory_hits);
             return Ok(data);
         }
-        let abandoned = Err(ChunkError {
-            kind: ChunkErrorKind::Unavailable,
-            digest: hex(&chunk.digest),
-            blob: None,
-            offset: chunk.compressed_offset,
-            message: "the load of this chunk was abandoned".into(),
-        });
-        let (result, waited) = self.inflight.run(chunk.digest, abandoned, || self.load(chunk));
-        if waited {
+        let mut attempt = 0;
+        loop {
+            let (result, waited) = self.inflight.run(chunk.digest, abandoned(chunk), || self.load(chunk));
+            if !waited {
+                return result;
+            }
             inc(&self.counters.coalesced);
+            if result.is_ok() || attempt > 0 {
+                return result;
+            }
+            // The load we waited for (another reader's or the prefetcher's)
+            // failed; it was logged there. Try ourselves once.
+            attempt += 1;
+            inc(&self.counters.retries);
         }
-        result
     }
 
     fn load(&self, chunk: &ChunkRecord) -> Loaded {
@@ -59,43 +128,206 @@ impl ChunkCache {
             inc(&self.counters.memory_hits);
             return Ok(data);
         }
-        if let Some(disk) = &self.disk {
-            if let Some(data) = disk.get(chunk) {
-                inc(&self.counters.disk_hits);
-                let data = Arc::new(data);
-                self.memory.insert(chunk.digest, data.clone());
-                return Ok(data);
-            }
+        if let Some(data) = self.disk_get(chunk, true) {
+            return Ok(data);
         }
         inc(&self.counters.misses);
-        match self.fetcher.fetch(chunk) {
-            Ok(data) => {
-                inc(&self.counters.store_chunks);
-                add(&self.counters.store_bytes, chunk.compressed_size as u64);
-                let data = Arc::new(data);
-                self.memory.insert(chunk.digest, data.clone());
-                if let Some(disk) = &self.disk {
-                    disk.put(chunk.digest, data.clone());
-                }
-                Ok(data)
-            }
-            Err(e) => {
-                if e.kind == ChunkErrorKind::Corrupt {
-                    inc(&self.counters.store_chunks);
-                    add(&self.counters.store_bytes, chunk.compressed_size as u64);
-                }
-                inc(&self.counters.errors);
-                tracing::error!(
-                    blob = e.blob.as_deref().unwrap_or("?"),
-                    offset = e.offset,
-                    "cannot read chunk {} from {}: {}",
-                    e.digest,
-                    self.fetcher.describe(),
-                    e.message
-                );
-                Err(e)
+        let one = std::slice::from_ref(chunk);
+        let results = self.fetch_request(one, Origin::Demand);
+        self.persist(one, &results, Origin::Demand);
+        results.into_iter().next().unwrap_or_else(|| abandoned(chunk))
+    }
+
+    /// Queues fetched chunks for the disk cache (background ones already are).
+    fn persist(&self, chunks: &[ChunkRecord], results: &[Loaded], origin: Origin) {
+        let Some(disk) = &self.disk else { return };
+        if origin == Origin::Background {
+            return;
+        }
+        for (c, r) in chunks.iter().zip(results) {
+            if let Ok(data) = r {
+                disk.put(c.digest, data.clone());
             }
         }
+    }
+
+    /// A verified copy from the disk cache, kept in memory too if `to_memory`.
+    fn disk_get(&self, chunk: &ChunkRecord, to_memory: bool) -> Option<Arc<Vec<u8>>> {
+        let data = self.disk.as_ref()?.get(chunk)?;
+        inc(&self.counters.disk_hits);
+        if to_memory {
+            self.memory.insert(chunk.digest, data.clone());
+        }
+        Some(data)
+    }
+
+    /// One store request for `chunks` (one blob), results kept in memory
+    /// (background ones: queued for the disk cache) and counted. The caller
+    /// hands the results to whoever waits for them, then calls
+    /// [`ChunkCache::persist`], so readers never wait for the disk writer.
+    fn fetch_request(&self, chunks: &[ChunkRecord], origin: Origin) -> Vec<Loaded> {
+        let c = &self.counters;
+        let _active = (origin == Origin::Demand).then(|| {
+            self.demand_active.fetch_add(1, Ordering::SeqCst);
+            Active(&self.demand_active)
+        });
+        let span_start = chunks.iter().map(|c| c.compressed_offset).min().unwrap_or(0);
+        let span_end = chunks.iter().map(|c| c.compressed_offset.saturating_add(c.compressed_size as u64)).max().unwrap_or(0);
+        inc(&c.store_requests);
+        add(&c.store_span_bytes, span_end.saturating_sub(span_start));
+        let o = c.origin(origin);
+        inc(&o.requests);
+        let mut results = self.fetcher.fetch_many(chunks).into_iter();
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut failed = 0;
+        for chunk in chunks {
+            let r = match results.next() {
+                Some(r) => r,
+                None => Err(ChunkError {
+                    kind: ChunkErrorKind::Unavailable,
+                    digest: hex(&chunk.digest),
+                    blob: None,
+                    offset: chunk.compressed_offset,
+                    message: format!("{} returned no result for this chunk", self.fetcher.describe()),
+                }),
+            };
+            let read = r.is_ok() || r.as_ref().is_err_and(|e| e.kind == ChunkErrorKind::Corrupt);
+            if read {
+                inc(&c.store_chunks);
+                add(&c.store_bytes, chunk.compressed_size as u64);
+                inc(&o.chunks);
+                add(&o.bytes, chunk.compressed_size as u64);
+                add(&o.raw_bytes, chunk.uncompressed_size as u64);
+            }
+            match r {
+                Ok(data) => {
+                    let first = self.fetched.lock().unwrap_or_else(|p| p.into_inner()).insert(chunk.digest);
+                    if !first {
+                        inc(&c.refetches);
+                        tracing::debug!("chunk {} read from the store again", hex(&chunk.digest));
+                    }
+                    let data = Arc::new(data);
+                    // --fetch-all fills the disk cache; memory is for what is read.
+                    if origin != Origin::Background || self.disk.is_none() {
+                        self.memory.insert(chunk.digest, data.clone());
+                    } else if let Some(disk) = &self.disk {
+                        // Queued (and served from the queue) before its
+                        // claim completes, so no reader misses it.
+                        disk.put(chunk.digest, data.clone());
+                    }
+                    out.push(Ok(data));
+                }
+                Err(e) => {
+                    inc(&c.errors);
+                    let blob = e.blob.as_deref().unwrap_or("?");
+                    if origin == Origin::Demand {
+                        tracing::error!(blob, offset = e.offset, "cannot read chunk {} from {}: {}", e.digest, self.fetcher.describe(), e.message);
+                    } else if failed == 0 {
+                        // Once per request: a broken store fails them all.
+                        tracing::warn!(blob, offset = e.offset, "{origin:?}: cannot read chunk {} from {}: {}", e.digest, self.fetcher.describe(), e.message);
+                    }
+                    failed += 1;
+                    out.push(Err(e));
+                }
+            }
+        }
+        if failed > 1 && origin != Origin::Demand {
+            tracing::warn!("{origin:?}: {failed} of {} chunks of this request failed; readers will fetch them themselves", chunks.len());
+        }
+        out
+    }
+
+    /// Loads `chunks` (most urgent first) into the caches with as few store
+    /// requests as possible: chunks already cached or being loaded are
+    /// skipped, the rest are claimed in the single-flight map and read in
+    /// merged requests (`gap`, `max_request`: see [`crate::fetch_plan`]).
+    /// `before_claim` gets the stored bytes about to be read before anything
+    /// is claimed, so a caller that must wait (a rate limit) does so without
+    /// making readers wait for it.
+    pub fn load_batch(&self, chunks: &[ChunkRecord], origin: Origin, gap: u64, max_request: u64, before_claim: impl FnOnce(u64)) -> BatchOutcome {
+        let mut out = BatchOutcome::default();
+        let mut seen = HashSet::new();
+        let mut wanted: Vec<ChunkRecord> = Vec::new();
+        for c in chunks {
+            if !seen.insert(c.digest) {
+                continue;
+            }
+            if self.memory.contains(&c.digest) || self.disk.as_ref().is_some_and(|d| d.contains(&c.digest)) {
+                bump(&mut out.cached, c);
+            } else {
+                wanted.push(*c);
+            }
+        }
+        if wanted.is_empty() {
+            return out;
+        }
+        before_claim(wanted.iter().map(|c| c.compressed_size as u64).sum());
+        let digests: Vec<ChunkDigest> = wanted.iter().map(|c| c.digest).collect();
+        let by_digest: HashMap<ChunkDigest, ChunkRecord> = wanted.iter().map(|c| (c.digest, *c)).collect();
+        let claims = self.inflight.claim_all(&digests, |d| by_digest.get(d).map(abandoned).unwrap_or_else(|| abandoned(&ChunkRecord::default())));
+        let mut mine = HashMap::new();
+        let mut to_fetch = Vec::new();
+        for (c, claim) in wanted.iter().zip(claims) {
+            let Some(claim) = claim else {
+                bump(&mut out.elsewhere, c);
+                continue;
+            };
+            // It may have been loaded between the check above and the claim.
+            let cached = self.memory.get(&c.digest).or_else(|| self.disk_get(c, origin != Origin::Background));
+            if let Some(data) = cached {
+                bump(&mut out.cached, c);
+                out.loaded.push((c.digest, Ok(data.clone())));
+                claim.complete(Ok(data));
+                continue;
+            }
+            mine.insert(c.digest, claim);
+            to_fetch.push(*c);
+        }
+        for request in plan(&to_fetch, gap, max_request) {
+            if origin == Origin::Demand {
+                add(&self.counters.misses, request.chunks.len() as u64);
+            }
+            out.requests += 1;
+            let results = self.fetch_request(&request.chunks, origin);
+            for (c, r) in request.chunks.iter().zip(&results) {
+                if r.is_ok() {
+                    bump(&mut out.fetched, c);
+                } else {
+                    bump(&mut out.failed, c);
+                }
+                out.loaded.push((c.digest, r.clone()));
+                if let Some(claim) = mine.remove(&c.digest) {
+                    claim.complete(r.clone());
+                }
+            }
+            self.persist(&request.chunks, &results, origin);
+        }
+        // Anything left (cannot happen: plan keeps every chunk) is abandoned
+        // when `mine` drops, and its readers retry themselves.
+        out
+    }
+
+    /// [`ChunkCache::load_batch`] for the missing chunks of one FUSE read,
+    /// with the daemon's merge limits.
+    pub fn load_for_read(&self, chunks: &[ChunkRecord]) -> HashMap<ChunkDigest, Loaded> {
+        self.load_batch(chunks, Origin::Demand, MERGE_GAP, MAX_REQUEST, |_| {}).loaded.into_iter().collect()
+    }
+
+    /// Whether a store request for a reader is running now.
+    pub fn demand_active(&self) -> bool {
+        self.demand_active.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether the chunk is in memory or on disk (as far as this daemon knows).
+    pub fn is_cached(&self, digest: &ChunkDigest) -> bool {
+        self.memory.contains(digest) || self.disk.as_ref().is_some_and(|d| d.contains(digest))
+    }
+
+    /// The counters, with the retries the store reports added.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let mut s = self.counters.snapshot();
+        s.retries += self.fetcher.retries();
+        s
     }
 
     /// Waits until chunks queued for the disk cache are written.
@@ -173,7 +405,10 @@ mod tests {
         cache.flush();
         let s = counters.snapshot();
         assert_eq!(s.store_chunks, 2);
+        assert_eq!(s.store_requests, 2);
+        assert_eq!(s.demand_requests, 2);
         assert_eq!(s.misses, 2);
+        assert_eq!(s.refetches, 0);
         assert!(s.memory_hits >= 1);
         assert_eq!(s.disk_writes, 1);
 
@@ -185,5 +420,101 @@ mod tests {
         assert_eq!(counters2.snapshot().disk_hits, 1);
         assert_eq!(counters2.snapshot().store_chunks, 0);
         assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Chunks as stored bytes of one blob; fetch_many counts requests and
+    /// can be held so readers arrive while a batch is in flight.
+    struct BlobFetcher {
+        chunks: HashMap<ChunkDigest, Vec<u8>>,
+        requests: AtomicUsize,
+        fetched: Mutex<Vec<ChunkDigest>>,
+        delay: std::time::Duration,
+    }
+
+    impl ChunkFetcher for BlobFetcher {
+        fn fetch(&self, chunk: &ChunkRecord) -> Result<Vec<u8>, ChunkError> {
+            self.fetch_many(std::slice::from_ref(chunk)).pop().unwrap()
+        }
+        fn fetch_many(&self, chunks: &[ChunkRecord]) -> Vec<Result<Vec<u8>, ChunkError>> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            chunks
+                .iter()
+                .map(|c| {
+                    self.fetched.lock().unwrap().push(c.digest);
+                    Ok(self.chunks[&c.digest].clone())
+                })
+                .collect()
+        }
+        fn describe(&self) -> String {
+            "blob".into()
+        }
+    }
+
+    fn blob_of(n: usize) -> (Vec<ChunkRecord>, HashMap<ChunkDigest, Vec<u8>>) {
+        let mut records = Vec::new();
+        let mut map = HashMap::new();
+        for i in 0..n {
+            let data = vec![i as u8; 1000];
+            let digest = *blake3::hash(&data).as_bytes();
+            records.push(ChunkRecord { digest, compressed_offset: i as u64 * 1000, compressed_size: 1000, uncompressed_size: 1000, blob_index: 0, flags: 0 });
+            map.insert(digest, data);
+        }
+        (records, map)
+    }
+
+    #[test]
+    fn batches_merge_and_readers_wait_for_them() {
+        let (records, map) = blob_of(20);
+        let fetcher = Arc::new(BlobFetcher { chunks: map, requests: AtomicUsize::new(0), fetched: Mutex::new(Vec::new()), delay: std::time::Duration::from_millis(200) });
+        let counters = Arc::new(Counters::default());
+        let cache = Arc::new(ChunkCache::new(fetcher.clone(), MemoryCache::new(1 << 20), None, counters.clone()));
+        // Chunk 3 is already cached.
+        cache.get(&records[3]).unwrap();
+        assert_eq!(fetcher.requests.load(Ordering::SeqCst), 1);
+
+        let (c2, r2) = (cache.clone(), records.clone());
+        let batch = std::thread::spawn(move || c2.load_batch(&r2, Origin::Prefetch, 0, 8000, |_| {}));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Readers of chunks in flight wait instead of fetching.
+        let readers: Vec<_> = [0usize, 7, 19]
+            .into_iter()
+            .map(|i| {
+                let (c, r) = (cache.clone(), records[i]);
+                std::thread::spawn(move || c.get(&r).unwrap().len())
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.join().unwrap(), 1000);
+        }
+        let out = batch.join().unwrap();
+        assert_eq!(out.cached, (1, 1000));
+        assert_eq!(out.fetched, (19, 19000));
+        // 0..=2 (3 is cached) are one request; 4..=19 are 16 chunks, 8 per request.
+        assert_eq!(out.requests, 3);
+        let s = counters.snapshot();
+        assert_eq!((s.prefetch_requests, s.prefetch_chunks), (3, 19));
+        assert_eq!(s.store_chunks, 20);
+        assert_eq!(s.refetches, 0);
+        assert_eq!(s.coalesced, 3);
+        let fetched = fetcher.fetched.lock().unwrap().clone();
+        assert_eq!(fetched.len(), HashSet::<ChunkDigest>::from_iter(fetched.iter().copied()).len(), "a chunk was fetched twice");
+        // A second batch finds everything cached.
+        let again = cache.load_batch(&records, Origin::Prefetch, 0, 8000, |_| panic!("nothing to fetch"));
+        assert_eq!(again.cached.0, 20);
+    }
+
+    #[test]
+    fn reads_merge_missing_chunks() {
+        let (records, map) = blob_of(16);
+        let fetcher = Arc::new(BlobFetcher { chunks: map, requests: AtomicUsize::new(0), fetched: Mutex::new(Vec::new()), delay: std::time::Duration::ZERO });
+        let counters = Arc::new(Counters::default());
+        let cache = ChunkCache::new(fetcher.clone(), MemoryCache::new(1 << 20), None, counters.clone());
+        let loaded = cache.load_for_read(&records);
+        assert_eq!(loaded.len(), 16);
+        assert!(loaded.values().all(|r| r.as_ref().is_ok_and(|d| d.len() == 1000)));
+        assert_eq!(fetcher.requests.load(Ordering::SeqCst), 1);
+        let s = counters.snapshot();
+        assert_eq!((s.demand_requests, s.demand_chunks, s.misses, s.store_span_bytes), (1, 16, 16, 16000));
     }
 }

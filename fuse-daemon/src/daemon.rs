@@ -3,6 +3,12 @@
 //! SIGINT / SIGHUP, which make the daemon unmount itself), then flushes the
 //! disk cache and removes its control socket and pid file.
 //!
+//! Alongside the session: the [`Prefetcher`] starts fetching the image's
+//! startup set as soon as the mount exists, the [`TraceRecorder`] writes the
+//! reads to a trace file (`--record-trace`; final write after unmount), and
+//! the control socket and the HTTP API socket (`--api-socket`) serve the
+//! counters.
+//!
 //! This is process-level code: with `handle_signals` it blocks those
 //! signals in the calling thread (and so in every thread it starts) and
 //! waits for them on a dedicated thread.
@@ -24,8 +30,11 @@ use crate::error::{FuseError, IoContext};
 use crate::fetcher::StoreChunkFetcher;
 use crate::filesystem::NaiadFs;
 use crate::memory_cache::MemoryCache;
+use crate::metrics_server::MetricsServer;
+use crate::prefetcher::{PrefetchConfig, Prefetcher};
 use crate::runtime_paths::RuntimePaths;
 use crate::stats_server::{CacheUsage, StatsReport, StatsServer};
+use crate::trace_recorder::TraceRecorder;
 use crate::FSNAME;
 
 /// How the filesystem is mounted.
@@ -82,6 +91,12 @@ pub struct ServeConfig {
     pub runtime: Option<RuntimePaths>,
     /// Unmount on SIGTERM, SIGINT and SIGHUP.
     pub handle_signals: bool,
+    /// Prefetch at mount and `--fetch-all`.
+    pub prefetch: PrefetchConfig,
+    /// Record the reads to this file (`--record-trace`).
+    pub record_trace: Option<PathBuf>,
+    /// Serve HTTP (`GET /metrics`) on this unix socket (`--api-socket`).
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Checks that `/dev/fuse` can be opened.
@@ -154,6 +169,7 @@ pub fn serve(image: NaiadImage, config: &ServeConfig, on_ready: impl FnOnce()) -
         signals.thread_block().map_err(|e| FuseError::Io { path: mp.clone(), source: e.into() })?;
     }
 
+    let start = Instant::now();
     let counters = Arc::new(Counters::default());
     let disk = match &config.cache.disk_dir {
         Some(dir) if config.cache.disk_bytes > 0 => Some(DiskCache::open(dir, config.cache.disk_bytes, counters.clone())?),
@@ -163,9 +179,12 @@ pub fn serve(image: NaiadImage, config: &ServeConfig, on_ready: impl FnOnce()) -
     let blob_bytes: u64 = image.bootstrap.blobs().map(|b| b.iter().map(|b| b.size).sum()).unwrap_or(0);
     let fetcher = Arc::new(StoreChunkFetcher::new(image.clone()));
     let chunks = Arc::new(ChunkCache::new(fetcher, MemoryCache::new(config.cache.memory_bytes), disk, counters.clone()));
-    let new_fs = || NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl);
+    let recorder = match &config.record_trace {
+        Some(path) => Some(TraceRecorder::start(path, image.clone(), counters.clone())?),
+        None => None,
+    };
+    let new_fs = || NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone());
 
-    let start = Instant::now();
     let session = match Session::new(new_fs(), mp, &fuser_config(&config.mount, config.mount.auto_unmount)) {
         Ok(s) => s,
         Err(e) if config.mount.auto_unmount => {
@@ -176,17 +195,22 @@ pub fn serve(image: NaiadImage, config: &ServeConfig, on_ready: impl FnOnce()) -
     };
     tracing::info!("mounted {} on {} in {:?}", config.source, mp.display(), start.elapsed());
 
-    // From here on, an early return drops the session, which unmounts.
-    let mut stats = None;
-    if let Some(rt) = &config.runtime {
+    // From here on, an early return drops the session, which unmounts (and
+    // the prefetcher and servers, which stop).
+    let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start)?;
+    let report = {
         let (chunks, mountpoint, source) = (chunks.clone(), mp.display().to_string(), config.source.clone());
-        let report = move || StatsReport {
+        let trace_file = config.record_trace.as_ref().map(|p| p.display().to_string());
+        Arc::new(move || StatsReport {
             mountpoint: mountpoint.clone(),
             source: source.clone(),
             pid: std::process::id(),
             uptime_secs: start.elapsed().as_secs_f64(),
             blob_bytes,
-            counters: chunks.counters().snapshot(),
+            counters: chunks.snapshot(),
+            read_latency: chunks.counters().read_latency.snapshot(),
+            prefetch: chunks.counters().prefetch_snapshot(),
+            trace_file: trace_file.clone(),
             memory_cache: {
                 let (bytes, entries) = chunks.memory().usage();
                 CacheUsage { bytes, entries, capacity: chunks.memory().capacity(), dir: None }
@@ -195,10 +219,21 @@ pub fn serve(image: NaiadImage, config: &ServeConfig, on_ready: impl FnOnce()) -
                 let (bytes, entries) = d.usage();
                 CacheUsage { bytes, entries, capacity: d.capacity(), dir: Some(d.dir().display().to_string()) }
             }),
-        };
-        stats = Some(StatsServer::start(&rt.socket, report)?);
+        })
+    };
+    let mut stats = None;
+    if let Some(rt) = &config.runtime {
+        let report = report.clone();
+        stats = Some(StatsServer::start(&rt.socket, move || report())?);
         std::fs::write(&rt.pid_file, format!("{}\n", std::process::id())).at(&rt.pid_file)?;
     }
+    let api = match &config.api_socket {
+        Some(path) => {
+            let report = report.clone();
+            Some(MetricsServer::start(path, move || report())?)
+        }
+        None => None,
+    };
 
     if config.handle_signals {
         let target = mp.clone();
@@ -223,13 +258,31 @@ pub fn serve(image: NaiadImage, config: &ServeConfig, on_ready: impl FnOnce()) -
 
     on_ready();
     let result = session.run().map_err(|source| FuseError::Session { path: mp.clone(), source });
-    let c = counters.snapshot();
+    if let Some(p) = prefetcher {
+        p.stop();
+    }
+    if let Some(r) = &recorder {
+        match r.finish() {
+            Ok(()) => tracing::info!("trace: {} records written to {}", r.records(), r.path().display()),
+            Err(e) => tracing::error!("trace: {e}"),
+        }
+    }
+    let c = chunks.snapshot();
+    let amp = c.amplification();
     tracing::info!(
-        "{} unmounted after {:.1}s: {} chunks ({} bytes) read from the store, {} memory hits, {} disk hits, {} errors",
+        "{} unmounted after {:.1}s: {} reads ({} bytes); {} chunks ({} bytes) read from the store in {} requests ({} for reads, {} prefetch, {} background); amplification {} ({} uncompressed); {} memory hits, {} disk hits, {} errors",
         mp.display(),
         start.elapsed().as_secs_f64(),
+        c.reads,
+        c.read_bytes,
         c.store_chunks,
         c.store_bytes,
+        c.store_requests,
+        c.demand_requests,
+        c.prefetch_requests,
+        c.background_requests,
+        amp.demand.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
+        amp.demand_raw.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
         c.memory_hits,
         c.disk_hits,
         c.errors
@@ -237,6 +290,9 @@ pub fn serve(image: NaiadImage, config: &ServeConfig, on_ready: impl FnOnce()) -
     chunks.flush();
     if let Some(s) = stats {
         s.stop();
+    }
+    if let Some(a) = api {
+        a.stop();
     }
     if let Some(rt) = &config.runtime {
         let _ = std::fs::remove_file(&rt.pid_file);

@@ -10,7 +10,9 @@
 //! Writes happen on a background thread so a read that missed does not wait
 //! for the disk, unless the writer falls more than a queue's worth behind
 //! (then readers wait: a burst of reads must not leave holes in the cache).
-//! [`DiskCache::flush`] (and drop) waits for queued writes.
+//! Chunks waiting to be written are served from the queue, so a chunk put
+//! here is never missing in between. [`DiskCache::flush`] (and drop) waits
+//! for queued writes.
 //! Recency survives restarts through file modification times, which a hit
 //! refreshes.
 
@@ -80,6 +82,8 @@ struct Shared {
     index: Mutex<Index>,
     counters: Arc<Counters>,
     tmp_seq: AtomicU64,
+    /// Chunks queued for writing, served by `get` until they are on disk.
+    pending: Mutex<HashMap<ChunkDigest, Arc<Vec<u8>>>>,
 }
 
 enum Job {
@@ -233,7 +237,10 @@ impl Shared {
 fn writer_loop(shared: Arc<Shared>, rx: Receiver<Job>) {
     for job in rx {
         match job {
-            Job::Put(d, data) => shared.write(d, &data),
+            Job::Put(d, data) => {
+                shared.write(d, &data);
+                lock(&shared.pending).remove(&d);
+            }
             Job::Flush(ack) => {
                 let _ = ack.send(());
             }
@@ -247,7 +254,7 @@ impl DiskCache {
     pub fn open(dir: &Path, capacity: u64, counters: Arc<Counters>) -> Result<Self, FuseError> {
         let root = dir.join("chunks");
         fs::create_dir_all(&root).at(&root)?;
-        let shared = Arc::new(Shared { root, capacity, index: Mutex::new(Index::default()), counters, tmp_seq: AtomicU64::new(0) });
+        let shared = Arc::new(Shared { root, capacity, index: Mutex::new(Index::default()), counters, tmp_seq: AtomicU64::new(0), pending: Mutex::new(HashMap::new()) });
         shared.scan()?;
         let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
         let s = shared.clone();
@@ -258,10 +265,19 @@ impl DiskCache {
         Ok(DiskCache { shared, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) })
     }
 
+    /// Whether the cache has (or is writing) chunk `digest`, as far as this
+    /// daemon knows; [`DiskCache::get`] still verifies it.
+    pub fn contains(&self, digest: &ChunkDigest) -> bool {
+        lock(&self.shared.pending).contains_key(digest) || lock(&self.shared.index).entries.contains_key(digest)
+    }
+
     /// The verified bytes of `chunk`, if the cache has a good copy. A copy
     /// that fails verification is deleted.
-    pub fn get(&self, chunk: &ChunkRecord) -> Option<Vec<u8>> {
+    pub fn get(&self, chunk: &ChunkRecord) -> Option<Arc<Vec<u8>>> {
         let s = &self.shared;
+        if let Some(data) = lock(&s.pending).get(&chunk.digest) {
+            return Some(data.clone());
+        }
         let path = s.path(&chunk.digest);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -286,7 +302,7 @@ impl DiskCache {
         // Refresh recency, in memory and (for the next run) on disk.
         let _ = file.set_modified(SystemTime::now());
         lock(&s.index).touch(chunk.digest, expected);
-        Some(data)
+        Some(Arc::new(data))
     }
 
     /// Queues `data` to be written as chunk `digest`, waiting if the writer
@@ -297,7 +313,9 @@ impl DiskCache {
         }
         let q = lock(&self.queue).clone();
         if let Some(q) = q {
+            lock(&self.shared.pending).insert(digest, data.clone());
             if q.send(Job::Put(digest, data)).is_err() {
+                lock(&self.shared.pending).remove(&digest);
                 tracing::debug!("disk cache: writer gone, not caching {}", hex(&digest));
             }
         }
@@ -360,7 +378,7 @@ mod tests {
             cache.put(record(&a).digest, Arc::new(a.clone()));
             cache.put(record(&b).digest, Arc::new(b.clone()));
             cache.flush();
-            assert_eq!(cache.get(&record(&a)).unwrap(), a);
+            assert_eq!(*cache.get(&record(&a)).unwrap(), a);
             cache.put(record(&c).digest, Arc::new(c.clone()));
             cache.flush();
             // b was the least recently used.
@@ -371,7 +389,7 @@ mod tests {
         // A new instance finds what the old one left.
         let cache = DiskCache::open(dir.path(), 2500, counters.clone()).unwrap();
         assert_eq!(cache.usage(), (2000, 2));
-        assert_eq!(cache.get(&record(&c)).unwrap(), c);
+        assert_eq!(*cache.get(&record(&c)).unwrap(), c);
         // A damaged file is dropped, not served.
         let path = cache.shared.path(&record(&a).digest);
         let mut bad = a.clone();

@@ -3,23 +3,29 @@
 //! Metadata requests (lookup, getattr, readdir, readlink, xattrs, statfs)
 //! are answered from the in-memory bootstrap, reading only the records they
 //! need. Reads map the requested range to the chunks covering it and get
-//! their bytes from the [`ChunkCache`]. Everything that would modify the
-//! image answers `EROFS`. The image never changes under a mount, so entries,
-//! attributes, directory listings and file pages are cached by the kernel
-//! for as long as it likes (long TTLs, `FOPEN_KEEP_CACHE`,
-//! `FOPEN_CACHE_DIR`), including negative lookups.
+//! their bytes from the [`ChunkCache`]; when a read needs several chunks that
+//! are not cached, those lying close together in one blob are fetched with
+//! one store request. Each read is timed into the read-latency histogram
+//! and, with `--record-trace`, reported to the [`TraceRecorder`]. A read that
+//! cannot be served is answered with EIO (the cache has logged why).
+//!
+//! Everything that would modify the image answers `EROFS`. The image never
+//! changes under a mount, so entries, attributes, directory listings and
+//! file pages are cached by the kernel for as long as it likes (long TTLs,
+//! `FOPEN_KEEP_CACHE`, `FOPEN_CACHE_DIR`), including negative lookups.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use naiad_format::{Bootstrap, InodeKind, InodeRecord};
 use naiad_registry::NaiadImage;
@@ -27,6 +33,7 @@ use naiad_registry::NaiadImage;
 use crate::attr::{file_attr, file_type, BLOCK_SIZE};
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters};
+use crate::trace_recorder::TraceRecorder;
 
 /// Largest read and write the kernel is asked to send (it may cap lower).
 pub const MAX_IO_SIZE: u32 = 1 << 20;
@@ -45,6 +52,7 @@ pub struct NaiadFs {
     counters: Arc<Counters>,
     ttl: Duration,
     totals: FsTotals,
+    recorder: Option<Arc<TraceRecorder>>,
 }
 
 /// An inode number from the kernel as a bootstrap inode number.
@@ -67,7 +75,13 @@ impl NaiadFs {
         }
         let totals = FsTotals { bytes, inodes: b.inode_count() as u64 };
         let counters = chunks.counters().clone();
-        NaiadFs { image, chunks, counters, ttl, totals }
+        NaiadFs { image, chunks, counters, ttl, totals, recorder: None }
+    }
+
+    /// Reports every read to `recorder` (`--record-trace`).
+    pub fn with_recorder(mut self, recorder: Option<Arc<TraceRecorder>>) -> Self {
+        self.recorder = recorder;
+        self
     }
 
     fn bootstrap(&self) -> &Bootstrap {
@@ -97,7 +111,13 @@ impl NaiadFs {
             return Err(Errno::ENAMETOOLONG);
         }
         match self.bootstrap().lookup(p, name.as_bytes()).map_err(|_| Errno::EIO)? {
-            Some(child) => self.attr(INodeNo(child as u64)).map(Some),
+            Some(child) => {
+                let (i, r, kind) = self.inode(INodeNo(child as u64))?;
+                if let Some(rec) = self.recorder.as_ref().filter(|_| kind == InodeKind::RegularFile && r.nlink > 1) {
+                    rec.note_lookup(p, name.as_bytes(), i);
+                }
+                Ok(Some(file_attr(i, &r, kind)))
+            }
             None => Ok(None),
         }
     }
@@ -140,11 +160,13 @@ impl NaiadFs {
         if kind != InodeKind::RegularFile {
             return reply.error(if kind == InodeKind::Directory { Errno::EISDIR } else { Errno::EINVAL });
         }
-        inc(&self.counters.reads);
         if offset >= r.size || size == 0 {
             return reply.data(&[]);
         }
         let end = r.size.min(offset.saturating_add(size as u64));
+        if let Some(rec) = &self.recorder {
+            rec.record(i, offset, end - offset);
+        }
         let chunks = match self.bootstrap().file_chunks_in_range(i, offset, end - offset) {
             Ok(c) => c,
             Err(e) => {
@@ -153,12 +175,26 @@ impl NaiadFs {
                 return reply.error(Errno::EIO);
             }
         };
+        // Several chunks missing: fetch those of one blob that lie close
+        // together with one request each, instead of one request per chunk.
+        let mut loaded = HashMap::new();
+        if chunks.len() > 1 {
+            let missing: Vec<_> = chunks.iter().map(|c| c.chunk).filter(|c| !self.chunks.is_cached(&c.digest)).collect();
+            if missing.len() > 1 {
+                loaded = self.chunks.load_for_read(&missing);
+            }
+        }
         let mut out: Vec<u8> = Vec::new();
         for c in &chunks {
-            let data = match self.chunks.get(&c.chunk) {
+            let got = match loaded.get(&c.chunk.digest) {
+                Some(r) => r.clone(),
+                None => self.chunks.get(&c.chunk),
+            };
+            let data = match got {
                 Ok(d) => d,
-                Err(_) => {
+                Err(e) => {
                     // ChunkCache has logged blob and offset.
+                    tracing::debug!("inode {i}: read {offset}+{size}: EIO: {e}");
                     inc(&self.counters.read_errors);
                     return reply.error(Errno::EIO);
                 }
@@ -263,7 +299,11 @@ impl Filesystem for NaiadFs {
     }
 
     fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
-        self.do_read(ino, offset, size, reply)
+        let start = Instant::now();
+        self.do_read(ino, offset, size, reply);
+        // Counted together so the histogram's count equals `reads`.
+        self.counters.read_latency.observe(start.elapsed());
+        inc(&self.counters.reads);
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
@@ -388,6 +428,12 @@ impl Filesystem for NaiadFs {
         } else {
             reply.error(Errno::EACCES)
         }
+    }
+
+    /// No ioctls: programs probing files (`isatty` is an ioctl) get ENOTTY
+    /// quietly instead of a warning per call in the daemon's log.
+    fn ioctl(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: IoctlFlags, _cmd: u32, _in_data: &[u8], _out_size: u32, reply: ReplyIoctl) {
+        reply.error(Errno::ENOTTY)
     }
 
     // Everything below would change the image.

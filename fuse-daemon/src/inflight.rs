@@ -3,6 +3,12 @@
 //! variable and get a clone of its result. Nothing is remembered after the
 //! load finishes, so a failed load is retried by the next caller (no
 //! negative caching).
+//!
+//! Loads of several keys at once (one store request for many chunks) use
+//! [`InFlight::claim_all`]: every key not already being loaded is
+//! registered under one lock and returned as a [`Claim`], which the caller
+//! completes with the key's value once it has it. Until then, [`InFlight::run`]
+//! for that key waits, as for any other load.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -39,6 +45,25 @@ impl<K: Hash + Eq + Clone, V: Clone> Drop for Finish<'_, K, V> {
             *r = self.abandoned.take();
         }
         self.slot.done.notify_all();
+    }
+}
+
+/// A load of one key registered by [`InFlight::claim_all`]. Readers of the
+/// key wait until [`Claim::complete`]; dropping it uncompleted gives them
+/// the `abandoned` value.
+pub struct Claim<'a, K: Hash + Eq + Clone, V: Clone> {
+    finish: Finish<'a, K, V>,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Claim<'_, K, V> {
+    pub fn key(&self) -> &K {
+        &self.finish.key
+    }
+
+    /// Hands `value` to every waiter and ends the load.
+    pub fn complete(self, value: V) {
+        *lock(&self.finish.slot.result) = Some(value);
+        // Dropping `finish` removes the slot and wakes the waiters.
     }
 }
 
@@ -85,6 +110,25 @@ impl<K: Hash + Eq + Clone, V: Clone> InFlight<K, V> {
         }
     }
 
+    /// Registers a load of every key of `keys` that is not being loaded
+    /// already (under one lock, so the batch is seen whole), returning a
+    /// [`Claim`] for each key this call now owns and `None` for the others,
+    /// in the order given. `abandoned` gives what waiters get if a claim
+    /// is dropped without being completed. A key given twice is claimed once.
+    pub fn claim_all(&self, keys: &[K], abandoned: impl Fn(&K) -> V) -> Vec<Option<Claim<'_, K, V>>> {
+        let mut slots = lock(&self.slots);
+        keys.iter()
+            .map(|key| {
+                if slots.contains_key(key) {
+                    return None;
+                }
+                let slot = Arc::new(Slot { result: Mutex::new(None), done: Condvar::new() });
+                slots.insert(key.clone(), slot.clone());
+                Some(Claim { finish: Finish { map: self, key: key.clone(), slot, abandoned: Some(abandoned(key)) } })
+            })
+            .collect()
+    }
+
     /// Number of loads running now.
     pub fn len(&self) -> usize {
         lock(&self.slots).len()
@@ -129,6 +173,40 @@ mod tests {
         let f: InFlight<u32, Result<u32, String>> = InFlight::new();
         assert_eq!(f.run(1, Err("x".into()), || Err("bad".into())).0, Err("bad".into()));
         assert_eq!(f.run(1, Err("x".into()), || Ok(1)).0, Ok(1));
+    }
+
+    #[test]
+    fn claimed_batches_make_readers_wait() {
+        let f: Arc<InFlight<u32, Result<u32, String>>> = Arc::new(InFlight::new());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let claims = f.claim_all(&[1, 2, 2, 3], |k| Err(format!("abandoned {k}")));
+        assert_eq!(claims.iter().filter(|c| c.is_some()).count(), 3);
+        assert_eq!(f.len(), 3);
+        // A second batch gets none of them.
+        assert!(f.claim_all(&[1, 3], |_| Err("x".into())).iter().all(Option::is_none));
+        let readers: Vec<_> = [1u32, 2, 3]
+            .into_iter()
+            .map(|k| {
+                let (f, loads) = (f.clone(), loads.clone());
+                std::thread::spawn(move || {
+                    f.run(k, Err("abandoned".into()), || {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        Ok(0)
+                    })
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut claims = claims.into_iter().flatten();
+        let c1 = claims.next().unwrap();
+        assert_eq!(*c1.key(), 1);
+        c1.complete(Ok(10));
+        claims.next().unwrap().complete(Ok(20));
+        drop(claims); // 3 abandoned
+        let results: Vec<_> = readers.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(results, vec![(Ok(10), true), (Ok(20), true), (Err("abandoned 3".into()), true)]);
+        assert_eq!(loads.load(Ordering::SeqCst), 0);
+        assert!(f.is_empty());
     }
 
     #[test]

@@ -8,14 +8,21 @@
 //!   [`naiad_format::Bootstrap`]: metadata comes from the bootstrap, file
 //!   bytes from the chunk cache.
 //! - [`attr`]: bootstrap inode records as FUSE attributes.
-//! - [`chunk_cache`]: [`ChunkCache`], the read path of one chunk: memory,
-//!   then disk, then the fetcher, with concurrent loads of one chunk merged.
-//! - [`fetcher`]: [`ChunkFetcher`], where chunks come from (a blob store now,
-//!   an HTTP range fetcher later), and [`StoreChunkFetcher`].
+//! - [`chunk_cache`]: [`ChunkCache`], the read path of chunks: memory,
+//!   then disk, then the fetcher, with concurrent loads of one chunk merged
+//!   and batches of chunks read with merged requests.
+//! - [`fetch_plan`]: which chunks one store request reads.
+//! - [`fetcher`]: [`ChunkFetcher`], where chunks come from (the image's blob
+//!   store: a local layout or a registry), and [`StoreChunkFetcher`].
 //! - [`memory_cache`], [`disk_cache`], [`inflight`]: the tiers and the
 //!   single-flight map the chunk cache is made of.
-//! - [`counters`]: [`Counters`], per-mount statistics and their renderings.
-//! - [`stats_server`]: the unix socket `naiad stats` asks for counters.
+//! - [`prefetcher`]: [`Prefetcher`], the startup set fetched at mount, and
+//!   `--fetch-all`.
+//! - [`trace_recorder`]: [`TraceRecorder`], `--record-trace`.
+//! - [`counters`], [`histogram`]: [`Counters`], per-mount statistics and
+//!   their renderings; the read-latency histogram.
+//! - [`socket_server`], [`stats_server`], [`metrics_server`]: the unix
+//!   sockets `naiad stats` asks for counters and HTTP clients scrape.
 //! - [`runtime_paths`]: where a mount's socket, pid file and log live.
 //! - [`mountinfo`]: reading `/proc/self/mountinfo`.
 //! - [`daemon`]: [`serve`], which mounts an image and runs the session until
@@ -31,23 +38,33 @@ pub mod counters;
 pub mod daemon;
 pub mod disk_cache;
 pub mod error;
+pub mod fetch_plan;
 pub mod fetcher;
 pub mod filesystem;
+pub mod histogram;
 pub mod inflight;
 pub mod memory_cache;
+pub mod metrics_server;
 pub mod mountinfo;
+pub mod prefetcher;
 pub mod runtime_paths;
 pub mod size;
+pub mod socket_server;
 pub mod stats_server;
+pub mod trace_recorder;
 
 pub use chunk_cache::ChunkCache;
-pub use counters::{CounterSnapshot, Counters};
+pub use counters::{CounterSnapshot, Counters, Origin, PrefetchSnapshot};
 pub use daemon::{serve, CacheConfig, MountConfig, ServeConfig};
 pub use disk_cache::DiskCache;
 pub use error::{ChunkError, FuseError};
 pub use fetcher::{ChunkFetcher, StoreChunkFetcher};
 pub use filesystem::NaiadFs;
+pub use histogram::{Histogram, HistogramSnapshot};
 pub use memory_cache::MemoryCache;
+pub use metrics_server::MetricsServer;
+pub use prefetcher::{PrefetchConfig, Prefetcher};
+pub use trace_recorder::TraceRecorder;
 pub use runtime_paths::RuntimePaths;
 pub use stats_server::{query_stats, StatsReport, StatsServer};
 

@@ -33,6 +33,11 @@ impl MemoryCache {
         self.lock().lru.get(digest).cloned()
     }
 
+    /// Whether the chunk is held, without making it more recent.
+    pub fn contains(&self, digest: &ChunkDigest) -> bool {
+        self.lock().lru.contains(digest)
+    }
+
     /// Adds a chunk, evicting the least recently used ones to stay under the
     /// cap. A chunk larger than the whole cache is not kept.
     pub fn insert(&self, digest: ChunkDigest, data: Arc<Vec<u8>>) {
@@ -63,7 +68,6 @@ impl MemoryCache {
         self.capacity
     }
 }
-
 
 #[cfg(test)]
 mod tests {

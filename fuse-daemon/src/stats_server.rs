@@ -1,25 +1,21 @@
-//! The control socket of a mount's daemon. A client connects, sends one
-//! line naming what it wants and gets one answer, then the connection
-//! closes:
+//! The control socket of a mount's daemon, and [`StatsReport`], everything
+//! `naiad stats` shows. A client connects, sends one line naming what it
+//! wants and gets one answer, then the connection closes:
 //!
 //! - `stats`: a [`StatsReport`] as JSON (what `naiad stats` prints);
-//! - `metrics`: the counters in Prometheus text format.
+//! - `metrics`: the report in Prometheus text format.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::counters::CounterSnapshot;
+use crate::counters::{label_value, CounterSnapshot, PrefetchSnapshot};
 use crate::error::FuseError;
+use crate::histogram::HistogramSnapshot;
 use crate::size::format_size;
-
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::socket_server::{SocketServer, IO_TIMEOUT};
 
 /// How full one cache tier is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,8 +37,20 @@ pub struct StatsReport {
     /// Total size of the image's chunk blobs.
     pub blob_bytes: u64,
     pub counters: CounterSnapshot,
+    /// Time the FUSE read handler took per request.
+    #[serde(default)]
+    pub read_latency: HistogramSnapshot,
+    #[serde(default)]
+    pub prefetch: PrefetchSnapshot,
+    /// Where `--record-trace` writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_file: Option<String>,
     pub memory_cache: CacheUsage,
     pub disk_cache: Option<CacheUsage>,
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, labels: &str, value: impl std::fmt::Display) {
+    out.push_str(&format!("# HELP naiad_{name} {help}\n# TYPE naiad_{name} gauge\nnaiad_{name}{{{labels}}} {value}\n"));
 }
 
 impl StatsReport {
@@ -62,28 +70,62 @@ impl StatsReport {
             Some(d) => out.push_str(&format!("disk cache      {} at {}\n", usage(d), d.dir.as_deref().unwrap_or("?"))),
             None => out.push_str("disk cache      off\n"),
         }
+        out.push_str(&self.prefetch.render_text());
+        if let Some(t) = &self.trace_file {
+            out.push_str(&format!("trace           {} records to {t}\n", self.counters.trace_records));
+        }
+        let l = &self.read_latency;
+        let ms = |s: Option<f64>| s.map(|s| format!("{:.3}ms", s * 1000.0)).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "read latency    {} reads, mean {}, p50 <= {}, p99 <= {}\n",
+            l.count,
+            ms(l.mean_seconds()),
+            ms(l.quantile_upper_bound(0.5)),
+            ms(l.quantile_upper_bound(0.99))
+        ));
         out.push('\n');
         out.push_str(&self.counters.render_text());
+        out
+    }
+
+    /// Prometheus text exposition (format 0.0.4): the counters as
+    /// `naiad_<name>_total`, the read latency as the histogram
+    /// `naiad_read_latency_seconds`, caches and prefetch progress as
+    /// gauges, all labelled with the mountpoint.
+    pub fn render_prometheus(&self) -> String {
+        let labels = format!("mountpoint=\"{}\"", label_value(&self.mountpoint));
+        let mut out = self.counters.render_prometheus(&self.mountpoint);
+        out.push_str(&self.read_latency.render_prometheus("naiad_read_latency_seconds", "time the FUSE read handler took", &labels));
+        gauge(&mut out, "uptime_seconds", "seconds since the daemon mounted the image", &labels, format!("{:.3}", self.uptime_secs));
+        gauge(&mut out, "blob_bytes", "total size of the image's chunk blobs", &labels, self.blob_bytes);
+        let mut caches = vec![("memory", &self.memory_cache)];
+        if let Some(d) = &self.disk_cache {
+            caches.push(("disk", d));
+        }
+        for (tier, u) in caches {
+            gauge(&mut out, &format!("{tier}_cache_bytes"), &format!("bytes held by the {tier} cache"), &labels, u.bytes);
+            gauge(&mut out, &format!("{tier}_cache_chunks"), &format!("chunks held by the {tier} cache"), &labels, u.entries);
+            gauge(&mut out, &format!("{tier}_cache_capacity_bytes"), &format!("size cap of the {tier} cache"), &labels, u.capacity);
+        }
+        for (name, help, v) in self.prefetch.gauges() {
+            gauge(&mut out, name, help, &labels, v);
+        }
         out
     }
 }
 
 /// Serves a mount's control socket on a background thread.
 pub struct StatsServer {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    server: SocketServer,
 }
 
 fn handle(mut conn: UnixStream, report: &dyn Fn() -> StatsReport) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&conn).take(256)).read_line(&mut line)?;
     let r = report();
     let answer = match line.trim() {
         "" | "stats" => serde_json::to_string(&r).map_err(std::io::Error::other)?,
-        "metrics" => r.counters.render_prometheus(&r.mountpoint),
+        "metrics" => r.render_prometheus(),
         other => format!("{{\"error\":\"unknown request {:?}\"}}", other.escape_debug().to_string()),
     };
     conn.write_all(answer.as_bytes())
@@ -93,65 +135,16 @@ impl StatsServer {
     /// Binds `path` (replacing a stale socket, refusing a live one) and
     /// answers requests with what `report` returns.
     pub fn start(path: &Path, report: impl Fn() -> StatsReport + Send + 'static) -> Result<Self, FuseError> {
-        let err = |detail: String| FuseError::Stats { path: path.to_path_buf(), detail };
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(err("another daemon is already listening there".into()));
-            }
-            std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
-        }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-        }
-        let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("naiad-stats".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if stop2.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match conn {
-                        Ok(c) => {
-                            if let Err(e) = handle(c, &report) {
-                                tracing::debug!("stats socket: {e}");
-                            }
-                        }
-                        Err(e) => tracing::warn!("stats socket: accept: {e}"),
-                    }
-                }
-            })
-            .map_err(|e| err(format!("cannot start thread: {e}")))?;
-        Ok(StatsServer { path: path.to_path_buf(), stop, thread: Some(thread) })
+        Ok(StatsServer { server: SocketServer::start(path, "naiad-stats", move |c| handle(c, &report))? })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.server.path()
     }
 
     /// Stops answering and removes the socket.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl Drop for StatsServer {
-    fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.shutdown();
-        }
+    pub fn stop(self) {
+        self.server.stop();
     }
 }
 
@@ -175,6 +168,25 @@ pub fn query_stats(path: &Path) -> Result<StatsReport, FuseError> {
 }
 
 #[cfg(test)]
+pub(crate) fn sample_report() -> StatsReport {
+    let h = crate::histogram::Histogram::default();
+    h.observe(std::time::Duration::from_millis(2));
+    StatsReport {
+        mountpoint: "/mnt".into(),
+        source: "oci:/x:naiad".into(),
+        pid: 1,
+        uptime_secs: 1.0,
+        blob_bytes: 10,
+        counters: CounterSnapshot { misses: 3, reads: 1, ..Default::default() },
+        read_latency: h.snapshot(),
+        prefetch: PrefetchSnapshot { state: "done".into(), chunks_total: 4, chunks_done: 4, ..Default::default() },
+        trace_file: None,
+        memory_cache: CacheUsage { bytes: 1, entries: 1, capacity: 2, dir: None },
+        disk_cache: None,
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -182,22 +194,17 @@ mod tests {
     fn serves_reports() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
-        let report = StatsReport {
-            mountpoint: "/mnt".into(),
-            source: "oci:/x:naiad".into(),
-            pid: 1,
-            uptime_secs: 1.0,
-            blob_bytes: 10,
-            counters: CounterSnapshot { misses: 3, ..Default::default() },
-            memory_cache: CacheUsage { bytes: 1, entries: 1, capacity: 2, dir: None },
-            disk_cache: None,
-        };
+        let report = sample_report();
         let r2 = report.clone();
         let server = StatsServer::start(&path, move || r2.clone()).unwrap();
         assert!(StatsServer::start(&path, || unreachable!()).is_err());
         assert_eq!(query_stats(&path).unwrap(), report);
-        assert!(query(&path, "metrics").unwrap().contains("naiad_misses_total{mountpoint=\"/mnt\"} 3"));
-        assert!(report.render_text().contains("misses"));
+        let metrics = query(&path, "metrics").unwrap();
+        assert!(metrics.contains("naiad_misses_total{mountpoint=\"/mnt\"} 3"), "{metrics}");
+        assert!(metrics.contains("naiad_read_latency_seconds_count{mountpoint=\"/mnt\"} 1"), "{metrics}");
+        assert!(metrics.contains("naiad_prefetch_state{mountpoint=\"/mnt\"} 2"), "{metrics}");
+        let text = report.render_text();
+        assert!(text.contains("misses") && text.contains("read latency") && text.contains("prefetch        done"), "{text}");
         server.stop();
         assert!(!path.exists());
         assert!(query_stats(&path).is_err());

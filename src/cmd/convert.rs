@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use naiad_converter::{Chunking, ConvertOptions, Progress};
 use naiad_registry::ImageRef;
 
+use crate::cmd::parse_size;
 use crate::cmd::registry_flags::RegistryFlags;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -25,6 +26,21 @@ pub struct ConvertArgs {
     pub source: String,
     /// Destination: oci:DIR[:TAG] (created if missing; other images in it are kept) or docker://[HOST/]NAME[:TAG]
     pub destination: String,
+    /// What the workload reads at startup: a trace from `naiad mount
+    /// --record-trace`, or paths and globs, one per line. Those chunks are
+    /// stored together and fetched first at mount.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<std::path::PathBuf>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub flags: ConvertFlags,
+}
+
+/// How to convert: shared by `naiad convert` and `naiad optimize`.
+#[derive(Args)]
+pub struct ConvertFlags {
     /// How files are cut into chunks.
     #[arg(long, value_enum, default_value = "cdc")]
     pub chunking: ChunkMode,
@@ -40,32 +56,11 @@ pub struct ConvertArgs {
     /// zstd compression level for chunks (1-22).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
-    /// What the workload reads at startup: a trace from `naiad mount
-    /// --record-trace`, or paths and globs, one per line. Those chunks are
-    /// stored together and fetched first at mount.
-    #[arg(long, value_name = "FILE")]
-    pub prefetch_list: Option<std::path::PathBuf>,
-    /// Print a JSON summary on stdout.
-    #[arg(long)]
-    pub json: bool,
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
     pub registry: RegistryFlags,
-}
-
-/// Parses `4096`, `64K`, `1M`, `2G` (binary units).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
-        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
-        Some((i, 't' | 'T')) => (&s[..i], 1 << 40),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 1M, 2G)"))
 }
 
 struct Bar(ProgressBar);
@@ -89,28 +84,42 @@ fn to_u32(v: u64, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| anyhow::anyhow!("{what} {v} is too large"))
 }
 
+impl ConvertFlags {
+    /// The converter options these flags describe (no prefetch list).
+    pub fn options(&self) -> Result<ConvertOptions> {
+        let chunking = match self.chunking {
+            ChunkMode::Fixed => Chunking::Fixed { size: to_u32(self.chunk_size, "--chunk-size")? },
+            ChunkMode::Cdc => Chunking::ContentDefined { min: to_u32(self.cdc_min, "--cdc-min")?, avg: to_u32(self.cdc_avg, "--cdc-avg")?, max: to_u32(self.cdc_max, "--cdc-max")? },
+        };
+        let mut opts = ConvertOptions { chunking, zstd_level: self.zstd_level, registry: self.registry.options()?, ..Default::default() };
+        if !self.quiet && std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                    .map(|s| s.progress_chars("=> "))
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            opts.progress = Some(Arc::new(Bar(bar)));
+        }
+        Ok(opts)
+    }
+}
+
 pub fn run(a: ConvertArgs) -> Result<i32> {
     let source = ImageRef::parse(&a.source)?;
     let destination = ImageRef::parse(&a.destination)?;
-    let chunking = match a.chunking {
-        ChunkMode::Fixed => Chunking::Fixed { size: to_u32(a.chunk_size, "--chunk-size")? },
-        ChunkMode::Cdc => Chunking::ContentDefined { min: to_u32(a.cdc_min, "--cdc-min")?, avg: to_u32(a.cdc_avg, "--cdc-avg")?, max: to_u32(a.cdc_max, "--cdc-max")? },
-    };
-    let mut opts = ConvertOptions { chunking, zstd_level: a.zstd_level, registry: a.registry.options()?, ..Default::default() };
+    let mut opts = a.flags.options()?;
     if let Some(path) = &a.prefetch_list {
         opts.prefetch = Some(Arc::new(naiad_converter::PrefetchList::load(path)?));
     }
-    if !a.quiet && std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                .map(|s| s.progress_chars("=> "))
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        opts.progress = Some(Arc::new(Bar(bar)));
-    }
-    let summary = naiad_converter::convert(&source, &destination, &opts).with_context(|| format!("converting {source} to {destination}"))?;
-    if a.json {
+    convert_and_report(&source, &destination, &opts, a.json)?;
+    Ok(0)
+}
+
+/// Converts and prints the summary (JSON on stdout, or a line on stderr).
+pub fn convert_and_report(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions, json: bool) -> Result<naiad_converter::ConvertSummary> {
+    let summary = naiad_converter::convert(source, destination, opts).with_context(|| format!("converting {source} to {destination}"))?;
+    if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         eprintln!(
@@ -140,5 +149,5 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
             );
         }
     }
-    Ok(0)
+    Ok(summary)
 }

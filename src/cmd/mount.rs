@@ -7,6 +7,12 @@
 //! parent with a non-zero exit; after that the daemon logs to a file in the
 //! run directory. `naiad umount` unmounts and waits for the daemon to exit;
 //! `naiad stats` asks the daemon's control socket for its counters.
+//!
+//! Startup options (shared with `naiad run`): the daemon prefetches the
+//! image's prefetch table at mount (`--no-prefetch`, `--prefetch-threads`,
+//! `--prefetch-rate`, `--fetch-all`), can record the reads as a trace for
+//! `naiad convert --prefetch-list` (`--record-trace`), and can serve its
+//! metrics over HTTP on a unix socket (`--api-socket`).
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -20,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use naiad_fuse::daemon::{self, CacheConfig, MountConfig, ServeConfig};
+use naiad_fuse::PrefetchConfig;
 use naiad_fuse::runtime_paths::{canonical_mountpoint, RuntimePaths, DEFAULT_RUN_DIR};
 use naiad_fuse::{mountinfo, size, FSTYPE};
 use naiad_registry::{ImageRef, NaiadImage};
@@ -46,11 +53,60 @@ pub struct DaemonOptions {
     /// [default: $NAIAD_RUN_DIR or /run/naiad].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// Record the files and byte ranges read, in first-access order, to FILE
+    /// (JSON lines, for `naiad convert --prefetch-list`); written while
+    /// mounted and completed at unmount.
+    #[arg(long, value_name = "FILE")]
+    pub record_trace: Option<PathBuf>,
+    /// Do not fetch the image's prefetch table (startup set) at mount.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Prefetch requests running at once.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub prefetch_threads: u16,
+    /// Bandwidth cap of prefetching in bytes per second, e.g. 20M; 0: unlimited.
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
+    pub prefetch_rate: u64,
+    /// After the prefetch set, fetch the rest of the image into the caches
+    /// in the background, at low priority.
+    #[arg(long)]
+    pub fetch_all: bool,
+    /// Serve HTTP on this unix socket: GET /metrics (Prometheus text), GET /stats (JSON).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 impl DaemonOptions {
     pub fn run_dir(&self) -> PathBuf {
         run_dir(&self.run_dir)
+    }
+
+    pub fn prefetch_config(&self) -> PrefetchConfig {
+        PrefetchConfig {
+            enabled: !self.no_prefetch,
+            threads: self.prefetch_threads as usize,
+            rate: (self.prefetch_rate > 0).then_some(self.prefetch_rate),
+            fetch_all: self.fetch_all,
+            ..PrefetchConfig::default()
+        }
+    }
+
+    /// The arguments that give a daemon these startup options, with paths
+    /// made absolute against `abs`.
+    fn startup_args(&self, abs: impl Fn(&Path) -> PathBuf) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--prefetch-threads".into(), self.prefetch_threads.to_string().into(), "--prefetch-rate".into(), self.prefetch_rate.to_string().into()];
+        for (on, flag) in [(self.no_prefetch, "--no-prefetch"), (self.fetch_all, "--fetch-all")] {
+            if on {
+                args.push(flag.into());
+            }
+        }
+        for (path, flag) in [(&self.record_trace, "--record-trace"), (&self.api_socket, "--api-socket")] {
+            if let Some(p) = path {
+                args.push(flag.into());
+                args.push(abs(p).into_os_string());
+            }
+        }
+        args
     }
 }
 
@@ -196,6 +252,9 @@ fn serve_foreground(a: &MountArgs, reference: &ImageRef, mp: &Path) -> Result<i3
         },
         runtime: Some(paths),
         handle_signals: true,
+        prefetch: a.daemon.prefetch_config(),
+        record_trace: a.daemon.record_trace.clone(),
+        api_socket: a.daemon.api_socket.clone(),
     };
     let daemon_child = a.daemon_child;
     if daemon_child {
@@ -303,6 +362,7 @@ pub(crate) fn spawn_daemon(s: &DaemonSpawn) -> Result<SpawnedDaemon> {
         .arg(o.run_dir())
         .arg("--log-file")
         .arg(abs(&s.log_file))
+        .args(o.startup_args(abs))
         .args(&s.extra)
         .arg("--")
         .arg(&source)

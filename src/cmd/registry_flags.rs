@@ -39,10 +39,10 @@ pub struct RegistryFlags {
     #[arg(long, value_name = "SECS", default_value = "0.2", env = "NAIAD_REGISTRY_RETRY_DELAY", value_parser = parse_secs)]
     pub retry_delay: Duration,
     /// Ranges of a blob closer than this are fetched in one request (e.g. 64K).
-    #[arg(long, value_name = "SIZE", default_value = "64K", env = "NAIAD_RANGE_MERGE_GAP", value_parser = crate::cmd::convert::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64K", env = "NAIAD_RANGE_MERGE_GAP", value_parser = crate::cmd::parse_size)]
     pub range_merge_gap: u64,
     /// Blobs larger than this are pushed in PATCH chunks of this size (e.g. 16M).
-    #[arg(long, value_name = "SIZE", default_value = "16M", env = "NAIAD_UPLOAD_CHUNK_SIZE", value_parser = crate::cmd::convert::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "16M", env = "NAIAD_UPLOAD_CHUNK_SIZE", value_parser = crate::cmd::parse_size)]
     pub upload_chunk_size: u64,
     /// Platform to pick from a multi-platform image, OS/ARCH[/VARIANT] [default: this host's].
     #[arg(long, value_name = "OS/ARCH", env = "NAIAD_PLATFORM")]

@@ -4,6 +4,13 @@
 //! new mount and PID namespaces (see `naiad_fuse::container`). Returns the
 //! command's exit code (128+N if killed by signal N) and always unmounts and
 //! removes what it created, also when the command or the setup fails.
+//!
+//! The daemon options of `naiad mount` apply: the image's startup set is
+//! prefetched while the command starts, and `--record-trace FILE` records
+//! what the run reads (the command, plus the image's /etc/passwd and
+//! /etc/group that `naiad run` itself reads to resolve the user) for
+//! `naiad convert --prefetch-list`; the trace is complete once `naiad run`
+//! has returned.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

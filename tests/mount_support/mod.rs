@@ -93,6 +93,11 @@ impl MountGuard {
     /// `naiad mount` of `image` on `dir/mnt` with the disk cache in
     /// `cache_dir`; panics (with the daemon's log) if it fails.
     pub fn mount(image: &str, dir: &Path, cache_dir: &Path) -> MountGuard {
+        Self::mount_with(image, dir, cache_dir, &[])
+    }
+
+    /// [`MountGuard::mount`] with more `naiad mount` options.
+    pub fn mount_with(image: &str, dir: &Path, cache_dir: &Path, extra: &[&std::ffi::OsStr]) -> MountGuard {
         let mountpoint = dir.join("mnt");
         let run_dir = dir.join("run");
         let log_file = dir.join("daemon.log");
@@ -107,6 +112,7 @@ impl MountGuard {
                 .arg(&run_dir)
                 .arg("--log-file")
                 .arg(&log_file)
+                .args(extra)
                 .arg(image)
                 .arg(&mountpoint),
         );
@@ -129,6 +135,11 @@ impl MountGuard {
     pub fn stats(&self) -> Value {
         let text = check(naiad().arg("stats").arg("--json").arg("--run-dir").arg(&self.run_dir).arg(&self.mountpoint));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("naiad stats --json printed invalid JSON ({e}): {text}"))
+    }
+
+    /// `naiad stats --prometheus` of this mount.
+    pub fn prometheus(&self) -> String {
+        check(naiad().arg("stats").arg("--prometheus").arg("--run-dir").arg(&self.run_dir).arg(&self.mountpoint))
     }
 
     /// One counter of [`MountGuard::stats`].
@@ -195,4 +206,23 @@ pub fn lstat(p: &Path) -> fs::Metadata {
 pub fn ino_nlink(p: &Path) -> (u64, u64) {
     let m = lstat(p);
     (m.ino(), m.nlink())
+}
+
+/// One HTTP/1.1 GET over a unix socket: (status code, headers, body).
+pub fn http_get(socket: &Path, target: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(c, "GET {target} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n").expect("send request");
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).expect("read answer");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end in {answer:?}"));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    (status, head.to_string(), body.to_string())
+}
+
+/// The value of the Prometheus sample `name{labels}` (exact series text
+/// before the value, e.g. `naiad_reads_total{mountpoint="/m"}`).
+pub fn prometheus_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| l.rsplit_once(' ').filter(|(s, _)| *s == series).and_then(|(_, v)| v.parse().ok()))
 }

@@ -1,0 +1,94 @@
+//! [`SocketServer`]: a unix socket served by one background thread, each
+//! connection handed to a handler in turn. The daemon's control socket
+//! ([`crate::stats_server`]) and its HTTP API socket
+//! ([`crate::metrics_server`]) are built on it.
+//!
+//! Binding replaces a stale socket file (nobody listening) and refuses a
+//! live one; stopping removes the file.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::error::FuseError;
+
+/// Read and write timeout of every connection.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A listening unix socket and the thread serving it.
+pub struct SocketServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SocketServer {
+    /// Binds `path` and calls `handle` for each connection (with
+    /// [`IO_TIMEOUT`] set) on a thread named `name` (also used in logs).
+    pub fn start(path: &Path, name: &str, handle: impl Fn(UnixStream) -> std::io::Result<()> + Send + 'static) -> Result<Self, FuseError> {
+        let err = |detail: String| FuseError::Stats { path: path.to_path_buf(), detail };
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(err("another daemon is already listening there".into()));
+            }
+            std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let label = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match conn {
+                        Ok(c) => {
+                            let setup = c.set_read_timeout(Some(IO_TIMEOUT)).and_then(|_| c.set_write_timeout(Some(IO_TIMEOUT)));
+                            if let Err(e) = setup.and_then(|_| handle(c)) {
+                                tracing::debug!("{label}: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("{label}: accept: {e}"),
+                    }
+                }
+            })
+            .map_err(|e| err(format!("cannot start thread: {e}")))?;
+        Ok(SocketServer { path: path.to_path_buf(), stop, thread: Some(thread) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops answering and removes the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for SocketServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
