@@ -6,6 +6,7 @@
 //! the reference tree is `umoci raw unpack` of the source layout.
 
 mod common;
+mod mount_support;
 #[path = "common/registry_server.rs"]
 mod registry_server;
 
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use mount_support::MountGuard;
 use naiad_registry::{BlobStore, Digest, ImageRef, NaiadImage, RegistryBlobStore, RegistryClient, RegistryOptions};
 use registry_server::*;
 
@@ -102,6 +104,17 @@ fn unpack_and_compare(image: &str, pushed: &PushedImage, name: &str, extra: &[&s
     args.extend_from_slice(extra);
     ok_env(&args, env);
     assert_same_tree(&pushed.reference_tree, &dir);
+}
+
+/// Mounts `image` lazily with naiad (daemon in the background), compares
+/// the mounted tree with the reference and unmounts.
+fn mount_and_compare(image: &str, pushed: &PushedImage, name: &str, extra: &[&str], env: &[(&str, &str)]) {
+    let dir = pushed.tmp.path().join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let extra: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
+    let m = MountGuard::mount_env(image, &dir, &dir.join("cache"), &extra, env);
+    assert_same_tree(&pushed.reference_tree, &m.mountpoint);
+    m.umount();
 }
 
 fn options() -> RegistryOptions {
@@ -322,6 +335,8 @@ fn basic_auth_with_creds_flag_and_auth_file() {
     fs::write(&auth_file, format!(r#"{{"auths":{{"{h}":{{"username":"{user}","password":"{password}"}}}}}}"#)).unwrap();
     let auth_env = [("REGISTRY_AUTH_FILE", auth_file.to_str().unwrap())];
     ok_env(&["check", &dst], &auth_env);
+    mount_and_compare(&dst, &pushed, "mounted-creds", &["--creds", &creds], &[]);
+    mount_and_compare(&dst, &pushed, "mounted-auth-file", &[], &auth_env);
 
     // No credentials, wrong credentials: clear errors, no secret in them (even with -v).
     let e = fails(&["inspect", &dst]);
@@ -368,6 +383,7 @@ fn token_auth_with_docker_config_and_token_renewal() {
     assert_eq!(mounted["push"]["blobs_uploaded"], 0, "{}", mounted["push"]);
     unpack_and_compare(&dst, &pushed, "unpacked", &[], &env);
     ok_env(&["check", &dst], &env);
+    mount_and_compare(&dst, &pushed, "mounted", &[], &env);
     let issued = ts.issued.load(std::sync::atomic::Ordering::SeqCst) - issued_before;
     eprintln!("token auth: {issued} tokens issued for 2 conversions, an unpack and a check");
     assert!(issued >= 4);
@@ -421,6 +437,17 @@ fn debian_image_through_registry() {
     let diffs = compare_trees(&deb.reference_rootfs, &dir, &opts);
     assert!(diffs.is_empty(), "naiad unpack differs from umoci:\n{}", diffs.join("\n"));
     ok(&["check", &format!("docker://{h}/debian:12-naiad")]);
+
+    // Mounted lazily from the registry: the same tree; and a program runs from it.
+    let m = MountGuard::mount(&format!("docker://{h}/debian:12-naiad"), tmp.path(), &tmp.path().join("cache"));
+    let diffs = compare_trees(&deb.reference_rootfs, &m.mountpoint, &opts);
+    assert!(diffs.is_empty(), "mounted tree differs from umoci:\n{}", diffs.join("\n"));
+    m.umount();
+    let run_dir = tmp.path().join("run-dir");
+    let out = ok(&["run", "--cache-dir", tmp.path().join("run-cache").to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap(), &format!("docker://{h}/debian:12-naiad"), "--", "python3", "-c", "import json; print(json.dumps(42))"]);
+    assert_eq!(out.trim(), "42");
+    let code = run_env(&["run", "--cache-dir", tmp.path().join("run-cache").to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap(), &format!("docker://{h}/debian:12-naiad"), "--", "sh", "-c", "exit 7"], &[]);
+    assert_eq!(code.status.code(), Some(7));
 }
 
 #[test]

@@ -28,7 +28,9 @@ use clap::Args;
 use naiad_fuse::daemon::{self, CacheConfig, MountConfig, ServeConfig};
 use naiad_fuse::PrefetchConfig;
 use naiad_fuse::runtime_paths::{canonical_mountpoint, RuntimePaths, DEFAULT_RUN_DIR};
-use naiad_fuse::{mountinfo, size, FSTYPE};
+use naiad_fuse::{mountinfo, FSTYPE};
+
+use crate::cmd::parse_size;
 use naiad_registry::{ImageRef, NaiadImage};
 
 /// Options shared by `mount` and `run`: caches and the daemon's files.
@@ -58,6 +60,9 @@ pub struct DaemonOptions {
     /// mounted and completed at unmount.
     #[arg(long, value_name = "FILE")]
     pub record_trace: Option<PathBuf>,
+    /// How to reach the image's registry (docker:// images).
+    #[command(flatten)]
+    pub registry: crate::cmd::registry_flags::RegistryFlags,
     /// Do not fetch the image's prefetch table (startup set) at mount.
     #[arg(long)]
     pub no_prefetch: bool,
@@ -181,9 +186,6 @@ pub struct StatsArgs {
     pub run_dir: Option<PathBuf>,
 }
 
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    size::parse_size(s).map_err(|e| e.to_string())
-}
 
 /// Resolves and checks a mountpoint for mounting: it must exist, be a
 /// directory and not already carry a naiad mount.
@@ -232,7 +234,7 @@ fn serve_foreground(a: &MountArgs, reference: &ImageRef, mp: &Path) -> Result<i3
     let paths = RuntimePaths::new(&a.daemon.run_dir(), mp);
     let log_file = a.log_file.clone().unwrap_or_else(|| paths.log_file.clone());
     let start = Instant::now();
-    let image = NaiadImage::open(reference).with_context(|| format!("opening image {}", a.source))?;
+    let image = NaiadImage::open_with(reference, &a.daemon.registry.options()?).with_context(|| format!("opening image {}", a.source))?;
     tracing::info!("opened {} ({} inodes, {} chunks) in {:?}", a.source, image.bootstrap.inode_count(), image.bootstrap.chunk_count(), start.elapsed());
     let config = ServeConfig {
         mountpoint: mp.to_path_buf(),
@@ -378,6 +380,9 @@ pub(crate) fn spawn_daemon(s: &DaemonSpawn) -> Result<SpawnedDaemon> {
     }
     // Plain text in log files.
     cmd.env("NO_COLOR", "1");
+    // Registry options travel as environment variables, so credentials stay
+    // off the daemon's command line.
+    cmd.envs(o.registry.child_env());
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our
     // terminal and process group so it outlives us undisturbed.
     unsafe {

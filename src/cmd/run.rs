@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use naiad_fuse::container::{self, ContainerSpec, DEFAULT_PATH};
 use naiad_fuse::{daemon, mountinfo, FSTYPE};
-use naiad_registry::{open_source, ImageRef};
+use naiad_registry::{open_source_with, ImageRef};
 use serde_json::Value;
 
 use super::mount::{spawn_daemon, wait_for_exit, DaemonOptions, DaemonSpawn};
@@ -157,7 +157,7 @@ fn command_line(a: &RunArgs, cfg: Option<&Value>) -> Vec<String> {
 
 pub fn run(a: RunArgs) -> Result<i32> {
     let reference = ImageRef::parse(&a.source).with_context(|| format!("image {}", a.source))?;
-    let image = open_source(&reference).with_context(|| format!("opening image {}", a.source))?;
+    let image = open_source_with(&reference, &a.daemon.registry.options()?).with_context(|| format!("opening image {}", a.source))?;
     let cfg = image.config.get("config");
     let argv = command_line(&a, cfg);
     if argv.is_empty() {

@@ -98,6 +98,11 @@ impl MountGuard {
 
     /// [`MountGuard::mount`] with more `naiad mount` options.
     pub fn mount_with(image: &str, dir: &Path, cache_dir: &Path, extra: &[&std::ffi::OsStr]) -> MountGuard {
+        Self::mount_env(image, dir, cache_dir, extra, &[])
+    }
+
+    /// [`MountGuard::mount_with`] with environment variables for `naiad mount`.
+    pub fn mount_env(image: &str, dir: &Path, cache_dir: &Path, extra: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> MountGuard {
         let mountpoint = dir.join("mnt");
         let run_dir = dir.join("run");
         let log_file = dir.join("daemon.log");
@@ -113,6 +118,7 @@ impl MountGuard {
                 .arg("--log-file")
                 .arg(&log_file)
                 .args(extra)
+                .envs(env.iter().copied())
                 .arg(image)
                 .arg(&mountpoint),
         );
