@@ -26,12 +26,21 @@ impl CheckReport {
     }
 }
 
+/// Chunks verified per batch.
+const CHECK_BATCH: usize = 128;
+
 pub fn check(image: &NaiadImage) -> Result<CheckReport> {
     let b = &image.bootstrap;
     let mut report = CheckReport::default();
-    let bad: Vec<(u32, String)> = (0..b.chunk_count())
-        .into_par_iter()
-        .filter_map(|i| image.read_chunk(i).err().map(|e| (i, e.to_string())))
+    // Batches of neighbouring chunks, so a registry answers each batch with
+    // a few merged range requests.
+    let records: Vec<_> = (0..b.chunk_count()).map(|i| b.chunk(i)).collect::<std::result::Result<_, _>>()?;
+    let bad: Vec<(u32, String)> = records
+        .par_chunks(CHECK_BATCH)
+        .enumerate()
+        .flat_map_iter(|(n, batch)| {
+            image.read_chunks(batch).into_iter().enumerate().filter_map(move |(k, r)| r.err().map(|e| ((n * CHECK_BATCH + k) as u32, e.to_string())))
+        })
         .collect();
     report.chunks_checked = b.chunk_count() as u64;
     if !bad.is_empty() {

@@ -19,16 +19,39 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> ConvertError + '_ {
     move |source| ConvertError::Io { path: path.to_path_buf(), source }
 }
 
-/// Streams a file's bytes chunk by chunk, verifying each.
+/// Uncompressed bytes of chunks fetched together while streaming a file.
+const READ_AHEAD_BYTES: u64 = 8 << 20;
+
+/// Streams a file's bytes, verifying every chunk. Chunks are fetched in
+/// batches of up to [`READ_AHEAD_BYTES`], so a registry serves a file in a
+/// few requests rather than one per chunk.
 pub struct FileReader<'a> {
     image: &'a NaiadImage,
-    chunks: std::vec::IntoIter<FileChunk>,
+    chunks: std::collections::VecDeque<FileChunk>,
+    ready: std::collections::VecDeque<Vec<u8>>,
     current: io::Cursor<Vec<u8>>,
 }
 
 impl<'a> FileReader<'a> {
     pub fn new(image: &'a NaiadImage, ino: u32) -> Result<Self> {
-        Ok(FileReader { image, chunks: image.bootstrap.file_chunks(ino)?.into_iter(), current: io::Cursor::new(Vec::new()) })
+        Ok(FileReader { image, chunks: image.bootstrap.file_chunks(ino)?.into(), ready: Default::default(), current: io::Cursor::new(Vec::new()) })
+    }
+
+    fn fetch_batch(&mut self) -> io::Result<()> {
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(c) = self.chunks.front() {
+            if !batch.is_empty() && bytes + c.chunk.uncompressed_size as u64 > READ_AHEAD_BYTES {
+                break;
+            }
+            bytes += c.chunk.uncompressed_size as u64;
+            batch.push(c.chunk);
+            self.chunks.pop_front();
+        }
+        for r in self.image.read_chunks(&batch) {
+            self.ready.push_back(r.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?);
+        }
+        Ok(())
     }
 }
 
@@ -39,9 +62,16 @@ impl Read for FileReader<'_> {
             if n > 0 || buf.is_empty() {
                 return Ok(n);
             }
-            let Some(c) = self.chunks.next() else { return Ok(0) };
-            let data = self.image.read_chunk_record(&c.chunk).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            self.current = io::Cursor::new(data);
+            if self.ready.is_empty() {
+                if self.chunks.is_empty() {
+                    return Ok(0);
+                }
+                self.fetch_batch()?;
+            }
+            match self.ready.pop_front() {
+                Some(data) => self.current = io::Cursor::new(data),
+                None => return Ok(0),
+            }
         }
     }
 }

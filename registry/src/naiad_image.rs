@@ -138,4 +138,39 @@ impl NaiadImage {
             .map_err(|source| ChunkReadError::Store { blob: blob.to_string(), offset: chunk.compressed_offset, source })?;
         decode_chunk(&stored, chunk).map_err(|source| ChunkReadError::Corrupt { blob: blob.to_string(), offset: chunk.compressed_offset, source })
     }
+
+    /// Reads, decompresses and verifies several chunks, asking the store for
+    /// each blob's ranges together (a registry merges near ones into one
+    /// request). Results come in the order of `chunks`. When a blob's batch
+    /// fails, its chunks are read one by one so each error names its chunk.
+    pub fn read_chunks(&self, chunks: &[ChunkRecord]) -> Vec<std::result::Result<Vec<u8>, ChunkReadError>> {
+        let mut out: Vec<Option<std::result::Result<Vec<u8>, ChunkReadError>>> = (0..chunks.len()).map(|_| None).collect();
+        let mut by_blob: std::collections::BTreeMap<u32, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, c) in chunks.iter().enumerate() {
+            by_blob.entry(c.blob_index).or_default().push(i);
+        }
+        for (blob_index, members) in by_blob {
+            let Some(blob) = self.blob_digests.get(blob_index as usize) else {
+                for i in members {
+                    out[i] = Some(Err(ChunkReadError::NoSuchChunk(blob_index)));
+                }
+                continue;
+            };
+            let ranges: Vec<(u64, u64)> = members.iter().map(|&i| (chunks[i].compressed_offset, chunks[i].compressed_size as u64)).collect();
+            match self.store.read_ranges(blob, &ranges) {
+                Ok(stored) if stored.len() == members.len() => {
+                    for (data, &i) in stored.iter().zip(&members) {
+                        let c = &chunks[i];
+                        out[i] = Some(decode_chunk(data, c).map_err(|source| ChunkReadError::Corrupt { blob: blob.to_string(), offset: c.compressed_offset, source }));
+                    }
+                }
+                _ => {
+                    for &i in &members {
+                        out[i] = Some(self.read_chunk_record(&chunks[i]));
+                    }
+                }
+            }
+        }
+        out.into_iter().map(|r| r.unwrap_or(Err(ChunkReadError::NoSuchChunk(u32::MAX)))).collect()
+    }
 }
