@@ -118,3 +118,41 @@ fn run_applies_config_user_and_isolates_writes() {
     assert!(text(&out.stderr).contains("no-such-user"), "{}", text(&out.stderr));
     assert_cleaned_up(&prefix);
 }
+
+#[test]
+fn optimize_records_the_startup_set_and_lays_it_out_first() {
+    if !fuse_available() {
+        return;
+    }
+    let deb = debian_image();
+    let dir = tempdir();
+    let src = format!("oci:{}:latest", deb.layout.display());
+    let dst = format!("oci:{}:opt", dir.path().join("out").display());
+    let trace = dir.path().join("trace.jsonl");
+    let out = naiad()
+        .args(["optimize", "--quiet", "--json", "--timeout", "120", "--trace", trace.to_str().unwrap(), &src, &dst, "--", "python3", "-c", "import json; print(42)"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("naiad optimize");
+    assert!(out.status.success(), "optimize failed: {}", text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&trace).unwrap().lines().map(|l| serde_json::from_str(l).expect("trace record")).collect();
+    assert!(records.iter().any(|r| r["path"].as_str().unwrap().starts_with("/usr/bin/python3")), "python's binary is in the trace");
+    assert!(records.iter().any(|r| r["path"].as_str().unwrap().contains("/json/")), "the json package is in the trace");
+    let inspect: serde_json::Value = serde_json::from_str(&check(naiad().args(["inspect", "--json", &dst]))).unwrap();
+    assert!(inspect["prefetch_chunks"].as_u64().unwrap() > 10, "{inspect}");
+    assert_eq!(inspect["blobs"].as_array().unwrap().len() as u64, summary["blobs"].as_u64().unwrap());
+    check(naiad().args(["check", &dst]));
+
+    // A workload that does not exit is stopped at --timeout; what it read counts.
+    let t = std::time::Instant::now();
+    let trace2 = dir.path().join("trace2.jsonl");
+    let out = naiad()
+        .args(["optimize", "--quiet", "--timeout", "3", "--trace", trace2.to_str().unwrap(), &src, &format!("oci:{}:opt2", dir.path().join("out").display()), "--", "sh", "-c", "cat /etc/os-release >/dev/null; sleep 600"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("naiad optimize");
+    assert!(out.status.success(), "optimize failed: {}", text(&out.stderr));
+    assert!(t.elapsed() < std::time::Duration::from_secs(90), "the workload was stopped");
+    assert!(std::fs::read_to_string(&trace2).unwrap().contains("\"/usr/lib/os-release\""), "the symlink target is what was read");
+}

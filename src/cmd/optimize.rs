@@ -55,6 +55,8 @@ pub fn run(a: OptimizeArgs) -> Result<i32> {
         cmd.arg("--").args(&a.command);
     }
     eprintln!("naiad optimize: recording what the workload reads (at most {} s)", a.timeout);
+    // The workload's output goes to stderr: stdout is for the summary.
+    cmd.stdout(std::io::stderr());
     let mut child = cmd.spawn().context("starting naiad run")?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(a.timeout);
