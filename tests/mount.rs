@@ -222,18 +222,30 @@ fn restarted_daemon_serves_from_the_disk_cache() {
     assert_eq!(s["counters"]["store_bytes"], 0);
     assert!(s["counters"]["disk_hits"].as_u64().unwrap() > 0);
 
-    // A damaged cache file is detected, dropped and refetched, never served.
+    // Damaged cached chunks are detected, dropped and refetched, never
+    // served. The cache keeps, per blob, `<sha256>.data` (stored bytes at
+    // their blob offsets) and `<sha256>.index` (20-byte records: magic
+    // "nxc1", offset u64 LE, stored size u32 LE, checksum).
     m.umount();
+    let blobs = cache.join("blobs");
     let mut damaged = 0;
-    for sub in fs::read_dir(cache.join("chunks")).unwrap().flatten() {
-        for f in fs::read_dir(sub.path()).unwrap().flatten() {
-            let mut d = fs::read(f.path()).unwrap();
-            d[0] ^= 1;
-            fs::write(f.path(), d).unwrap();
+    for e in fs::read_dir(&blobs).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(sha) = name.strip_suffix(".index") else { continue };
+        let index = fs::read(e.path()).unwrap();
+        let data_path = blobs.join(format!("{sha}.data"));
+        let mut data = fs::read(&data_path).unwrap();
+        for record in index.chunks_exact(20) {
+            assert_eq!(&record[..4], b"nxc1", "{name}");
+            let offset = u64::from_le_bytes(record[4..12].try_into().unwrap());
+            let size = u32::from_le_bytes(record[12..16].try_into().unwrap()) as u64;
+            data[(offset + size / 2) as usize] ^= 1;
             damaged += 1;
         }
+        fs::write(&data_path, data).unwrap();
     }
     assert!(damaged > 0);
+    assert!(!cache.join("chunks").exists(), "the old per-chunk layout is not used");
     let m = MountGuard::mount(&image, tmp.path(), &cache);
     let third: Vec<Vec<u8>> = files.iter().map(|f| fs::read(m.path(f)).unwrap()).collect();
     assert_eq!(first, third);

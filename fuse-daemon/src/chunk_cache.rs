@@ -1,7 +1,8 @@
 //! [`ChunkCache`]: how the filesystem gets the decompressed bytes of
 //! chunks. In order: the in-memory LRU, the on-disk cache (re-verified), and
 //! finally the [`ChunkFetcher`], whose verified result is kept in the
-//! caches. Failures are logged and counted but not remembered: the next
+//! caches (the disk cache gets the chunk's stored bytes, kept per blob).
+//! Failures are logged and counted but not remembered: the next
 //! request tries the store again.
 //!
 //! Every load from the store is single-flight: a chunk being loaded (for a
@@ -20,10 +21,10 @@ use naiad_format::bootstrap::hex;
 use naiad_format::{ChunkDigest, ChunkRecord};
 
 use crate::counters::{add, inc, CounterSnapshot, Counters, Origin};
-use crate::disk_cache::DiskCache;
+use crate::disk_cache::{BlobSha256, DiskCache};
 use crate::error::{ChunkError, ChunkErrorKind};
 use crate::fetch_plan::{plan, MAX_REQUEST, MERGE_GAP};
-use crate::fetcher::ChunkFetcher;
+use crate::fetcher::{ChunkFetcher, FetchedChunk};
 use crate::inflight::InFlight;
 use crate::memory_cache::MemoryCache;
 
@@ -54,6 +55,13 @@ impl BatchOutcome {
     pub fn available(&self) -> (u64, u64) {
         (self.fetched.0 + self.cached.0 + self.elsewhere.0, self.fetched.1 + self.cached.1 + self.elsewhere.1)
     }
+}
+
+/// The result of one chunk of a store request, with its stored bytes while
+/// they still have to go to the disk cache.
+struct Fetched {
+    loaded: Loaded,
+    stored: Option<Vec<u8>>,
 }
 
 fn bump(t: &mut (u64, u64), c: &ChunkRecord) {
@@ -133,27 +141,37 @@ impl ChunkCache {
         }
         inc(&self.counters.misses);
         let one = std::slice::from_ref(chunk);
-        let results = self.fetch_request(one, Origin::Demand);
-        self.persist(one, &results, Origin::Demand);
-        results.into_iter().next().unwrap_or_else(|| abandoned(chunk))
+        let mut results = self.fetch_request(one, Origin::Demand);
+        self.persist(one, &mut results);
+        results.into_iter().next().map(|f| f.loaded).unwrap_or_else(|| abandoned(chunk))
     }
 
-    /// Queues fetched chunks for the disk cache (background ones already are).
-    fn persist(&self, chunks: &[ChunkRecord], results: &[Loaded], origin: Origin) {
-        let Some(disk) = &self.disk else { return };
-        if origin == Origin::Background {
-            return;
-        }
-        for (c, r) in chunks.iter().zip(results) {
-            if let Ok(data) = r {
-                disk.put(c.digest, data.clone());
+    /// Queues fetched chunks whose stored bytes are still here for the disk
+    /// cache (background ones were queued as they arrived).
+    fn persist(&self, chunks: &[ChunkRecord], results: &mut [Fetched]) {
+        for (c, f) in chunks.iter().zip(results) {
+            if let (Ok(data), Some(stored)) = (&f.loaded, f.stored.take()) {
+                if let Some((disk, blob)) = self.disk_for(c) {
+                    disk.put(blob, c, stored, data.clone());
+                }
             }
         }
     }
 
+    /// The disk cache and the blob that would hold `chunk` there.
+    fn disk_for(&self, chunk: &ChunkRecord) -> Option<(&DiskCache, BlobSha256)> {
+        let disk = self.disk.as_ref()?;
+        Some((disk, self.fetcher.blob_sha256(chunk.blob_index)?))
+    }
+
+    fn disk_contains(&self, chunk: &ChunkRecord) -> bool {
+        self.disk_for(chunk).is_some_and(|(disk, blob)| disk.contains(&blob, chunk))
+    }
+
     /// A verified copy from the disk cache, kept in memory too if `to_memory`.
     fn disk_get(&self, chunk: &ChunkRecord, to_memory: bool) -> Option<Arc<Vec<u8>>> {
-        let data = self.disk.as_ref()?.get(chunk)?;
+        let (disk, blob) = self.disk_for(chunk)?;
+        let data = disk.get(&blob, chunk)?;
         inc(&self.counters.disk_hits);
         if to_memory {
             self.memory.insert(chunk.digest, data.clone());
@@ -165,7 +183,7 @@ impl ChunkCache {
     /// (background ones: queued for the disk cache) and counted. The caller
     /// hands the results to whoever waits for them, then calls
     /// [`ChunkCache::persist`], so readers never wait for the disk writer.
-    fn fetch_request(&self, chunks: &[ChunkRecord], origin: Origin) -> Vec<Loaded> {
+    fn fetch_request(&self, chunks: &[ChunkRecord], origin: Origin) -> Vec<Fetched> {
         let c = &self.counters;
         let _active = (origin == Origin::Demand).then(|| {
             self.demand_active.fetch_add(1, Ordering::SeqCst);
@@ -200,22 +218,27 @@ impl ChunkCache {
                 add(&o.raw_bytes, chunk.uncompressed_size as u64);
             }
             match r {
-                Ok(data) => {
+                Ok(FetchedChunk { stored, data }) => {
                     let first = self.fetched.lock().unwrap_or_else(|p| p.into_inner()).insert(chunk.digest);
                     if !first {
                         inc(&c.refetches);
                         tracing::debug!("chunk {} read from the store again", hex(&chunk.digest));
                     }
                     let data = Arc::new(data);
+                    let disk = self.disk_for(chunk);
+                    let mut stored = disk.is_some().then_some(stored);
                     // --fetch-all fills the disk cache; memory is for what is read.
-                    if origin != Origin::Background || self.disk.is_none() {
-                        self.memory.insert(chunk.digest, data.clone());
-                    } else if let Some(disk) = &self.disk {
-                        // Queued (and served from the queue) before its
-                        // claim completes, so no reader misses it.
-                        disk.put(chunk.digest, data.clone());
+                    match disk {
+                        Some((disk, blob)) if origin == Origin::Background => {
+                            // Queued (and served from the queue) before its
+                            // claim completes, so no reader misses it.
+                            if let Some(stored) = stored.take() {
+                                disk.put(blob, chunk, stored, data.clone());
+                            }
+                        }
+                        _ => self.memory.insert(chunk.digest, data.clone()),
                     }
-                    out.push(Ok(data));
+                    out.push(Fetched { loaded: Ok(data), stored });
                 }
                 Err(e) => {
                     inc(&c.errors);
@@ -227,7 +250,7 @@ impl ChunkCache {
                         tracing::warn!(blob, offset = e.offset, "{origin:?}: cannot read chunk {} from {}: {}", e.digest, self.fetcher.describe(), e.message);
                     }
                     failed += 1;
-                    out.push(Err(e));
+                    out.push(Fetched { loaded: Err(e), stored: None });
                 }
             }
         }
@@ -252,7 +275,7 @@ impl ChunkCache {
             if !seen.insert(c.digest) {
                 continue;
             }
-            if self.memory.contains(&c.digest) || self.disk.as_ref().is_some_and(|d| d.contains(&c.digest)) {
+            if self.memory.contains(&c.digest) || self.disk_contains(c) {
                 bump(&mut out.cached, c);
             } else {
                 wanted.push(*c);
@@ -288,8 +311,9 @@ impl ChunkCache {
                 add(&self.counters.misses, request.chunks.len() as u64);
             }
             out.requests += 1;
-            let results = self.fetch_request(&request.chunks, origin);
-            for (c, r) in request.chunks.iter().zip(&results) {
+            let mut results = self.fetch_request(&request.chunks, origin);
+            for (c, f) in request.chunks.iter().zip(&results) {
+                let r = &f.loaded;
                 if r.is_ok() {
                     bump(&mut out.fetched, c);
                 } else {
@@ -300,7 +324,7 @@ impl ChunkCache {
                     claim.complete(r.clone());
                 }
             }
-            self.persist(&request.chunks, &results, origin);
+            self.persist(&request.chunks, &mut results);
         }
         // Anything left (cannot happen: plan keeps every chunk) is abandoned
         // when `mine` drops, and its readers retry themselves.
@@ -319,8 +343,8 @@ impl ChunkCache {
     }
 
     /// Whether the chunk is in memory or on disk (as far as this daemon knows).
-    pub fn is_cached(&self, digest: &ChunkDigest) -> bool {
-        self.memory.contains(digest) || self.disk.as_ref().is_some_and(|d| d.contains(digest))
+    pub fn is_cached(&self, chunk: &ChunkRecord) -> bool {
+        self.memory.contains(&chunk.digest) || self.disk_contains(chunk)
     }
 
     /// The counters, with the retries the store reports added.
@@ -362,13 +386,17 @@ mod tests {
     }
 
     impl ChunkFetcher for FakeFetcher {
-        fn fetch(&self, chunk: &ChunkRecord) -> Result<Vec<u8>, ChunkError> {
+        fn fetch(&self, chunk: &ChunkRecord) -> Result<FetchedChunk, ChunkError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(50));
             if self.fail.load(Ordering::SeqCst) {
                 return Err(ChunkError { kind: ChunkErrorKind::Corrupt, digest: hex(&chunk.digest), blob: Some("sha256:x".into()), offset: 0, message: "bad".into() });
             }
-            Ok(self.data.clone())
+            // Stored raw (no zstd flag): the stored bytes are the data.
+            Ok(FetchedChunk { stored: self.data.clone(), data: self.data.clone() })
+        }
+        fn blob_sha256(&self, _: u32) -> Option<BlobSha256> {
+            Some([1; 32])
         }
         fn describe(&self) -> String {
             "fake".into()
@@ -378,7 +406,7 @@ mod tests {
     #[test]
     fn tiers_single_flight_and_retry() {
         let data = vec![7u8; 4096];
-        let chunk = ChunkRecord { digest: *blake3::hash(&data).as_bytes(), uncompressed_size: 4096, compressed_size: 100, ..Default::default() };
+        let chunk = ChunkRecord { digest: *blake3::hash(&data).as_bytes(), uncompressed_size: 4096, compressed_size: 4096, ..Default::default() };
         let fetcher = Arc::new(FakeFetcher { data: data.clone(), fail: AtomicBool::new(true), calls: AtomicUsize::new(0) });
         let counters = Arc::new(Counters::default());
         let dir = tempfile::tempdir().unwrap();
@@ -432,17 +460,21 @@ mod tests {
     }
 
     impl ChunkFetcher for BlobFetcher {
-        fn fetch(&self, chunk: &ChunkRecord) -> Result<Vec<u8>, ChunkError> {
+        fn fetch(&self, chunk: &ChunkRecord) -> Result<FetchedChunk, ChunkError> {
             self.fetch_many(std::slice::from_ref(chunk)).pop().unwrap()
         }
-        fn fetch_many(&self, chunks: &[ChunkRecord]) -> Vec<Result<Vec<u8>, ChunkError>> {
+        fn blob_sha256(&self, _: u32) -> Option<BlobSha256> {
+            Some([2; 32])
+        }
+        fn fetch_many(&self, chunks: &[ChunkRecord]) -> Vec<Result<FetchedChunk, ChunkError>> {
             self.requests.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(self.delay);
             chunks
                 .iter()
                 .map(|c| {
                     self.fetched.lock().unwrap().push(c.digest);
-                    Ok(self.chunks[&c.digest].clone())
+                    let data = self.chunks[&c.digest].clone();
+                    Ok(FetchedChunk { stored: data.clone(), data })
                 })
                 .collect()
         }
@@ -502,6 +534,67 @@ mod tests {
         // A second batch finds everything cached.
         let again = cache.load_batch(&records, Origin::Prefetch, 0, 8000, |_| panic!("nothing to fetch"));
         assert_eq!(again.cached.0, 20);
+    }
+
+    /// Chunks stored as the converter stores them (zstd where it helps).
+    struct EncodedFetcher {
+        chunks: HashMap<ChunkDigest, FetchedChunk>,
+    }
+
+    impl ChunkFetcher for EncodedFetcher {
+        fn fetch(&self, chunk: &ChunkRecord) -> Result<FetchedChunk, ChunkError> {
+            Ok(self.chunks[&chunk.digest].clone())
+        }
+        fn blob_sha256(&self, blob_index: u32) -> Option<BlobSha256> {
+            Some([blob_index as u8 + 10; 32])
+        }
+        fn describe(&self) -> String {
+            "encoded".into()
+        }
+    }
+
+    #[test]
+    fn background_loads_fill_the_disk_cache_with_stored_bytes() {
+        let mut records = Vec::new();
+        let mut chunks = HashMap::new();
+        let mut offset = 0;
+        for i in 0..6u32 {
+            let data: Vec<u8> = (0..5000u32).map(|j| if i % 2 == 0 { i as u8 } else { (j.wrapping_mul(2654435761) >> (i + 8)) as u8 }).collect();
+            let enc = naiad_format::encode_chunk(&data, 3);
+            let rec = ChunkRecord { digest: enc.digest, blob_index: i % 2, compressed_offset: offset, compressed_size: enc.stored.len() as u32, uncompressed_size: enc.uncompressed_size, flags: enc.flags };
+            offset += enc.stored.len() as u64;
+            records.push(rec);
+            chunks.insert(enc.digest, FetchedChunk { stored: enc.stored, data });
+        }
+        let fetcher = Arc::new(EncodedFetcher { chunks });
+        let dir = tempfile::tempdir().unwrap();
+        let counters = Arc::new(Counters::default());
+        let disk = DiskCache::open(dir.path(), 1 << 20, counters.clone()).unwrap();
+        let cache = ChunkCache::new(fetcher.clone(), MemoryCache::new(1 << 20), Some(disk), counters.clone());
+        let blob0: Vec<ChunkRecord> = records.iter().filter(|c| c.blob_index == 0).copied().collect();
+        let out = cache.load_batch(&blob0, Origin::Background, 0, 1 << 20, |_| {});
+        assert_eq!(out.fetched.0, 3);
+        // Into the disk cache (served from its queue at once), not memory.
+        assert!(blob0.iter().all(|c| !cache.memory().contains(&c.digest) && cache.is_cached(c)));
+        // Readers of other chunks fill memory and, through it, the disk.
+        for c in records.iter().filter(|c| c.blob_index == 1) {
+            assert_eq!(cache.get(c).unwrap().len(), 5000);
+        }
+        cache.flush();
+        assert_eq!(counters.snapshot().disk_writes, 6);
+        let stored_total: u64 = records.iter().map(|c| c.compressed_size as u64).sum();
+        assert_eq!(cache.disk().unwrap().usage(), (stored_total, 6));
+        drop(cache);
+
+        let counters = Arc::new(Counters::default());
+        let disk = DiskCache::open(dir.path(), 1 << 20, counters.clone()).unwrap();
+        let cache = ChunkCache::new(fetcher, MemoryCache::new(1 << 20), Some(disk), counters.clone());
+        for c in &records {
+            let want = blake3::hash(&cache.get(c).unwrap()).as_bytes().to_owned();
+            assert_eq!(want, c.digest);
+        }
+        let s = counters.snapshot();
+        assert_eq!((s.disk_hits, s.store_chunks, s.disk_corrupt), (6, 0, 0));
     }
 
     #[test]

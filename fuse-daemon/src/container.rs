@@ -27,7 +27,7 @@ use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
@@ -73,7 +73,18 @@ pub struct ContainerSpec {
 /// The pid signals to the caller are forwarded to (0: none).
 static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
 
+/// Set when a signal asking the command to stop was forwarded.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// How long the command has to exit after a forwarded stop signal before it
+/// is killed. The command runs as PID 1 of its namespace, where the kernel
+/// drops signals it installed no handler for, so a shell would ignore them.
+const KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 extern "C" fn forward_signal(sig: libc::c_int) {
+    if sig != libc::SIGHUP {
+        STOP_REQUESTED.store(true, Ordering::SeqCst);
+    }
     let pid = FORWARD_TO.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill is async-signal-safe.
@@ -120,6 +131,31 @@ impl Drop for Forwarding {
 fn wait_exit_code(pid: Pid) -> Result<i32, nix::Error> {
     loop {
         match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// [`wait_exit_code`] for the command itself: once a stop signal has been
+/// forwarded, the command gets [`KILL_GRACE`] to exit and is then killed
+/// (taking its whole PID namespace with it).
+fn wait_exit_code_or_kill(pid: Pid) -> Result<i32, nix::Error> {
+    let mut stop_seen: Option<std::time::Instant> = None;
+    loop {
+        match waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if STOP_REQUESTED.load(Ordering::SeqCst) {
+                    let since = *stop_seen.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= KILL_GRACE {
+                        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             Ok(WaitStatus::Exited(_, code)) => return Ok(code),
             Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
             Ok(_) => continue,
@@ -184,7 +220,7 @@ fn setup_child(spec: &ContainerSpec) -> Result<i32, String> {
         }
         Ok(ForkResult::Parent { child }) => {
             let _fwd = Forwarding::to(child);
-            wait_exit_code(child).map_err(|e| format!("waiting for the command: {e}"))
+            wait_exit_code_or_kill(child).map_err(|e| format!("waiting for the command: {e}"))
         }
     }
 }

@@ -66,11 +66,13 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// Loads a reader retried itself after the load it waited for failed.
     pub retries: AtomicU64,
-    /// Files of the on-disk cache that failed verification and were dropped.
+    /// Chunks of the on-disk cache that failed to read, decode or verify
+    /// and were dropped (then fetched again).
     pub disk_corrupt: AtomicU64,
     /// Chunks written to the on-disk cache.
     pub disk_writes: AtomicU64,
-    /// Chunks evicted from the on-disk cache to stay under its size cap.
+    /// Chunks evicted from the on-disk cache to stay under its size cap
+    /// (whole blobs go at once; each of their chunks counts).
     pub disk_evictions: AtomicU64,
     /// FUSE read requests served.
     pub reads: AtomicU64,
@@ -305,7 +307,7 @@ impl CounterSnapshot {
             ("coalesced", "lookups that joined a load already in flight", self.coalesced),
             ("errors", "chunk loads that failed", self.errors),
             ("retries", "loads retried (by the daemon or the store client)", self.retries),
-            ("disk_corrupt", "disk cache files that failed verification", self.disk_corrupt),
+            ("disk_corrupt", "disk cache chunks that failed verification", self.disk_corrupt),
             ("disk_writes", "chunks written to the disk cache", self.disk_writes),
             ("disk_evictions", "chunks evicted from the disk cache", self.disk_evictions),
             ("reads", "FUSE read requests", self.reads),

@@ -179,7 +179,7 @@ impl NaiadFs {
         // together with one request each, instead of one request per chunk.
         let mut loaded = HashMap::new();
         if chunks.len() > 1 {
-            let missing: Vec<_> = chunks.iter().map(|c| c.chunk).filter(|c| !self.chunks.is_cached(&c.digest)).collect();
+            let missing: Vec<_> = chunks.iter().map(|c| c.chunk).filter(|c| !self.chunks.is_cached(c)).collect();
             if missing.len() > 1 {
                 loaded = self.chunks.load_for_read(&missing);
             }

@@ -14,8 +14,8 @@
 //! - [`fetch_plan`]: which chunks one store request reads.
 //! - [`fetcher`]: [`ChunkFetcher`], where chunks come from (the image's blob
 //!   store: a local layout or a registry), and [`StoreChunkFetcher`].
-//! - [`memory_cache`], [`disk_cache`], [`inflight`]: the tiers and the
-//!   single-flight map the chunk cache is made of.
+//! - [`memory_cache`], [`disk_cache`] (per-blob cache files), [`inflight`]:
+//!   the tiers and the single-flight map the chunk cache is made of.
 //! - [`prefetcher`]: [`Prefetcher`], the startup set fetched at mount, and
 //!   `--fetch-all`.
 //! - [`trace_recorder`]: [`TraceRecorder`], `--record-trace`.
@@ -58,7 +58,7 @@ pub use counters::{CounterSnapshot, Counters, Origin, PrefetchSnapshot};
 pub use daemon::{serve, CacheConfig, MountConfig, ServeConfig};
 pub use disk_cache::DiskCache;
 pub use error::{ChunkError, FuseError};
-pub use fetcher::{ChunkFetcher, StoreChunkFetcher};
+pub use fetcher::{ChunkFetcher, FetchedChunk, StoreChunkFetcher};
 pub use filesystem::NaiadFs;
 pub use histogram::{Histogram, HistogramSnapshot};
 pub use memory_cache::MemoryCache;
