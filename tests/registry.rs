@@ -479,12 +479,14 @@ fn injected_faults_are_retried_and_every_file_reads_correctly() {
     let (reg, pushed) = registry_with_converted();
     let plan = FaultPlan {
         seed: 0x6e_6169_6164,
-        reset_pct: 5,
-        error500_pct: 5,
-        truncate_pct: 5,
+        // unpack batches neighbouring chunks into few range requests, so
+        // the shares are high enough to hit a good number of them.
+        reset_pct: 8,
+        error500_pct: 8,
+        truncate_pct: 8,
         delay_pct: 5,
         delay: Duration::from_millis(100),
-        stall_pct: 1,
+        stall_pct: 2,
         stall: Duration::from_millis(2000),
         error429_pct: 0,
     };
@@ -494,7 +496,7 @@ fn injected_faults_are_retried_and_every_file_reads_correctly() {
     let started = Instant::now();
     unpack_and_compare(&image, &pushed, "unpacked", &flags, &[]);
     eprintln!("faults, unpack: {:.1}s; proxy: {}", started.elapsed().as_secs_f64(), proxy.stats.summary());
-    assert!(proxy.stats.faults() >= 10, "enough faults were injected: {}", proxy.stats.summary());
+    assert!(proxy.stats.faults() >= 8, "enough faults were injected: {}", proxy.stats.summary());
 
     // Streaming the source layers through frequent truncations and resets:
     // the layer streams resume where they broke off.
