@@ -27,22 +27,14 @@ fn naiad(args: &[&str]) {
 fn read_all(root: &Path) -> u64 {
     let mut total = 0;
     let mut buf = vec![0u8; 1 << 20];
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).expect("read_dir").flatten() {
-            let ft = e.file_type().expect("file type");
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let mut f = fs::File::open(e.path()).expect("open");
-                loop {
-                    let n = f.read(&mut buf).expect("read");
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
+    for (rel, _) in common::regular_files(root) {
+        let mut f = fs::File::open(root.join(rel)).expect("open");
+        loop {
+            let n = f.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
             }
+            total += n as u64;
         }
     }
     total

@@ -343,24 +343,6 @@ fn python_startup_is_recorded_and_prefetched() {
     m.umount();
 }
 
-/// Files of the reference tree: (relative path, size), regular files only.
-fn regular_files(root: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).expect("read_dir").flatten() {
-            let ft = e.file_type().expect("file type");
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                let len = e.metadata().expect("metadata").len();
-                out.push((e.path().strip_prefix(root).expect("under root").to_path_buf(), len));
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);

@@ -142,6 +142,21 @@ impl NaiadFs {
         }
     }
 
+    /// Hands the entries of directory `ino` from position `offset` on to
+    /// `add(child, kind, name, next position)` until it answers that the
+    /// kernel's buffer is full.
+    fn list_dir(&self, ino: INodeNo, offset: u64, mut add: impl FnMut(u32, InodeKind, &[u8], u64) -> Result<bool, Errno>) -> Result<(), Errno> {
+        let (dir, rec) = self.open_dir(ino)?;
+        let mut pos = offset;
+        while let Some((child, kind, name)) = self.dir_entry(dir, &rec, pos)? {
+            if add(child, kind, &name, pos + 1)? {
+                break;
+            }
+            pos += 1;
+        }
+        Ok(())
+    }
+
     fn open_dir(&self, ino: INodeNo) -> Result<(u32, InodeRecord), Errno> {
         let (i, r, kind) = self.inode(ino)?;
         if kind != InodeKind::Directory {
@@ -325,49 +340,22 @@ impl Filesystem for NaiadFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let (dir, rec) = match self.open_dir(ino) {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
-        let mut pos = offset;
-        loop {
-            match self.dir_entry(dir, &rec, pos) {
-                Ok(Some((child, kind, name))) => {
-                    if reply.add(INodeNo(child as u64), pos + 1, file_type(kind), OsStr::from_bytes(&name)) {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return reply.error(e),
-            }
-            pos += 1;
+        let listed = self.list_dir(ino, offset, |child, kind, name, next| Ok(reply.add(INodeNo(child as u64), next, file_type(kind), OsStr::from_bytes(name))));
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok()
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let (dir, rec) = match self.open_dir(ino) {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
-        let mut pos = offset;
-        loop {
-            match self.dir_entry(dir, &rec, pos) {
-                Ok(Some((child, _, name))) => {
-                    let attr = match self.attr(INodeNo(child as u64)) {
-                        Ok(a) => a,
-                        Err(e) => return reply.error(e),
-                    };
-                    if reply.add(INodeNo(child as u64), pos + 1, OsStr::from_bytes(&name), &self.ttl, &attr, Generation(0)) {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return reply.error(e),
-            }
-            pos += 1;
+        let listed = self.list_dir(ino, offset, |child, _, name, next| {
+            let attr = self.attr(INodeNo(child as u64))?;
+            Ok(reply.add(INodeNo(child as u64), next, OsStr::from_bytes(name), &self.ttl, &attr, Generation(0)))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok()
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -1405,3 +1405,22 @@ fn layer_late() -> Vec<u8> {
     l.symlink("replace/dir-to-symlink", "../bin", m(0o777).mtime(t));
     l.finish()
 }
+
+/// The regular files under `root` (symlinks not followed), as (path
+/// relative to `root`, size), in no particular order.
+pub fn regular_files(root: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())).flatten() {
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let len = e.metadata().expect("metadata").len();
+                out.push((e.path().strip_prefix(root).expect("under root").to_path_buf(), len));
+            }
+        }
+    }
+    out
+}
