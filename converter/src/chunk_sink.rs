@@ -20,6 +20,9 @@ pub type ChunkSeq = u64;
 pub struct ChunkSink {
     layout: OciLayout,
     zstd_level: i32,
+    /// Level for chunks going to the prefetch blob: fetched on every cold
+    /// start, so worth compressing harder.
+    prefetch_zstd_level: i32,
     batch_limit: usize,
     /// Queued chunks, each with whether it belongs in the prefetch blob.
     pending: Vec<(Vec<u8>, bool)>,
@@ -42,10 +45,11 @@ pub struct ChunkSink {
 }
 
 impl ChunkSink {
-    pub fn new(layout: OciLayout, zstd_level: i32, batch_limit: usize) -> Self {
+    pub fn new(layout: OciLayout, zstd_level: i32, prefetch_zstd_level: i32, batch_limit: usize) -> Self {
         ChunkSink {
             layout,
             zstd_level,
+            prefetch_zstd_level,
             batch_limit,
             pending: Vec::new(),
             pending_bytes: 0,
@@ -102,8 +106,14 @@ impl ChunkSink {
                 fresh.push(i);
             }
         }
-        let level = self.zstd_level;
-        let encoded: Vec<_> = fresh.par_iter().map(|&i| (encode_chunk(&pending[i].0, level), pending[i].1)).collect();
+        let (level, prefetch_level) = (self.zstd_level, self.prefetch_zstd_level);
+        let encoded: Vec<_> = fresh
+            .par_iter()
+            .map(|&i| {
+                let (data, to_prefetch) = (&pending[i].0, pending[i].1);
+                (encode_chunk(data, if to_prefetch { prefetch_level } else { level }), to_prefetch)
+            })
+            .collect();
         for (e, to_prefetch) in encoded {
             let index = self.chunks.len() as u32;
             let (writer, blob_index) = if to_prefetch {

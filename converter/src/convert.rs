@@ -49,13 +49,15 @@ pub struct ConvertOptions {
     /// What a workload reads at startup: those chunks go into one blob of
     /// their own, and the bootstrap's prefetch table lists them in order.
     pub prefetch: Option<Arc<PrefetchList>>,
+    /// zstd level for the chunks of the prefetch blob.
+    pub prefetch_zstd_level: i32,
     /// How to reach registries for `docker://` sources and destinations.
     pub registry: RegistryOptions,
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { chunking: Chunking::default(), zstd_level: 3, batch_bytes: 32 << 20, progress: None, prefetch: None, registry: RegistryOptions::default() }
+        ConvertOptions { chunking: Chunking::default(), zstd_level: 3, batch_bytes: 32 << 20, progress: None, prefetch: None, prefetch_zstd_level: 19, registry: RegistryOptions::default() }
     }
 }
 
@@ -91,8 +93,10 @@ pub struct ConvertSummary {
 /// Converts `source` into a naiad image at `destination` (an `oci:` layout).
 pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions) -> Result<ConvertSummary> {
     opts.chunking.validate().map_err(ConvertError::Invalid)?;
-    if !(1..=22).contains(&opts.zstd_level) {
-        return Err(ConvertError::Invalid(format!("zstd level {} must be 1 to 22", opts.zstd_level)));
+    for level in [opts.zstd_level, opts.prefetch_zstd_level] {
+        if !(1..=22).contains(&level) {
+            return Err(ConvertError::Invalid(format!("zstd level {level} must be 1 to 22")));
+        }
     }
     // A registry destination is first written to a temporary layout.
     let (dst_dir, dst_tag, staging) = match destination {
@@ -218,7 +222,7 @@ impl Destination {
 type Failure = (ConvertError, Vec<Digest>);
 
 fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &ConvertOptions) -> std::result::Result<(ConvertSummary, Vec<Digest>), Failure> {
-    let mut sink = ChunkSink::new(layout.clone(), opts.zstd_level, opts.batch_bytes);
+    let mut sink = ChunkSink::new(layout.clone(), opts.zstd_level, opts.prefetch_zstd_level, opts.batch_bytes);
     let mut tree = Tree::new();
     let mut source_layer_bytes = 0;
     let fail = |e: ConvertError, sink: &ChunkSink| (e, sink.created.clone());

@@ -56,6 +56,10 @@ pub struct ConvertFlags {
     /// zstd compression level for chunks (1-22).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
+    /// zstd level for the startup set (the prefetch blob, fetched on every
+    /// cold start; only with --prefetch-list or optimize).
+    #[arg(long, default_value_t = 19)]
+    pub prefetch_zstd_level: i32,
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub quiet: bool,
@@ -91,7 +95,7 @@ impl ConvertFlags {
             ChunkMode::Fixed => Chunking::Fixed { size: to_u32(self.chunk_size, "--chunk-size")? },
             ChunkMode::Cdc => Chunking::ContentDefined { min: to_u32(self.cdc_min, "--cdc-min")?, avg: to_u32(self.cdc_avg, "--cdc-avg")?, max: to_u32(self.cdc_max, "--cdc-max")? },
         };
-        let mut opts = ConvertOptions { chunking, zstd_level: self.zstd_level, registry: self.registry.options()?, ..Default::default() };
+        let mut opts = ConvertOptions { chunking, zstd_level: self.zstd_level, prefetch_zstd_level: self.prefetch_zstd_level, registry: self.registry.options()?, ..Default::default() };
         if !self.quiet && std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(0);
             bar.set_style(
