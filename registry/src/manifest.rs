@@ -102,11 +102,3 @@ pub fn host_architecture() -> &'static str {
         other => other,
     }
 }
-
-/// Picks the manifest for linux/`arch` from an index's entries, or the only one.
-pub fn select_platform<'a>(manifests: &'a [Descriptor], arch: &str) -> Option<&'a Descriptor> {
-    let matches = |d: &&Descriptor| {
-        d.platform.as_ref().is_some_and(|p| p.get("architecture").and_then(Value::as_str) == Some(arch) && p.get("os").and_then(Value::as_str).is_none_or(|os| os == "linux"))
-    };
-    manifests.iter().find(matches).or_else(|| if manifests.len() == 1 { manifests.first() } else { None })
-}

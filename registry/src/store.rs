@@ -31,7 +31,14 @@ pub trait BlobStore: Send + Sync {
 /// kept for reuse.
 pub struct LayoutBlobStore {
     layout: OciLayout,
-    files: Mutex<HashMap<Digest, Arc<File>>>,
+    files: Mutex<HashMap<Digest, Arc<OpenBlob>>>,
+}
+
+/// An open blob file and its size (blobs are content-addressed, so the
+/// size read at open stays true).
+struct OpenBlob {
+    file: File,
+    size: u64,
 }
 
 impl LayoutBlobStore {
@@ -39,13 +46,15 @@ impl LayoutBlobStore {
         LayoutBlobStore { layout, files: Mutex::new(HashMap::new()) }
     }
 
-    fn file(&self, digest: &Digest) -> Result<Arc<File>> {
+    fn file(&self, digest: &Digest) -> Result<Arc<OpenBlob>> {
         if let Ok(files) = self.files.lock() {
             if let Some(f) = files.get(digest) {
                 return Ok(f.clone());
             }
         }
-        let f = Arc::new(self.layout.open_blob(digest)?);
+        let file = self.layout.open_blob(digest)?;
+        let size = file.metadata().map_err(|source| RegistryError::Io { path: self.layout.blob_path(digest), source })?.len();
+        let f = Arc::new(OpenBlob { file, size });
         if let Ok(mut files) = self.files.lock() {
             files.insert(digest.clone(), f.clone());
         }
@@ -55,14 +64,12 @@ impl LayoutBlobStore {
 
 impl BlobStore for LayoutBlobStore {
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let file = self.file(digest)?;
-        let path = self.layout.blob_path(digest);
-        let size = file.metadata().map_err(|source| RegistryError::Io { path: path.clone(), source })?.len();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset, len, size });
+        let blob = self.file(digest)?;
+        if offset.checked_add(len).is_none_or(|end| end > blob.size) {
+            return Err(RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset, len, size: blob.size });
         }
         let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset).map_err(|source| RegistryError::Io { path, source })?;
+        blob.file.read_exact_at(&mut buf, offset).map_err(|source| RegistryError::Io { path: self.layout.blob_path(digest), source })?;
         Ok(buf)
     }
 
