@@ -175,14 +175,4 @@ impl ChunkSink {
         self.blobs.push(BlobRecord { sha256: digest.bytes(), size });
         Ok(())
     }
-
-    /// Removes the blobs this conversion added (after a failure), except
-    /// those the layout already held before it started.
-    pub fn discard_created(&self, preexisting: &std::collections::HashSet<Digest>) {
-        for d in &self.created {
-            if !preexisting.contains(d) {
-                let _ = std::fs::remove_file(self.layout.blob_path(d));
-            }
-        }
-    }
 }

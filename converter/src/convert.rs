@@ -120,7 +120,7 @@ pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions)
         p.finished();
     }
     match result {
-        Ok((mut summary, created)) => match target.commit() {
+        Ok(mut summary) => match target.commit() {
             Ok(()) => {
                 if let Some((tmp, dst)) = staging {
                     let layout = OciLayout::open(&dst_dir)?;
@@ -135,7 +135,6 @@ pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions)
                 summary.source = source.to_string();
                 summary.destination = destination.to_string();
                 summary.seconds = started.elapsed().as_secs_f64();
-                let _ = created;
                 Ok(summary)
             }
             Err(e) => Err(e),
@@ -198,7 +197,10 @@ impl Destination {
                 // An empty directory: rename replaces it.
                 let _ = std::fs::remove_dir(dst);
             }
-            std::fs::rename(tmp, dst).map_err(|source| ConvertError::Io { path: dst.clone(), source })?;
+            if let Err(source) = std::fs::rename(tmp, dst) {
+                let _ = std::fs::remove_dir_all(tmp);
+                return Err(ConvertError::Io { path: dst.clone(), source });
+            }
         }
         Ok(())
     }
@@ -221,7 +223,7 @@ impl Destination {
 
 type Failure = (ConvertError, Vec<Digest>);
 
-fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &ConvertOptions) -> std::result::Result<(ConvertSummary, Vec<Digest>), Failure> {
+fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &ConvertOptions) -> std::result::Result<ConvertSummary, Failure> {
     let mut sink = ChunkSink::new(layout.clone(), opts.zstd_level, opts.prefetch_zstd_level, opts.batch_bytes);
     let mut tree = Tree::new();
     let mut source_layer_bytes = 0;
@@ -273,7 +275,7 @@ fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &Convert
         seconds: 0.0,
         push: None,
     };
-    Ok((summary, created))
+    Ok(summary)
 }
 
 /// Counts stored bytes for progress.
