@@ -35,6 +35,9 @@ enum Command {
     Stats(cmd::mount::StatsArgs),
     /// Run a command in a naiad image mounted lazily, under a writable overlay.
     Run(cmd::run::RunArgs),
+    /// Manage the daemon of a mount (live upgrade).
+    #[command(subcommand)]
+    Daemon(cmd::mount::DaemonCommand),
 }
 
 fn main() {
@@ -50,6 +53,7 @@ fn main() {
         Command::Umount(a) => cmd::mount::umount(a),
         Command::Stats(a) => cmd::mount::stats(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Daemon(c) => cmd::mount::daemon_command(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -6,10 +6,22 @@
 //! Store traffic is counted per origin: `demand` (a FUSE read needed the
 //! chunk), `prefetch` (the image's prefetch table) and `background`
 //! (`--fetch-all`). `store_*` are the totals over all three.
+//!
+//! A supervised mount keeps its counters in a file of its run directory
+//! that every daemon generation maps ([`Counters::open_shared`]): a daemon
+//! killed with SIGKILL loses no count, and its successor counts on, so the
+//! counters stay monotonic across restarts and upgrades.
 
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+
+use crate::error::{FuseError, IoContext};
 
 use crate::histogram::Histogram;
 use crate::size::format_size;
@@ -27,6 +39,7 @@ pub enum Origin {
 
 /// Requests, chunks and stored bytes read from the store for one origin.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct OriginCounters {
     pub requests: AtomicU64,
     pub chunks: AtomicU64,
@@ -35,10 +48,13 @@ pub struct OriginCounters {
     pub raw_bytes: AtomicU64,
 }
 
-/// Counters of one mount. Every field only grows, except the prefetch
+/// The counters of one mount: atomics only, `repr(C)`, so that they can
+/// live in a file every daemon generation of the mount maps (see
+/// [`Counters::open_shared`]). Every field only grows, except the prefetch
 /// progress gauges.
 #[derive(Debug, Default)]
-pub struct Counters {
+#[repr(C)]
+pub struct CounterBlock {
     /// Chunks read from the store (the fetcher), successful or not verified.
     pub store_chunks: AtomicU64,
     /// Stored (compressed) bytes of the chunks read from the store.
@@ -82,13 +98,21 @@ pub struct Counters {
     pub read_errors: AtomicU64,
     /// Records written to the access trace (`--record-trace`).
     pub trace_records: AtomicU64,
+    /// Daemons started on this mount after the first: restarts after a
+    /// daemon died, and live upgrades.
+    pub daemon_restarts: AtomicU64,
+    /// Of those, live upgrades (`naiad daemon upgrade`).
+    pub daemon_upgrades: AtomicU64,
     /// Time the FUSE read handler took, per request.
     pub read_latency: Histogram,
+    /// Time from a daemon's death until its successor served the mount.
+    pub daemon_recovery: Histogram,
     pub progress: PrefetchProgress,
 }
 
 /// Gauges of the prefetcher.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct PrefetchProgress {
     /// 0: no prefetch (disabled or empty table), 1: running, 2: done,
     /// 3: stopped before it finished.
@@ -165,6 +189,8 @@ pub struct CounterSnapshot {
     pub read_bytes: u64,
     pub read_errors: u64,
     pub trace_records: u64,
+    pub daemon_restarts: u64,
+    pub daemon_upgrades: u64,
 }
 
 /// Bytes read from the store per byte the workload read.
@@ -215,6 +241,120 @@ pub(crate) fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
+/// The [`CounterBlock`] of a mount: on this process's heap
+/// ([`Counters::default`]) or in a shared file mapping
+/// ([`Counters::open_shared`]). Dereferences to the block.
+pub struct Counters {
+    block: NonNull<CounterBlock>,
+    /// `Some((base, len))` of the mapping when the block lives in a file.
+    mapping: Option<(NonNull<libc::c_void>, usize)>,
+}
+
+// SAFETY: the block holds only atomics and stays valid (heap allocation or
+// mapping) for as long as the `Counters` lives.
+unsafe impl Send for Counters {}
+// SAFETY: as above; every access is an atomic operation.
+unsafe impl Sync for Counters {}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters { block: NonNull::from(Box::leak(Box::<CounterBlock>::default())), mapping: None }
+    }
+}
+
+impl Deref for Counters {
+    type Target = CounterBlock;
+    fn deref(&self) -> &CounterBlock {
+        // SAFETY: valid for our lifetime (see the Send impl).
+        unsafe { self.block.as_ref() }
+    }
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counters").field("shared", &self.mapping.is_some()).field("block", &**self).finish()
+    }
+}
+
+impl Drop for Counters {
+    fn drop(&mut self) {
+        match self.mapping {
+            // SAFETY: the mapping we made in open_shared, unmapped once.
+            Some((base, len)) => unsafe {
+                libc::munmap(base.as_ptr(), len);
+            },
+            // SAFETY: the box leaked in default(), freed once.
+            None => unsafe { drop(Box::from_raw(self.block.as_ptr())) },
+        }
+    }
+}
+
+/// "naiadcnt": the first word of a shared counters file.
+const SHARED_MAGIC: u64 = u64::from_le_bytes(*b"naiadcnt");
+/// Bytes before the block: magic, layout, padding to a cache line.
+const SHARED_HEADER: usize = 64;
+
+impl Counters {
+    /// Maps the shared counters file at `path`, creating it (zeroed) when it
+    /// is missing or has another size. A file written by a binary with
+    /// another counter layout is reset to zero, with a warning.
+    pub fn open_shared(path: &Path) -> Result<Counters, FuseError> {
+        let block_len = std::mem::size_of::<CounterBlock>();
+        let len = SHARED_HEADER + block_len;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).at(path)?;
+        if file.metadata().at(path)?.len() != len as u64 {
+            file.set_len(0).and_then(|_| file.set_len(len as u64)).at(path)?;
+        }
+        // SAFETY: a fresh shared mapping of `len` bytes of a file we hold
+        // open; the kernel keeps it after the file is closed.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).at(path);
+        }
+        let base = NonNull::new(base).ok_or_else(|| std::io::Error::other("mmap returned NULL")).at(path)?;
+        // SAFETY: page-aligned mapping of at least SHARED_HEADER + block_len
+        // bytes; AtomicU64 and CounterBlock (atomics only) are valid for any
+        // bit pattern, zeroes included.
+        let (header, block) = unsafe { (&*(base.as_ptr() as *const [AtomicU64; 2]), NonNull::new_unchecked(base.as_ptr().cast::<u8>().add(SHARED_HEADER).cast::<CounterBlock>())) };
+        let counters = Counters { block, mapping: Some((base.cast(), len)) };
+        let layout = block_len as u64;
+        let (magic, found) = (get(&header[0]), get(&header[1]));
+        if magic != SHARED_MAGIC || found != layout {
+            if magic != 0 {
+                tracing::warn!("{}: counters of another layout ({found} bytes, expected {layout}); starting them from zero", path.display());
+            }
+            // SAFETY: our writable mapping of block_len bytes; zero is a
+            // valid CounterBlock.
+            unsafe { std::ptr::write_bytes(block.as_ptr().cast::<u8>(), 0, block_len) };
+            set(&header[1], layout);
+            set(&header[0], SHARED_MAGIC);
+        }
+        Ok(counters)
+    }
+
+    /// Zeroes the prefetch progress gauges, which a new daemon generation
+    /// recomputes (chunks already cached count as done at once).
+    pub fn reset_progress(&self) {
+        let p = &self.progress;
+        for g in [
+            &p.state,
+            &p.chunks_total,
+            &p.bytes_total,
+            &p.chunks_done,
+            &p.bytes_done,
+            &p.chunks_failed,
+            &p.millis,
+            &p.background_chunks_total,
+            &p.background_chunks_done,
+            &p.background_bytes_total,
+            &p.background_bytes_done,
+            &p.background_state,
+        ] {
+            set(g, 0);
+        }
+    }
+}
+
 impl Counters {
     pub fn origin(&self, o: Origin) -> &OriginCounters {
         match o {
@@ -255,6 +395,8 @@ impl Counters {
             read_bytes: g(&self.read_bytes),
             read_errors: g(&self.read_errors),
             trace_records: g(&self.trace_records),
+            daemon_restarts: g(&self.daemon_restarts),
+            daemon_upgrades: g(&self.daemon_upgrades),
         }
     }
 
@@ -314,6 +456,8 @@ impl CounterSnapshot {
             ("read_bytes", "bytes returned by FUSE reads", self.read_bytes),
             ("read_errors", "FUSE reads answered with an error", self.read_errors),
             ("trace_records", "records written to the access trace", self.trace_records),
+            ("daemon_restarts", "daemons started on this mount after the first (restarts and upgrades)", self.daemon_restarts),
+            ("daemon_upgrades", "live upgrades of this mount's daemon", self.daemon_upgrades),
         ]
     }
 
@@ -437,5 +581,34 @@ mod tests {
         let p = c.prefetch_snapshot();
         assert_eq!(p.state, "done");
         assert!(p.gauges().iter().any(|g| g.0 == "prefetch_state" && g.2 == state::DONE));
+    }
+
+    #[test]
+    fn shared_counters_outlive_their_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.counters");
+        let first = Counters::open_shared(&path).unwrap();
+        let second = Counters::open_shared(&path).unwrap();
+        add(&first.reads, 5);
+        first.read_latency.observe(std::time::Duration::from_millis(1));
+        set(&first.progress.chunks_done, 9);
+        assert_eq!(get(&second.reads), 5, "two mappings share one block");
+        drop(first);
+        drop(second);
+        let third = Counters::open_shared(&path).unwrap();
+        assert_eq!(third.snapshot().reads, 5, "counts survive the processes that made them");
+        assert_eq!(third.read_latency.snapshot().count, 1);
+        third.reset_progress();
+        assert_eq!(third.prefetch_snapshot().chunks_done, 0);
+        assert_eq!(third.snapshot().reads, 5);
+        drop(third);
+        // A file of another layout starts from zero.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(Counters::open_shared(&path).unwrap().snapshot().reads, 0);
+        // So does a file of another size.
+        std::fs::write(&path, b"short").unwrap();
+        assert_eq!(Counters::open_shared(&path).unwrap().snapshot().reads, 0);
     }
 }

@@ -1,44 +1,51 @@
-//! [`serve`]: mounts an opened naiad image and runs its FUSE session until
-//! the filesystem is unmounted (by `naiad umount`, `umount`, or SIGTERM /
-//! SIGINT / SIGHUP, which make the daemon unmount itself), then flushes the
-//! disk cache and removes its control socket and pid file.
+//! The serving daemon of a mount: [`run_daemon`] takes its [`Handoff`]
+//! from the supervisor (configuration and the mount's `/dev/fuse`
+//! descriptor), opens the image, sets up a fuser session on the connection
+//! ([`crate::fuse_device::start_session`]) and serves it until the
+//! filesystem is unmounted, then flushes the disk cache and removes its
+//! stats socket.
 //!
-//! Alongside the session: the [`Prefetcher`] starts fetching the image's
-//! startup set as soon as the mount exists, the [`TraceRecorder`] writes the
-//! reads to a trace file (`--record-trace`; final write after unmount), and
-//! the control socket and the HTTP API socket (`--api-socket`) serve the
-//! counters.
+//! Alongside the session: the [`Prefetcher`] fetches the image's startup
+//! set (chunks already in the disk cache count as done, so a restarted
+//! daemon continues a prefetch rather than starting it over), the
+//! [`TraceRecorder`] writes the reads to a trace file (`--record-trace`;
+//! final write after unmount), and the stats socket and the HTTP API socket
+//! (`--api-socket`) serve the counters, which live in the mount's shared
+//! counters file.
 //!
-//! This is process-level code: with `handle_signals` it blocks those
-//! signals in the calling thread (and so in every thread it starts) and
-//! waits for them on a dedicated thread.
+//! The daemon holds no state that a successor needs: inode numbers and file
+//! handles are the bootstrap's own, and the caches and counters are on
+//! disk. That is what lets [`crate::supervisor`] replace it at any moment.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuser::{Config, MountOption, Session, SessionACL};
-use naiad_registry::NaiadImage;
+use std::os::fd::OwnedFd;
+
+use fuser::{Config, SessionACL};
+use naiad_registry::{ImageRef, NaiadImage};
 use nix::mount::MntFlags;
-use nix::sys::signal::{SigSet, Signal};
+use serde::{Deserialize, Serialize};
 
 use crate::chunk_cache::ChunkCache;
 use crate::counters::Counters;
 use crate::disk_cache::DiskCache;
-use crate::error::{FuseError, IoContext};
+use crate::error::FuseError;
 use crate::fetcher::StoreChunkFetcher;
 use crate::filesystem::NaiadFs;
+use crate::fuse_device;
+use crate::handoff::{self, DaemonMessage, Handoff, StartCause};
 use crate::memory_cache::MemoryCache;
 use crate::metrics_server::MetricsServer;
 use crate::prefetcher::{PrefetchConfig, Prefetcher};
 use crate::runtime_paths::RuntimePaths;
 use crate::stats_server::{CacheUsage, StatsReport, StatsServer};
 use crate::trace_recorder::TraceRecorder;
-use crate::FSNAME;
 
 /// How the filesystem is mounted.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountConfig {
     /// FUSE worker threads.
     pub threads: usize,
@@ -46,9 +53,6 @@ pub struct MountConfig {
     pub ttl: Duration,
     /// Let every user (not only the daemon's) use the mount.
     pub allow_other: bool,
-    /// Have fusermount3 unmount if the daemon dies (falls back to a plain
-    /// mount if that does not work).
-    pub auto_unmount: bool,
     /// Honor setuid/setgid bits (off by default: `nosuid`).
     pub suid: bool,
     /// Allow device nodes to be opened as devices (off by default: `nodev`).
@@ -57,12 +61,12 @@ pub struct MountConfig {
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { threads: 4, ttl: Duration::from_secs(86400), allow_other: true, auto_unmount: true, suid: false, dev: false }
+        MountConfig { threads: 4, ttl: Duration::from_secs(86400), allow_other: true, suid: false, dev: false }
     }
 }
 
 /// The chunk caches of a mount.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheConfig {
     /// Bytes of decompressed chunks kept in memory.
     pub memory_bytes: u64,
@@ -78,8 +82,8 @@ impl Default for CacheConfig {
     }
 }
 
-/// Everything [`serve`] needs besides the image.
-#[derive(Debug, Clone)]
+/// How a daemon serves its mount.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServeConfig {
     /// Canonical path of the mountpoint.
     pub mountpoint: PathBuf,
@@ -87,10 +91,8 @@ pub struct ServeConfig {
     pub source: String,
     pub mount: MountConfig,
     pub cache: CacheConfig,
-    /// Control socket and pid file; `None` runs without them.
-    pub runtime: Option<RuntimePaths>,
-    /// Unmount on SIGTERM, SIGINT and SIGHUP.
-    pub handle_signals: bool,
+    /// The mount's files: stats socket, pid file, control socket, counters.
+    pub runtime: RuntimePaths,
     /// Prefetch at mount and `--fetch-all`.
     pub prefetch: PrefetchConfig,
     /// Record the reads to this file (`--record-trace`).
@@ -126,147 +128,176 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), FuseError> {
     }
 }
 
-fn fuser_config(m: &MountConfig, auto_unmount: bool) -> Config {
-    let mut options = vec![
-        MountOption::FSName(FSNAME.into()),
-        // A kernel option (not fuser's Subtype, which only fusermount
-        // honors) so the type reads fuse.naiad on every mount path.
-        MountOption::CUSTOM(format!("subtype={FSNAME}")),
-        MountOption::RO,
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-        if m.suid { MountOption::Suid } else { MountOption::NoSuid },
-        if m.dev { MountOption::Dev } else { MountOption::NoDev },
-    ];
-    if auto_unmount {
-        options.push(MountOption::AutoUnmount);
-    }
+/// The fuser session settings of a daemon. One shared descriptor for all
+/// worker threads (no FUSE_DEV_IOC_CLONE): requests read through a cloned
+/// descriptor are aborted when it closes, so a daemon's death would fail
+/// them instead of leaving them to be resent.
+fn fuser_config(m: &MountConfig) -> (SessionACL, Config) {
+    let acl = if m.allow_other { SessionACL::All } else { SessionACL::Owner };
     let mut c = Config::default();
-    c.mount_options = options;
-    c.acl = if m.allow_other { SessionACL::All } else { SessionACL::Owner };
+    c.acl = acl;
     c.n_threads = Some(m.threads.max(1));
-    c.clone_fd = true;
-    c
+    c.clone_fd = false;
+    (acl, c)
 }
 
-/// Mounts `image` on `config.mountpoint`, calls `on_ready` once the kernel
-/// has initialized the mount, and serves it until it is unmounted.
-pub fn serve(image: NaiadImage, config: &ServeConfig, on_ready: impl FnOnce()) -> Result<(), FuseError> {
-    let mp = &config.mountpoint;
-    check_fuse_device()?;
-    let meta = std::fs::metadata(mp).map_err(|source| FuseError::Mountpoint { path: mp.clone(), source })?;
-    if !meta.is_dir() {
-        return Err(FuseError::NotADirectory(mp.clone()));
-    }
-    let signals = {
-        let mut s = SigSet::empty();
-        s.add(Signal::SIGTERM);
-        s.add(Signal::SIGINT);
-        s.add(Signal::SIGHUP);
-        s
+/// The daemon process: reads its [`Handoff`] from `channel`, serves the
+/// mount until it is unmounted, and returns. A failure before the session
+/// is up is also reported to the supervisor, which passes it on.
+pub fn run_daemon(channel: OwnedFd) -> Result<(), FuseError> {
+    let channel_err = |source: std::io::Error| FuseError::Io { path: "supervisor channel".into(), source };
+    let (handoff, mut fds): (Handoff, _) = handoff::receive(&channel).map_err(channel_err)?.ok_or_else(|| channel_err(std::io::Error::other("closed before the handoff")))?;
+    let Some(fuse) = fds.pop() else {
+        return Err(channel_err(std::io::Error::other("the handoff carries no /dev/fuse descriptor")));
     };
-    if config.handle_signals {
-        signals.thread_block().map_err(|e| FuseError::Io { path: mp.clone(), source: e.into() })?;
+    match start(&handoff, &fuse, &channel) {
+        Ok(daemon) => daemon.serve(),
+        Err(e) => {
+            let _ = handoff::send(&channel, &DaemonMessage::Failed { message: e.to_string() }, &[]);
+            Err(e)
+        }
     }
+}
 
+/// A daemon whose session is set up and announced, about to serve.
+struct StartedDaemon {
+    session: fuser::Session<NaiadFs>,
+    config: ServeConfig,
+    image: Arc<NaiadImage>,
+    chunks: Arc<ChunkCache>,
+    recorder: Option<Arc<TraceRecorder>>,
+    counters: Arc<Counters>,
+    start: Instant,
+    supervisor_pid: u32,
+    generation: u64,
+}
+
+fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<StartedDaemon, FuseError> {
+    let config = &handoff.config.serve;
+    let mp = &config.mountpoint;
     let start = Instant::now();
-    let counters = Arc::new(Counters::default());
+    let source = &handoff.config.source;
+    let reference = ImageRef::parse(source).map_err(|e| FuseError::Image(format!("image {source}: {e}")))?;
+    let image = NaiadImage::open_with(&reference, &handoff.config.registry).map_err(|e| FuseError::Image(format!("opening image {source}: {e}")))?;
+    tracing::info!("daemon {} (generation {}) opened {source} ({} inodes, {} chunks) in {:?}", std::process::id(), handoff.generation, image.bootstrap.inode_count(), image.bootstrap.chunk_count(), start.elapsed());
+
+    let counters = Arc::new(Counters::open_shared(&config.runtime.counters)?);
+    counters.reset_progress();
     let disk = match &config.cache.disk_dir {
         Some(dir) if config.cache.disk_bytes > 0 => Some(DiskCache::open(dir, config.cache.disk_bytes, counters.clone())?),
         _ => None,
     };
     let image = Arc::new(image);
-    let blob_bytes: u64 = image.bootstrap.blobs().map(|b| b.iter().map(|b| b.size).sum()).unwrap_or(0);
     let fetcher = Arc::new(StoreChunkFetcher::new(image.clone()));
     let chunks = Arc::new(ChunkCache::new(fetcher, MemoryCache::new(config.cache.memory_bytes), disk, counters.clone()));
     let recorder = match &config.record_trace {
         Some(path) => Some(TraceRecorder::start(path, image.clone(), counters.clone())?),
         None => None,
     };
-    let new_fs = || NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone());
+    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone());
 
-    let session = match Session::new(new_fs(), mp, &fuser_config(&config.mount, config.mount.auto_unmount)) {
-        Ok(s) => s,
-        Err(e) if config.mount.auto_unmount => {
-            tracing::warn!("mounting with auto_unmount failed ({e}); mounting without it");
-            Session::new(new_fs(), mp, &fuser_config(&config.mount, false)).map_err(|source| FuseError::Mount { path: mp.clone(), source })?
-        }
-        Err(source) => return Err(FuseError::Mount { path: mp.clone(), source }),
+    let fuse_err = |source: std::io::Error| FuseError::Mount { path: mp.clone(), source };
+    let first = handoff.init_request.is_none();
+    let init = match &handoff.init_request {
+        Some(init) => init.clone(),
+        None => fuse_device::read_init(fuse).map_err(fuse_err)?,
     };
-    tracing::info!("mounted {} on {} in {:?}", config.source, mp.display(), start.elapsed());
-
-    // From here on, an early return drops the session, which unmounts (and
-    // the prefetcher and servers, which stop).
-    let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start)?;
-    let report = {
-        let (chunks, mountpoint, source) = (chunks.clone(), mp.display().to_string(), config.source.clone());
-        let trace_file = config.record_trace.as_ref().map(|p| p.display().to_string());
-        Arc::new(move || StatsReport {
-            mountpoint: mountpoint.clone(),
-            source: source.clone(),
-            pid: std::process::id(),
-            uptime_secs: start.elapsed().as_secs_f64(),
-            blob_bytes,
-            counters: chunks.snapshot(),
-            read_latency: chunks.counters().read_latency.snapshot(),
-            prefetch: chunks.counters().prefetch_snapshot(),
-            trace_file: trace_file.clone(),
-            memory_cache: {
-                let (bytes, entries) = chunks.memory().usage();
-                CacheUsage { bytes, entries, capacity: chunks.memory().capacity(), dir: None }
-            },
-            disk_cache: chunks.disk().map(|d| {
-                let (bytes, entries) = d.usage();
-                CacheUsage { bytes, entries, capacity: d.capacity(), dir: Some(d.dir().display().to_string()) }
-            }),
-        })
-    };
-    let mut stats = None;
-    if let Some(rt) = &config.runtime {
-        let report = report.clone();
-        stats = Some(StatsServer::start(&rt.socket, move || report())?);
-        std::fs::write(&rt.pid_file, format!("{}\n", std::process::id())).at(&rt.pid_file)?;
+    let (acl, fuser) = fuser_config(&config.mount);
+    let (session, reply) = fuse_device::start_session(fs, fuse, &init, acl, fuser).map_err(fuse_err)?;
+    if first {
+        fuse_device::write_reply(fuse, &reply).map_err(fuse_err)?;
     }
-    let api = match &config.api_socket {
-        Some(path) => {
-            let report = report.clone();
-            Some(MetricsServer::start(path, move || report())?)
+    handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[]).map_err(|source| FuseError::Io { path: "supervisor channel".into(), source })?;
+    match handoff.cause {
+        StartCause::First => tracing::info!("serving {source} on {} ({:?} after start)", mp.display(), start.elapsed()),
+        StartCause::Restart { died_at_ns } => {
+            let gap = Duration::from_nanos(handoff::monotonic_ns().saturating_sub(died_at_ns));
+            crate::counters::inc(&counters.daemon_restarts);
+            counters.daemon_recovery.observe(gap);
+            tracing::info!("serving {} again, {gap:?} after the previous daemon died", mp.display());
         }
-        None => None,
-    };
+        StartCause::Upgrade => {
+            crate::counters::inc(&counters.daemon_restarts);
+            crate::counters::inc(&counters.daemon_upgrades);
+            tracing::info!("serving {} as the upgraded daemon ({})", mp.display(), std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default());
+        }
+    }
+    Ok(StartedDaemon { session, config: config.clone(), image, chunks, recorder, counters, start, supervisor_pid: handoff.supervisor_pid, generation: handoff.generation })
+}
 
-    if config.handle_signals {
-        let target = mp.clone();
-        std::thread::Builder::new()
-            .name("naiad-signals".into())
-            .spawn(move || loop {
-                let Ok(sig) = signals.wait() else { continue };
-                tracing::info!("{sig}: unmounting {}", target.display());
-                match unmount(&target, false) {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!("{e}; detaching it instead (it goes away when no longer used)");
-                        match unmount(&target, true) {
-                            Ok(()) => break,
-                            Err(e) => tracing::error!("{e}"),
-                        }
-                    }
-                }
+impl StartedDaemon {
+    fn serve(self) -> Result<(), FuseError> {
+        let StartedDaemon { session, config, image, chunks, recorder, counters, start, supervisor_pid, generation } = self;
+        let mp = &config.mountpoint;
+        let blob_bytes: u64 = image.bootstrap.blobs().map(|b| b.iter().map(|b| b.size).sum()).unwrap_or(0);
+        // From here on, an early return drops the session (the supervisor
+        // starts another daemon) and the prefetcher and servers, which stop.
+        let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start)?;
+        let report = {
+            let (chunks, mountpoint, source) = (chunks.clone(), mp.display().to_string(), config.source.clone());
+            let trace_file = config.record_trace.as_ref().map(|p| p.display().to_string());
+            let counters = counters.clone();
+            Arc::new(move || StatsReport {
+                mountpoint: mountpoint.clone(),
+                source: source.clone(),
+                pid: std::process::id(),
+                supervisor_pid: Some(supervisor_pid),
+                generation,
+                uptime_secs: start.elapsed().as_secs_f64(),
+                blob_bytes,
+                counters: chunks.snapshot(),
+                read_latency: counters.read_latency.snapshot(),
+                daemon_recovery: counters.daemon_recovery.snapshot(),
+                prefetch: counters.prefetch_snapshot(),
+                trace_file: trace_file.clone(),
+                memory_cache: {
+                    let (bytes, entries) = chunks.memory().usage();
+                    CacheUsage { bytes, entries, capacity: chunks.memory().capacity(), dir: None }
+                },
+                disk_cache: chunks.disk().map(|d| {
+                    let (bytes, entries) = d.usage();
+                    CacheUsage { bytes, entries, capacity: d.capacity(), dir: Some(d.dir().display().to_string()) }
+                }),
             })
-            .at(mp)?;
-    }
-
-    on_ready();
-    let result = session.run().map_err(|source| FuseError::Session { path: mp.clone(), source });
-    if let Some(p) = prefetcher {
-        p.stop();
-    }
-    if let Some(r) = &recorder {
-        match r.finish() {
-            Ok(()) => tracing::info!("trace: {} records written to {}", r.records(), r.path().display()),
-            Err(e) => tracing::error!("trace: {e}"),
+        };
+        // A successor takes the sockets over: the predecessor is dead, or
+        // (upgrade) about to be stopped.
+        let _ = std::fs::remove_file(&config.runtime.socket);
+        let stats = {
+            let report = report.clone();
+            StatsServer::start(&config.runtime.socket, move || report())?
+        };
+        let api = match &config.api_socket {
+            Some(path) => {
+                let report = report.clone();
+                if generation > 1 {
+                    let _ = std::fs::remove_file(path);
+                }
+                Some(MetricsServer::start(path, move || report())?)
+            }
+            None => None,
+        };
+        let result = session.run().map_err(|source| FuseError::Session { path: mp.clone(), source });
+        if let Some(p) = prefetcher {
+            p.stop();
         }
+        if let Some(r) = &recorder {
+            match r.finish() {
+                Ok(()) => tracing::info!("trace: {} records written to {}", r.records(), r.path().display()),
+                Err(e) => tracing::error!("trace: {e}"),
+            }
+        }
+        log_summary(mp, start, &chunks);
+        chunks.flush();
+        stats.stop();
+        if let Some(a) = api {
+            a.stop();
+        }
+        result
     }
+}
+
+fn log_summary(mp: &Path, start: Instant, chunks: &ChunkCache) {
     let c = chunks.snapshot();
     let amp = c.amplification();
     tracing::info!(
@@ -287,15 +318,4 @@ pub fn serve(image: NaiadImage, config: &ServeConfig, on_ready: impl FnOnce()) -
         c.disk_hits,
         c.errors
     );
-    chunks.flush();
-    if let Some(s) = stats {
-        s.stop();
-    }
-    if let Some(a) = api {
-        a.stop();
-    }
-    if let Some(rt) = &config.runtime {
-        let _ = std::fs::remove_file(&rt.pid_file);
-    }
-    result
 }

@@ -28,6 +28,8 @@ pub enum FuseError {
     Stats { path: PathBuf, detail: String },
     #[error("{0}")]
     Container(String),
+    #[error("{0}")]
+    Image(String),
 }
 
 /// Attaches a path to an `io::Error`.

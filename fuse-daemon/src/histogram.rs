@@ -11,38 +11,22 @@ use serde::{Deserialize, Serialize};
 /// Upper bounds (seconds) of the read-latency buckets: 50 µs to 10 s.
 pub const LATENCY_BOUNDS: [f64; 18] = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-/// Observations counted per bucket (not cumulative; the last bucket is
-/// everything above the largest bound), plus their sum and count.
-#[derive(Debug)]
+/// Observations counted per bucket of [`LATENCY_BOUNDS`] (not cumulative;
+/// the last bucket is everything above the largest bound), plus their sum
+/// and count. Atomics only and `repr(C)`, so it can live in the shared
+/// counters file ([`crate::counters::Counters::open_shared`]).
+#[derive(Debug, Default)]
+#[repr(C)]
 pub struct Histogram {
-    bounds: &'static [f64],
-    bounds_ns: Vec<u64>,
-    counts: Vec<AtomicU64>,
+    counts: [AtomicU64; LATENCY_BOUNDS.len() + 1],
     sum_ns: AtomicU64,
     count: AtomicU64,
 }
 
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram::new(&LATENCY_BOUNDS)
-    }
-}
-
 impl Histogram {
-    /// A histogram with `bounds` (seconds, ascending) as bucket upper bounds.
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            bounds_ns: bounds.iter().map(|b| (b * 1e9) as u64).collect(),
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_ns: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
     pub fn observe(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let i = self.bounds_ns.partition_point(|&b| b < ns);
+        let i = LATENCY_BOUNDS.partition_point(|&b| ((b * 1e9) as u64) < ns);
         if let Some(c) = self.counts.get(i) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -52,8 +36,8 @@ impl Histogram {
 
     pub fn snapshot(&self) -> HistogramSnapshot {
         let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(self.bounds.len());
-        for (i, &le) in self.bounds.iter().enumerate() {
+        let mut buckets = Vec::with_capacity(LATENCY_BOUNDS.len());
+        for (i, &le) in LATENCY_BOUNDS.iter().enumerate() {
             cumulative += self.counts[i].load(Ordering::Relaxed);
             buckets.push(Bucket { le, count: cumulative });
         }

@@ -25,8 +25,12 @@
 //!   sockets `naiad stats` asks for counters and HTTP clients scrape.
 //! - [`runtime_paths`]: where a mount's socket, pid file and log live.
 //! - [`mountinfo`]: reading `/proc/self/mountinfo`.
-//! - [`daemon`]: [`serve`], which mounts an image and runs the session until
-//!   it is unmounted or the process is told to stop.
+//! - [`supervisor`]: [`supervise`], the process that owns a mount's
+//!   `/dev/fuse` connection and runs, restarts and upgrades its daemon;
+//!   [`fuse_device`], that connection (mount, INIT, resend); [`handoff`],
+//!   what supervisor and daemon tell each other ([`DaemonConfig`]).
+//! - [`daemon`]: [`run_daemon`], the daemon process, which serves the mount
+//!   its supervisor hands it until it is unmounted.
 //! - [`container`]: running a command chrooted into a mounted image under an
 //!   overlay, in new mount and PID namespaces (`naiad run`).
 //! - [`size`]: parsing and printing byte sizes ("2G").
@@ -41,6 +45,8 @@ pub mod error;
 pub mod fetch_plan;
 pub mod fetcher;
 pub mod filesystem;
+pub mod fuse_device;
+pub mod handoff;
 pub mod histogram;
 pub mod inflight;
 pub mod memory_cache;
@@ -51,11 +57,14 @@ pub mod runtime_paths;
 pub mod size;
 pub mod socket_server;
 pub mod stats_server;
+pub mod supervisor;
 pub mod trace_recorder;
 
 pub use chunk_cache::ChunkCache;
-pub use counters::{CounterSnapshot, Counters, Origin, PrefetchSnapshot};
-pub use daemon::{serve, CacheConfig, MountConfig, ServeConfig};
+pub use counters::{CounterBlock, CounterSnapshot, Counters, Origin, PrefetchSnapshot};
+pub use daemon::{run_daemon, CacheConfig, MountConfig, ServeConfig};
+pub use handoff::DaemonConfig;
+pub use supervisor::{supervise, SupervisorOptions};
 pub use disk_cache::DiskCache;
 pub use error::{ChunkError, FuseError};
 pub use fetcher::{ChunkFetcher, FetchedChunk, StoreChunkFetcher};

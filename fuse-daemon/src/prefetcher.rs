@@ -37,7 +37,7 @@ use crate::fetch_plan::{plan, Request, MAX_REQUEST, MERGE_GAP};
 use crate::size::format_size;
 
 /// How and whether a mount prefetches.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PrefetchConfig {
     /// Fetch the prefetch table at mount.
     pub enabled: bool,

@@ -1,7 +1,8 @@
-//! Where a mount's daemon keeps its control socket, pid file and log: files
-//! in a run directory (default `/run/naiad`) named after a hash of the
-//! canonical mountpoint, so `naiad stats` and `naiad umount` find the
-//! daemon from the mountpoint alone.
+//! Where a mount keeps its files: the daemon's stats socket, the
+//! supervisor's pid file and control socket, the shared counters and the
+//! log, in a run directory (default `/run/naiad`) named after a hash of the
+//! canonical mountpoint, so `naiad stats`, `naiad umount` and `naiad daemon
+//! upgrade` find the mount's processes from the mountpoint alone.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -9,11 +10,17 @@ use std::path::{Component, Path, PathBuf};
 pub const DEFAULT_RUN_DIR: &str = "/run/naiad";
 
 /// The files of one mount's daemon.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuntimePaths {
+    /// The serving daemon's stats socket (`naiad stats`).
     pub socket: PathBuf,
+    /// The supervisor's pid.
     pub pid_file: PathBuf,
     pub log_file: PathBuf,
+    /// The supervisor's control socket (`naiad daemon upgrade`).
+    pub control: PathBuf,
+    /// The counters every daemon generation maps.
+    pub counters: PathBuf,
 }
 
 /// 16 hex digits of the blake3 of the canonical mountpoint.
@@ -30,6 +37,8 @@ impl RuntimePaths {
             socket: run_dir.join(format!("{id}.sock")),
             pid_file: run_dir.join(format!("{id}.pid")),
             log_file: run_dir.join(format!("{id}.log")),
+            control: run_dir.join(format!("{id}.ctl")),
+            counters: run_dir.join(format!("{id}.counters")),
         }
     }
 

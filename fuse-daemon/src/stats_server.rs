@@ -32,7 +32,17 @@ pub struct CacheUsage {
 pub struct StatsReport {
     pub mountpoint: String,
     pub source: String,
+    /// The daemon serving the mount now.
     pub pid: u32,
+    /// The supervisor that owns the mount's FUSE connection and restarts
+    /// its daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_pid: Option<u32>,
+    /// Which daemon of the mount this is: 1 for the first, then counting up
+    /// with every restart and upgrade.
+    #[serde(default)]
+    pub generation: u64,
+    /// Seconds since this daemon started serving.
     pub uptime_secs: f64,
     /// Total size of the image's chunk blobs.
     pub blob_bytes: u64,
@@ -40,6 +50,9 @@ pub struct StatsReport {
     /// Time the FUSE read handler took per request.
     #[serde(default)]
     pub read_latency: HistogramSnapshot,
+    /// Time from a daemon's death until its successor served the mount.
+    #[serde(default)]
+    pub daemon_recovery: HistogramSnapshot,
     #[serde(default)]
     pub prefetch: PrefetchSnapshot,
     /// Where `--record-trace` writes.
@@ -57,10 +70,12 @@ impl StatsReport {
     /// Readable text for a terminal.
     pub fn render_text(&self) -> String {
         let mut out = format!(
-            "mountpoint      {}\nsource          {}\ndaemon pid      {}\nuptime          {:.1}s\nblobs           {}\n",
+            "mountpoint      {}\nsource          {}\ndaemon pid      {} (generation {}{})\nuptime          {:.1}s\nblobs           {}\n",
             self.mountpoint,
             self.source,
             self.pid,
+            self.generation,
+            self.supervisor_pid.map(|p| format!(", supervisor pid {p}")).unwrap_or_default(),
             self.uptime_secs,
             format_size(self.blob_bytes)
         );
@@ -83,6 +98,16 @@ impl StatsReport {
             ms(l.quantile_upper_bound(0.5)),
             ms(l.quantile_upper_bound(0.99))
         ));
+        let r = &self.daemon_recovery;
+        if r.count > 0 {
+            out.push_str(&format!(
+                "daemon restarts {} ({} upgrades); recovery mean {}, max <= {}\n",
+                self.counters.daemon_restarts,
+                self.counters.daemon_upgrades,
+                ms(r.mean_seconds()),
+                ms(r.quantile_upper_bound(1.0))
+            ));
+        }
         out.push('\n');
         out.push_str(&self.counters.render_text());
         out
@@ -96,6 +121,11 @@ impl StatsReport {
         let labels = format!("mountpoint=\"{}\"", label_value(&self.mountpoint));
         let mut out = self.counters.render_prometheus(&self.mountpoint);
         out.push_str(&self.read_latency.render_prometheus("naiad_read_latency_seconds", "time the FUSE read handler took", &labels));
+        out.push_str(&self.daemon_recovery.render_prometheus("naiad_daemon_recovery_seconds", "time from a daemon's death until its successor served the mount", &labels));
+        gauge(&mut out, "daemon_pid", "pid of the daemon serving the mount", &labels, self.pid);
+        if let Some(p) = self.supervisor_pid {
+            gauge(&mut out, "supervisor_pid", "pid of the mount's supervisor", &labels, p);
+        }
         gauge(&mut out, "uptime_seconds", "seconds since the daemon mounted the image", &labels, format!("{:.3}", self.uptime_secs));
         gauge(&mut out, "blob_bytes", "total size of the image's chunk blobs", &labels, self.blob_bytes);
         let mut caches = vec![("memory", &self.memory_cache)];
@@ -175,10 +205,13 @@ pub(crate) fn sample_report() -> StatsReport {
         mountpoint: "/mnt".into(),
         source: "oci:/x:naiad".into(),
         pid: 1,
+        supervisor_pid: Some(2),
+        generation: 3,
         uptime_secs: 1.0,
         blob_bytes: 10,
         counters: CounterSnapshot { misses: 3, reads: 1, ..Default::default() },
         read_latency: h.snapshot(),
+        daemon_recovery: h.snapshot(),
         prefetch: PrefetchSnapshot { state: "done".into(), chunks_total: 4, chunks_done: 4, ..Default::default() },
         trace_file: None,
         memory_cache: CacheUsage { bytes: 1, entries: 1, capacity: 2, dir: None },
@@ -203,6 +236,9 @@ mod tests {
         assert!(metrics.contains("naiad_misses_total{mountpoint=\"/mnt\"} 3"), "{metrics}");
         assert!(metrics.contains("naiad_read_latency_seconds_count{mountpoint=\"/mnt\"} 1"), "{metrics}");
         assert!(metrics.contains("naiad_prefetch_state{mountpoint=\"/mnt\"} 2"), "{metrics}");
+        assert!(metrics.contains("naiad_daemon_restarts_total{mountpoint=\"/mnt\"} 0"), "{metrics}");
+        assert!(metrics.contains("naiad_daemon_recovery_seconds_count{mountpoint=\"/mnt\"} 1"), "{metrics}");
+        assert!(metrics.contains("naiad_supervisor_pid{mountpoint=\"/mnt\"} 2"), "{metrics}");
         let text = report.render_text();
         assert!(text.contains("misses") && text.contains("read latency") && text.contains("prefetch        done"), "{text}");
         server.stop();

@@ -18,7 +18,7 @@ use crate::docker_ref::{host_without_port, DOCKER_HUB, DOCKER_HUB_ENDPOINT};
 use crate::error::{RegistryError, Result};
 
 /// A user name and password (or identity token) for one registry.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Credentials {
     pub username: String,
     pub password: String,

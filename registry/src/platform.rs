@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::error::{RegistryError, Result};
 use crate::manifest::{host_architecture, Descriptor};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Platform {
     pub os: String,
     pub architecture: String,

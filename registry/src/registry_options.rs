@@ -9,7 +9,8 @@ use std::time::Duration;
 use crate::credentials::Credentials;
 use crate::platform::Platform;
 
-#[derive(Clone)]
+/// Serializable, so that a daemon gets them whole from its supervisor.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct RegistryOptions {
     /// `--creds`: for the registry of the image being read or written
     /// (other registries, and this one without it, use the docker config).

@@ -1,12 +1,17 @@
-//! `naiad mount`, `naiad umount`, `naiad stats`.
+//! `naiad mount`, `naiad umount`, `naiad stats`, `naiad daemon ...`.
 //!
-//! `naiad mount SRC MOUNTPOINT` starts a daemon (this binary again, with
-//! `--foreground`, in its own session) and returns once the mount is ready.
-//! The daemon's stderr is a pipe to the parent until the mount is up, so an
-//! early failure (bad image, missing /dev/fuse, ...) is reported by the
-//! parent with a non-zero exit; after that the daemon logs to a file in the
-//! run directory. `naiad umount` unmounts and waits for the daemon to exit;
-//! `naiad stats` asks the daemon's control socket for its counters.
+//! `naiad mount SRC MOUNTPOINT` starts the mount's supervisor (this binary
+//! again, `naiad daemon supervise`, in its own session, its whole
+//! [`DaemonConfig`] as JSON on stdin) and returns once the mount is served.
+//! The supervisor mounts, owns the `/dev/fuse` connection and runs the
+//! serving daemon (`naiad daemon serve`) as its child, restarting it if it
+//! dies and replacing it on `naiad daemon upgrade` (see
+//! `naiad_fuse::supervisor`). Its stderr is a pipe to `naiad mount` until
+//! the mount is served, so an early failure (bad image, missing /dev/fuse,
+//! ...) is reported here with a non-zero exit; after that it logs to a file
+//! in the run directory. `naiad mount --foreground` runs the supervisor in
+//! this process. `naiad umount` unmounts and waits for supervisor and
+//! daemon to exit; `naiad stats` asks the daemon's stats socket.
 //!
 //! Startup options (shared with `naiad run`): the daemon prefetches the
 //! image's prefetch table at mount (`--no-prefetch`, `--prefetch-threads`,
@@ -14,7 +19,6 @@
 //! `naiad convert --prefetch-list` (`--record-trace`), and can serve its
 //! metrics over HTTP on a unix socket (`--api-socket`).
 
-use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -24,14 +28,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, Subcommand};
 use naiad_fuse::daemon::{self, CacheConfig, MountConfig, ServeConfig};
-use naiad_fuse::PrefetchConfig;
 use naiad_fuse::runtime_paths::{canonical_mountpoint, RuntimePaths, DEFAULT_RUN_DIR};
-use naiad_fuse::{mountinfo, FSTYPE};
+use naiad_fuse::supervisor::{self, SupervisorOptions};
+use naiad_fuse::PrefetchConfig;
+use naiad_fuse::{mountinfo, DaemonConfig, FSTYPE};
 
 use crate::cmd::parse_size;
-use naiad_registry::{ImageRef, NaiadImage};
+use naiad_registry::ImageRef;
 
 /// Options shared by `mount` and `run`: caches and the daemon's files.
 #[derive(Args, Clone, Debug)]
@@ -96,22 +101,36 @@ impl DaemonOptions {
         }
     }
 
-    /// The arguments that give a daemon these startup options, with paths
-    /// made absolute against `abs`.
-    fn startup_args(&self, abs: impl Fn(&Path) -> PathBuf) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["--prefetch-threads".into(), self.prefetch_threads.to_string().into(), "--prefetch-rate".into(), self.prefetch_rate.to_string().into()];
-        for (on, flag) in [(self.no_prefetch, "--no-prefetch"), (self.fetch_all, "--fetch-all")] {
-            if on {
-                args.push(flag.into());
-            }
-        }
-        for (path, flag) in [(&self.record_trace, "--record-trace"), (&self.api_socket, "--api-socket")] {
-            if let Some(p) = path {
-                args.push(flag.into());
-                args.push(abs(p).into_os_string());
-            }
-        }
-        args
+    /// The whole configuration of a daemon serving `source` on the
+    /// canonical `mountpoint`, every path made absolute (daemons work from /).
+    pub fn daemon_config(&self, source: &str, mountpoint: &Path, mount: MountConfig, log_file: Option<&Path>) -> Result<DaemonConfig> {
+        let cwd = std::env::current_dir().context("finding the current directory")?;
+        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { cwd.join(p) };
+        let source = match ImageRef::parse(source).with_context(|| format!("image {source}"))? {
+            ImageRef::Layout { dir, tag } => ImageRef::Layout { dir: abs(&dir), tag }.to_string(),
+            _ => source.to_string(),
+        };
+        let runtime = RuntimePaths::new(&abs(&self.run_dir()), mountpoint);
+        let log_file = log_file.map(abs).unwrap_or_else(|| runtime.log_file.clone());
+        Ok(DaemonConfig {
+            source: source.clone(),
+            registry: self.registry.options()?,
+            serve: ServeConfig {
+                mountpoint: mountpoint.to_path_buf(),
+                source,
+                mount: MountConfig { threads: self.threads as usize, ttl: Duration::from_secs(self.attr_timeout), ..mount },
+                cache: CacheConfig {
+                    memory_bytes: self.memory_cache,
+                    disk_dir: (self.cache_size > 0).then(|| abs(&self.cache_dir)),
+                    disk_bytes: self.cache_size,
+                },
+                runtime,
+                prefetch: self.prefetch_config(),
+                record_trace: self.record_trace.as_deref().map(abs),
+                api_socket: self.api_socket.as_deref().map(abs),
+            },
+            log_file,
+        })
     }
 }
 
@@ -144,18 +163,36 @@ pub struct MountArgs {
     /// Only the mounting user may access the mount (default: allow_other).
     #[arg(long)]
     pub private: bool,
-    /// Do not ask fusermount3 to unmount if the daemon dies.
-    #[arg(long)]
-    pub no_auto_unmount: bool,
     /// Log file of the background daemon (default: RUN_DIR/<id>.log).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
     /// Seconds to wait for the mount to become ready.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
-    /// Internal: this process is the daemon a background mount started.
-    #[arg(long, hide = true)]
-    pub daemon_child: bool,
+}
+
+#[derive(Subcommand)]
+pub enum DaemonCommand {
+    /// Replace the daemon serving a mount with one started from another
+    /// binary, without interrupting the mount's users.
+    Upgrade(UpgradeArgs),
+    /// Internal: the supervisor of a mount (its configuration as JSON on stdin).
+    #[command(hide = true)]
+    Supervise,
+    /// Internal: a daemon started by a supervisor (its channel on fd 3).
+    #[command(hide = true)]
+    Serve,
+}
+
+#[derive(Args)]
+pub struct UpgradeArgs {
+    pub mountpoint: PathBuf,
+    /// The naiad binary to serve the mount from now on [default: this one].
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// Directory of the mount's control socket [default: $NAIAD_RUN_DIR or /run/naiad].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -203,79 +240,65 @@ pub(crate) fn prepare_mountpoint(path: &Path) -> Result<PathBuf> {
 }
 
 pub fn mount(a: MountArgs) -> Result<i32> {
-    let reference = ImageRef::parse(&a.source).with_context(|| format!("image {}", a.source))?;
+    ImageRef::parse(&a.source).with_context(|| format!("image {}", a.source))?;
     let mp = prepare_mountpoint(&a.mountpoint)?;
     daemon::check_fuse_device()?;
+    let mount = MountConfig { allow_other: !a.private, suid: a.suid, dev: a.dev, ..MountConfig::default() };
+    let config = a.daemon.daemon_config(&a.source, &mp, mount, a.log_file.as_deref())?;
     if a.foreground {
-        return serve_foreground(&a, &reference, &mp);
+        let options = SupervisorOptions { exe: std::env::current_exe().context("finding the naiad executable")?, log_to_file: false };
+        supervisor::supervise(config, options, || {}).with_context(|| format!("serving {} on {}", a.source, mp.display()))?;
+        return Ok(0);
     }
-    let paths = RuntimePaths::new(&a.daemon.run_dir(), &mp);
-    let log = a.log_file.clone().unwrap_or_else(|| paths.log_file.clone());
-    let spawn = DaemonSpawn {
-        source: a.source.clone(),
-        mountpoint: mp.clone(),
-        options: a.daemon.clone(),
-        extra: [(a.suid, "--suid"), (a.dev, "--dev"), (a.private, "--private"), (a.no_auto_unmount, "--no-auto-unmount")]
-            .iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, f)| OsString::from(f))
-            .collect(),
-        log_file: log,
-        timeout: Duration::from_secs(a.timeout),
-    };
-    spawn_daemon(&spawn)?;
+    spawn_daemon(&config, Duration::from_secs(a.timeout))?;
     Ok(0)
 }
 
-/// Serves the mount in this process until it is unmounted.
-fn serve_foreground(a: &MountArgs, reference: &ImageRef, mp: &Path) -> Result<i32> {
-    let run_dir = a.daemon.run_dir();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    let paths = RuntimePaths::new(&a.daemon.run_dir(), mp);
-    let log_file = a.log_file.clone().unwrap_or_else(|| paths.log_file.clone());
-    let start = Instant::now();
-    let image = NaiadImage::open_with(reference, &a.daemon.registry.options()?).with_context(|| format!("opening image {}", a.source))?;
-    tracing::info!("opened {} ({} inodes, {} chunks) in {:?}", a.source, image.bootstrap.inode_count(), image.bootstrap.chunk_count(), start.elapsed());
-    let config = ServeConfig {
-        mountpoint: mp.to_path_buf(),
-        source: a.source.clone(),
-        mount: MountConfig {
-            threads: a.daemon.threads as usize,
-            ttl: Duration::from_secs(a.daemon.attr_timeout),
-            allow_other: !a.private,
-            auto_unmount: !a.no_auto_unmount,
-            suid: a.suid,
-            dev: a.dev,
-        },
-        cache: CacheConfig {
-            memory_bytes: a.daemon.memory_cache,
-            disk_dir: (a.daemon.cache_size > 0).then(|| a.daemon.cache_dir.clone()),
-            disk_bytes: a.daemon.cache_size,
-        },
-        runtime: Some(paths),
-        handle_signals: true,
-        prefetch: a.daemon.prefetch_config(),
-        record_trace: a.daemon.record_trace.clone(),
-        api_socket: a.daemon.api_socket.clone(),
-    };
-    let daemon_child = a.daemon_child;
-    if daemon_child {
-        // Keep no directory busy; every path we were given is absolute.
-        std::env::set_current_dir("/").context("changing to /")?;
-    }
-    let mut redirect_error = None;
-    let served = daemon::serve(image, &config, || {
-        if daemon_child {
-            // The parent is waiting for our stderr to close: from now on
-            // everything goes to the log file.
-            redirect_error = redirect_output(&log_file).err();
+/// `naiad daemon ...`.
+pub fn daemon_command(c: DaemonCommand) -> Result<i32> {
+    match c {
+        DaemonCommand::Upgrade(a) => upgrade(a),
+        DaemonCommand::Supervise => supervise_detached(),
+        DaemonCommand::Serve => {
+            use std::os::fd::{FromRawFd, OwnedFd};
+            // SAFETY: the supervisor started us with our channel as this
+            // descriptor, and nothing else in this process owns it.
+            let channel = unsafe { OwnedFd::from_raw_fd(naiad_fuse::handoff::DAEMON_CHANNEL_FD) };
+            // Keep no directory busy; every path in the handoff is absolute.
+            std::env::set_current_dir("/").context("changing to /")?;
+            naiad_fuse::run_daemon(channel)?;
+            Ok(0)
         }
-    });
-    served.with_context(|| format!("serving {} on {}", a.source, mp.display()))?;
+    }
+}
+
+/// The supervisor `naiad mount` starts: reads its configuration from
+/// stdin, and once the mount is served sends its output to the log file
+/// (which closes the pipe `naiad mount` waits on).
+fn supervise_detached() -> Result<i32> {
+    let mut json = Vec::new();
+    std::io::stdin().lock().take(16 << 20).read_to_end(&mut json).context("reading the daemon configuration from stdin")?;
+    let config: DaemonConfig = serde_json::from_slice(&json).context("parsing the daemon configuration")?;
+    std::env::set_current_dir("/").context("changing to /")?;
+    let log_file = config.log_file.clone();
+    let options = SupervisorOptions { exe: std::env::current_exe().context("finding the naiad executable")?, log_to_file: true };
+    let mut redirect_error = None;
+    supervisor::supervise(config, options, || redirect_error = redirect_output(&log_file).err())?;
     if let Some(e) = redirect_error {
         tracing::warn!("could not redirect output to {}: {e:#}", log_file.display());
     }
-    reap_children();
+    Ok(0)
+}
+
+fn upgrade(a: UpgradeArgs) -> Result<i32> {
+    let mp = canonical_mountpoint(&a.mountpoint).with_context(|| format!("mountpoint {}", a.mountpoint.display()))?;
+    let binary = match &a.binary {
+        Some(b) => b.canonicalize().with_context(|| format!("binary {}", b.display()))?,
+        None => std::env::current_exe().context("finding the naiad executable")?,
+    };
+    let paths = RuntimePaths::new(&run_dir(&a.run_dir), &mp);
+    let pid = supervisor::request_upgrade(&paths.control, &binary).with_context(|| format!("upgrading the daemon of {}", mp.display()))?;
+    println!("{pid}");
     Ok(0)
 }
 
@@ -296,82 +319,20 @@ fn redirect_output(log: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Waits for children this process started (fusermount3's auto-unmount
-/// helper), so that once the daemon has exited nothing of it acts on the
-/// mountpoint any more.
-fn reap_children() {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                if Instant::now() > deadline {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(_) => continue,
-            Err(_) => return, // ECHILD: none left
-        }
-    }
-}
-
-/// A background daemon to start.
-pub(crate) struct DaemonSpawn {
-    pub source: String,
-    pub mountpoint: PathBuf,
-    pub options: DaemonOptions,
-    pub extra: Vec<OsString>,
-    pub log_file: PathBuf,
-    pub timeout: Duration,
-}
-
-/// The daemon [`spawn_daemon`] started; it runs on after this process exits.
+/// The supervisor [`spawn_daemon`] started; it runs on after this process exits.
 pub(crate) struct SpawnedDaemon {
     pub pid: i32,
 }
 
-/// Starts `naiad mount --foreground` in a new session and waits until its
-/// mount is ready, or reports why it failed.
-pub(crate) fn spawn_daemon(s: &DaemonSpawn) -> Result<SpawnedDaemon> {
+/// Starts a mount's supervisor (`naiad daemon supervise`) in a new session
+/// and waits until its mount is served, or reports why it failed.
+pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration) -> Result<SpawnedDaemon> {
     let exe = std::env::current_exe().context("finding the naiad executable")?;
-    // The daemon works from / (so it keeps no directory busy): give it
-    // absolute paths.
-    let cwd = std::env::current_dir().context("finding the current directory")?;
-    let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { cwd.join(p) };
-    let source = match ImageRef::parse(&s.source) {
-        Ok(ImageRef::Layout { dir, tag }) => ImageRef::Layout { dir: abs(&dir), tag }.to_string(),
-        _ => s.source.clone(),
-    };
-    let mut options = s.options.clone();
-    options.cache_dir = abs(&options.cache_dir);
-    options.run_dir = Some(abs(&options.run_dir()));
-    let o = &options;
+    let mp = &config.serve.mountpoint;
+    let log_file = &config.log_file;
+    std::fs::create_dir_all(config.serve.runtime.pid_file.parent().unwrap_or(Path::new("/"))).context("creating the run directory")?;
     let mut cmd = Command::new(&exe);
-    cmd.arg("mount")
-        .arg("--foreground")
-        .arg("--daemon-child")
-        .arg("--cache-dir")
-        .arg(&o.cache_dir)
-        .arg("--cache-size")
-        .arg(o.cache_size.to_string())
-        .arg("--memory-cache")
-        .arg(o.memory_cache.to_string())
-        .arg("--threads")
-        .arg(o.threads.to_string())
-        .arg("--attr-timeout")
-        .arg(o.attr_timeout.to_string())
-        .arg("--run-dir")
-        .arg(o.run_dir())
-        .arg("--log-file")
-        .arg(abs(&s.log_file))
-        .args(o.startup_args(abs))
-        .args(&s.extra)
-        .arg("--")
-        .arg(&source)
-        .arg(&s.mountpoint)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args(["daemon", "supervise"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
     if std::env::var_os("RUST_LOG").is_none() {
         // The daemon's log file gets its lifecycle at least.
         let level = tracing::level_filters::LevelFilter::current();
@@ -380,20 +341,25 @@ pub(crate) fn spawn_daemon(s: &DaemonSpawn) -> Result<SpawnedDaemon> {
     }
     // Plain text in log files.
     cmd.env("NO_COLOR", "1");
-    // Registry options travel as environment variables, so credentials stay
-    // off the daemon's command line.
-    cmd.envs(o.registry.child_env());
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our
-    // terminal and process group so it outlives us undisturbed.
+    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from
+    // our terminal and process group so it outlives us undisturbed.
     unsafe {
         cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
     }
     let start = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("starting the daemon ({})", exe.display()))?;
+    let mut child = cmd.spawn().with_context(|| format!("starting the supervisor ({})", exe.display()))?;
     let pid = child.id() as i32;
-    let mut stderr = child.stderr.take().context("daemon stderr pipe")?;
-    // The pipe closes when the daemon is ready (it redirects to its log) or
-    // exits; read it on a thread so a hung daemon cannot hang us.
+    {
+        // The configuration (credentials included) travels on a pipe,
+        // never on a command line.
+        let json = serde_json::to_vec(config).context("encoding the daemon configuration")?;
+        let mut stdin = child.stdin.take().context("supervisor stdin pipe")?;
+        stdin.write_all(&json).context("sending the supervisor its configuration")?;
+    }
+    let mut stderr = child.stderr.take().context("supervisor stderr pipe")?;
+    // The pipe closes when the mount is served (the supervisor redirects to
+    // its log) or it exits; read it on a thread so a hung supervisor cannot
+    // hang us.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut out = Vec::new();
@@ -403,49 +369,49 @@ pub(crate) fn spawn_daemon(s: &DaemonSpawn) -> Result<SpawnedDaemon> {
     let fail = |child: &mut std::process::Child, msg: String| -> anyhow::Error {
         let _ = child.kill();
         let _ = child.wait();
-        // Never leave a mount behind for a daemon we gave up on.
-        if let Ok(Some(m)) = mountinfo::find(&s.mountpoint) {
+        // Never leave a mount behind for a supervisor we gave up on.
+        if let Ok(Some(m)) = mountinfo::find(mp) {
             if m.fstype == FSTYPE {
-                let _ = daemon::unmount(&s.mountpoint, true);
+                let _ = daemon::unmount(mp, true);
             }
         }
         anyhow::anyhow!(msg)
     };
-    let output = match rx.recv_timeout(s.timeout) {
+    let output = match rx.recv_timeout(timeout) {
         Ok(out) => String::from_utf8_lossy(&out).into_owned(),
-        Err(_) => return Err(fail(&mut child, format!("mounting {} on {}: the daemon did not become ready within {}s (log: {})", s.source, s.mountpoint.display(), s.timeout.as_secs(), s.log_file.display()))),
+        Err(_) => return Err(fail(&mut child, format!("mounting {} on {}: the daemon did not become ready within {}s (log: {})", config.source, mp.display(), timeout.as_secs(), log_file.display()))),
     };
     let message = || output.trim().trim_start_matches("naiad: error: ").to_string();
-    // The daemon is ready once the mount shows up; it has exited if it failed.
+    // Served once the pipe closed; the supervisor has exited if it failed.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Some(status) = child.try_wait().context("waiting for the daemon")? {
+        if let Some(status) = child.try_wait().context("waiting for the supervisor")? {
             let msg = message();
             if msg.is_empty() {
-                bail!("mounting {} on {}: the daemon exited ({status}) before the mount was ready; see {}", s.source, s.mountpoint.display(), s.log_file.display());
+                bail!("mounting {} on {}: the supervisor exited ({status}) before the mount was ready; see {}", config.source, mp.display(), log_file.display());
             }
             bail!("{msg}");
         }
-        if mountinfo::find(&s.mountpoint).context("reading /proc/self/mountinfo")?.is_some_and(|m| m.fstype == FSTYPE) {
+        if mountinfo::find(mp).context("reading /proc/self/mountinfo")?.is_some_and(|m| m.fstype == FSTYPE) {
             break;
         }
         if Instant::now() > deadline {
             let msg = message();
-            return Err(fail(&mut child, format!("mounting {} on {}: the mount did not appear although the daemon is running{}", s.source, s.mountpoint.display(), if msg.is_empty() { String::new() } else { format!(": {msg}") })));
+            return Err(fail(&mut child, format!("mounting {} on {}: the mount did not appear although the supervisor is running{}", config.source, mp.display(), if msg.is_empty() { String::new() } else { format!(": {msg}") })));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     if !output.trim().is_empty() {
-        // What the daemon said before it was ready belongs in its log;
+        // What the supervisor said before it was ready belongs in its log;
         // warnings and errors are shown here too.
-        if let Ok(mut log) = OpenOptions::new().create(true).append(true).mode(0o640).open(&s.log_file) {
+        if let Ok(mut log) = OpenOptions::new().create(true).append(true).mode(0o640).open(log_file) {
             let _ = log.write_all(output.as_bytes());
         }
         for line in output.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")) {
             eprintln!("{line}");
         }
     }
-    tracing::debug!("mount of {} on {} ready in {:?} (daemon pid {pid})", s.source, s.mountpoint.display(), start.elapsed());
+    tracing::debug!("mount of {} on {} ready in {:?} (supervisor pid {pid})", config.source, mp.display(), start.elapsed());
     Ok(SpawnedDaemon { pid })
 }
 
@@ -477,21 +443,29 @@ pub fn umount(a: UmountArgs) -> Result<i32> {
         Some(_) => {}
     }
     let paths = RuntimePaths::new(&run_dir(&a.run_dir), &mp);
-    let pid = paths.read_pid();
+    // The supervisor, and the daemon serving now (it outlives a dead
+    // supervisor until the unmount).
+    let supervisor = paths.read_pid();
+    let serving = naiad_fuse::query_stats(&paths.socket).ok().map(|r| r.pid as i32);
     if let Err(e) = daemon::unmount(&mp, a.lazy) {
         if matches!(e, naiad_fuse::FuseError::Unmount { source: nix::Error::EBUSY, .. }) {
             bail!("{} is busy (files open or processes inside); close them, or detach it with `naiad umount --lazy`", mp.display());
         }
         return Err(e).context("unmounting");
     }
-    if let Some(pid) = pid {
-        if a.lazy && mountinfo::find(&mp).ok().flatten().is_none() && process_alive(pid) {
-            // A detached mount stays served until its last user is gone.
-            return Ok(0);
-        }
+    let pids: Vec<i32> = supervisor.into_iter().chain(serving).collect();
+    if a.lazy && mountinfo::find(&mp).ok().flatten().is_none() && pids.iter().any(|&p| process_alive(p)) {
+        // A detached mount stays served until its last user is gone.
+        return Ok(0);
+    }
+    for pid in pids {
         if !wait_for_exit(pid, Duration::from_secs(a.timeout)) {
             bail!("unmounted {}, but its daemon (pid {pid}) has not exited after {}s", mp.display(), a.timeout);
         }
+    }
+    // What a supervisor that was killed could not remove itself.
+    for path in [&paths.pid_file, &paths.control, &paths.counters, &paths.socket] {
+        let _ = std::fs::remove_file(path);
     }
     Ok(0)
 }

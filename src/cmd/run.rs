@@ -19,11 +19,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use naiad_fuse::container::{self, ContainerSpec, DEFAULT_PATH};
-use naiad_fuse::{daemon, mountinfo, FSTYPE};
+use naiad_fuse::{daemon, mountinfo, MountConfig, FSTYPE};
 use naiad_registry::{open_source_with, ImageRef};
 use serde_json::Value;
 
-use super::mount::{spawn_daemon, wait_for_exit, DaemonOptions, DaemonSpawn};
+use super::mount::{spawn_daemon, wait_for_exit, DaemonOptions};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -167,16 +167,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
 
     let mut rd = RunDir::create()?;
     rd.keep_upper = a.keep;
-    let log_file = naiad_fuse::RuntimePaths::new(&a.daemon.run_dir(), &rd.lower).log_file;
-    rd.log_file = Some(log_file.clone());
-    let spawned = spawn_daemon(&DaemonSpawn {
-        source: a.source.clone(),
-        mountpoint: rd.lower.clone(),
-        options: a.daemon.clone(),
-        extra: vec![],
-        log_file,
-        timeout: Duration::from_secs(120),
-    })?;
+    let config = a.daemon.daemon_config(&a.source, &rd.lower, MountConfig::default(), None)?;
+    rd.log_file = Some(config.log_file.clone());
+    let spawned = spawn_daemon(&config, Duration::from_secs(120))?;
     rd.daemon_pid = Some(spawned.pid);
 
     let user_spec = a.user.clone().or_else(|| cfg.and_then(|c| c.get("User")).and_then(Value::as_str).map(String::from)).unwrap_or_default();
