@@ -718,3 +718,41 @@ fn index_platform_selection_and_docker_schema2() {
     assert_eq!(list.manifest.media_type.as_deref(), Some("application/vnd.docker.distribution.manifest.v2+json"));
     assert_eq!(list.layers.len(), 4);
 }
+
+#[test]
+fn a_read_its_daemon_died_serving_is_resent_to_the_next_daemon() {
+    if !mount_support::fuse_available() {
+        return;
+    }
+    let (mut reg, pushed) = registry_with_converted();
+    let dir = pushed.tmp.path().join("resend");
+    fs::create_dir_all(&dir).unwrap();
+    let image = format!("docker://{}/img:1-naiad", reg.host());
+    let m = MountGuard::mount_with(&image, &dir, &dir.join("cache"), &["--no-prefetch".as_ref()]);
+    let (rel, _) = regular_files(&pushed.reference_tree).into_iter().max_by_key(|(_, size)| *size).expect("a regular file");
+    let want = fs::read(pushed.reference_tree.join(&rel)).unwrap();
+    let old = m.stats()["pid"].as_u64().expect("daemon pid");
+    let misses = m.counter("misses");
+
+    // The registry hangs, so the daemon holds the read: it has taken the
+    // request from the kernel and waits for the chunk.
+    reg.pause();
+    let path = m.path(rel.to_str().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::read(&path));
+    });
+    assert!(mount_support::wait_until(Duration::from_secs(10), || m.counter("misses") > misses), "the read never reached the store");
+    // SAFETY: kill(2) of the daemon this test's mount runs.
+    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    reg.resume();
+
+    // The kernel gives the request to the next daemon, which answers it.
+    let got = rx.recv_timeout(Duration::from_secs(60)).expect("the read never returned: it was not resent");
+    assert_eq!(got.expect("the read failed"), want, "the read returned wrong bytes");
+    let new = m.stats()["pid"].as_u64().expect("daemon pid");
+    assert_ne!(new, old, "a new daemon serves the mount");
+    assert_eq!(m.stats()["counters"]["daemon_restarts"].as_u64(), Some(1));
+    m.umount();
+}

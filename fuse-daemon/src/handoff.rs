@@ -108,6 +108,8 @@ pub fn receive<T: DeserializeOwned>(channel: &impl AsFd) -> io::Result<Option<(T
                 break (m.bytes, fds, m.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC));
             }
             Err(nix::Error::EINTR) => continue,
+            // The other side exited without reading what we sent.
+            Err(nix::Error::ECONNRESET) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     };

@@ -21,6 +21,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// A listening unix socket and the thread serving it.
 pub struct SocketServer {
     path: PathBuf,
+    /// The listening socket, to wake the accept loop with shutdown(2) even
+    /// when the path no longer leads to it (its directory was removed).
+    listener: UnixListener,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -40,6 +43,7 @@ impl SocketServer {
             std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         }
         let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
+        let waker = listener.try_clone().map_err(|e| err(format!("cannot clone the listener: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let label = name.to_string();
@@ -62,7 +66,7 @@ impl SocketServer {
                 }
             })
             .map_err(|e| err(format!("cannot start thread: {e}")))?;
-        Ok(SocketServer { path: path.to_path_buf(), stop, thread: Some(thread) })
+        Ok(SocketServer { path: path.to_path_buf(), listener: waker, stop, thread: Some(thread) })
     }
 
     pub fn path(&self) -> &Path {
@@ -76,8 +80,10 @@ impl SocketServer {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept loop so it sees the flag: accept(2) on a socket
+        // shut down fails at once.
+        // SAFETY: shutdown(2) on a descriptor we own.
+        unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&self.listener), libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -90,5 +96,30 @@ impl Drop for SocketServer {
         if self.thread.is_some() {
             self.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn stops_even_when_its_path_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let server = SocketServer::start(&path, "test", |mut c| c.write_all(b"hi")).unwrap();
+        let mut answer = String::new();
+        UnixStream::connect(&path).unwrap().read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "hi");
+        // Its directory removed (a test's temporary directory, say): the
+        // accept loop cannot be woken through the path any more.
+        drop(dir);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            server.stop();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("stop() hung");
     }
 }
