@@ -8,7 +8,6 @@
 //! RSS (skip with NAIAD_BENCH_SKIP_BIG=1).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::io::Write;

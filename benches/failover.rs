@@ -18,7 +18,6 @@
 //! daemons logged it.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "../tests/failover_support/mod.rs"]
 mod failover_support;

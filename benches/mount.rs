@@ -7,7 +7,6 @@
 //! tree copied to tmpfs, reported as ratios.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::fs;

@@ -16,10 +16,8 @@
 //! `target/naiad-bench/startup.{md,svg}` (override with NAIAD_BENCH_OUT).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "../tests/common/registry_server.rs"]
-#[allow(dead_code)]
 mod registry_server;
 #[path = "support/link_emulator.rs"]
 mod link_emulator;

@@ -35,7 +35,8 @@ impl Chunking {
                 if !(MINIMUM_MIN as u32..=MINIMUM_MAX as u32).contains(&min)
                     || !(AVERAGE_MIN as u32..=AVERAGE_MAX as u32).contains(&avg)
                     || !(MAXIMUM_MIN as u32..=MAXIMUM_MAX as u32).contains(&max)
-                    || !(min <= avg && avg <= max)
+                    || min > avg
+                    || avg > max
                 {
                     return Err(format!(
                         "content-defined chunk sizes min={min} avg={avg} max={max} must satisfy min <= avg <= max, {MINIMUM_MIN} <= min <= {MINIMUM_MAX}, {AVERAGE_MIN} <= avg <= {AVERAGE_MAX}, {MAXIMUM_MIN} <= max <= {MAXIMUM_MAX}"

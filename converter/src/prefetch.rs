@@ -111,31 +111,6 @@ impl PrefetchList {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_traces_paths_and_globs() {
-        let l = PrefetchList::parse(
-            "# startup\n{\"path\": \"usr/bin/python3\", \"offset\": 4096, \"length\": 100}\n/etc/*.conf\n\n/usr/lib/**/*.so\n",
-            "list",
-        )
-        .unwrap();
-        assert!(l.wants_file("/usr/bin/python3"));
-        assert!(l.wants_range("/usr/bin/python3", 4000, 200));
-        assert!(!l.wants_range("/usr/bin/python3", 0, 4096));
-        assert!(l.wants_file("/etc/ld.so.conf"));
-        assert!(!l.wants_file("/etc/x/y.conf"));
-        assert!(l.wants_file("/usr/lib/x86_64-linux-gnu/libc.so"));
-        assert!(!l.wants_file("/usr/bin/env"));
-        let order = l.in_order(|_| vec!["/m".into()]);
-        assert_eq!(order[0], ("/usr/bin/python3".into(), Wanted::Range { offset: 4096, length: 100 }));
-        assert_eq!(order.len(), 3);
-        assert!(PrefetchList::parse("{bad json", "x").unwrap_err().to_string().contains("x:1"));
-    }
-}
-
 /// The prefetch table: indexes of the chunks the list wants, in list order,
 /// each once. Paths the image does not have are skipped.
 pub fn prefetch_table(list: &PrefetchList, tree: &mut crate::tree::Tree, sink: &crate::chunk_sink::ChunkSink) -> Vec<u32> {
@@ -163,4 +138,29 @@ pub fn prefetch_table(list: &PrefetchList, tree: &mut crate::tree::Tree, sink: &
         }
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_traces_paths_and_globs() {
+        let l = PrefetchList::parse(
+            "# startup\n{\"path\": \"usr/bin/python3\", \"offset\": 4096, \"length\": 100}\n/etc/*.conf\n\n/usr/lib/**/*.so\n",
+            "list",
+        )
+        .unwrap();
+        assert!(l.wants_file("/usr/bin/python3"));
+        assert!(l.wants_range("/usr/bin/python3", 4000, 200));
+        assert!(!l.wants_range("/usr/bin/python3", 0, 4096));
+        assert!(l.wants_file("/etc/ld.so.conf"));
+        assert!(!l.wants_file("/etc/x/y.conf"));
+        assert!(l.wants_file("/usr/lib/x86_64-linux-gnu/libc.so"));
+        assert!(!l.wants_file("/usr/bin/env"));
+        let order = l.in_order(|_| vec!["/m".into()]);
+        assert_eq!(order[0], ("/usr/bin/python3".into(), Wanted::Range { offset: 4096, length: 100 }));
+        assert_eq!(order.len(), 3);
+        assert!(PrefetchList::parse("{bad json", "x").unwrap_err().to_string().contains("x:1"));
+    }
 }

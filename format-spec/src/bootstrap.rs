@@ -130,14 +130,14 @@ impl Bootstrap {
             let off = read_u64(&data, 56 + i * 16);
             let len = read_u64(&data, 64 + i * 16);
             let bad = |detail: String| FormatError::BadTable { table: name, detail };
-            if off < prev_end || off % 8 != 0 {
+            if off < prev_end || !off.is_multiple_of(8) {
                 return Err(bad(format!("offset {off} overlaps the previous table or is unaligned")));
             }
             let end = off.checked_add(len).ok_or_else(|| bad("length overflows".into()))?;
             if end > total {
                 return Err(bad(format!("ends at {end}, past the end of the file ({total})")));
             }
-            if len % *rec as u64 != 0 {
+            if !len.is_multiple_of(*rec as u64) {
                 return Err(bad(format!("length {len} is not a multiple of the record size {rec}")));
             }
             sections[i] = Section { offset: off as usize, len: len as usize };

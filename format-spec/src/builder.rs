@@ -68,7 +68,7 @@ impl BootstrapBuilder {
             prefetch.extend_from_slice(&p.to_le_bytes());
         }
         for (i, _) in TABLES.iter().enumerate() {
-            while out.len() % 8 != 0 {
+            while !out.len().is_multiple_of(8) {
                 out.push(0);
             }
             let start = out.len();
