@@ -25,10 +25,7 @@ fn main() {
     let scratch = tempfile::Builder::new().prefix("naiad-bench-").tempdir_in("/tmp").expect("scratch dir");
     println!("naiad convert benchmark ({} runs each, best run shown)", RUNS);
     println!("{:<28} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9} {:>10} {:>7}", "mode", "MB in", "seconds", "MB/s", "inodes", "boot B/f", "bootz B/f", "blobs MB", "dedup");
-    let modes = [
-        ("fixed 1 MiB", Chunking::Fixed { size: 1 << 20 }),
-        ("cdc 16K/64K/256K", Chunking::ContentDefined { min: 16 << 10, avg: 64 << 10, max: 256 << 10 }),
-    ];
+    let modes = [("fixed 1 MiB", Chunking::Fixed { size: 1 << 20 }), ("cdc 16K/64K/256K", Chunking::ContentDefined { min: 16 << 10, avg: 64 << 10, max: 256 << 10 })];
     for (source_name, layout) in [("gzip", &deb.layout), ("zstd", &deb.layout_zstd)] {
         for (mode_name, chunking) in modes {
             let src = ImageRef::Layout { dir: layout.clone(), tag: "latest".into() };
@@ -146,12 +143,7 @@ fn big_file(dir: &Path) {
         let _ = child.try_wait();
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "naiad convert failed");
         let secs = t.elapsed().as_secs_f64();
-        println!(
-            "3 GiB file, {name:<12}: {:.1} s, {:.0} MB/s, peak RSS {:.0} MiB",
-            secs,
-            SIZE as f64 / 1e6 / secs,
-            usage.ru_maxrss as f64 / 1024.0
-        );
+        println!("3 GiB file, {name:<12}: {:.1} s, {:.0} MB/s, peak RSS {:.0} MiB", secs, SIZE as f64 / 1e6 / secs, usage.ru_maxrss as f64 / 1024.0);
         let _ = std::fs::remove_dir_all(&out);
     }
     let _ = std::fs::remove_dir_all(&layout);

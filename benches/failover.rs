@@ -95,14 +95,16 @@ fn main() {
     let reader = Reader::start(&m.mountpoint, files.clone());
     for binary in [copy.as_path(), Path::new(env!("CARGO_BIN_EXE_naiad")), copy.as_path()] {
         std::thread::sleep(Duration::from_millis(300));
-        let out = common::naiad().arg("daemon").arg("upgrade").arg("--run-dir").arg(&m.run_dir).arg("--binary").arg(binary).arg(&m.mountpoint).output().expect("naiad daemon upgrade");
+        let out =
+            common::naiad().arg("daemon").arg("upgrade").arg("--run-dir").arg(&m.run_dir).arg("--binary").arg(binary).arg(&m.mountpoint).output().expect("naiad daemon upgrade");
         assert!(out.status.success(), "upgrade: {}", String::from_utf8_lossy(&out.stderr));
         reader.wait_for_reads(20);
     }
     std::thread::sleep(Duration::from_millis(300));
     let upgrades = reader.finish();
 
-    let mut recovery: Vec<f64> = m.log().lines().filter_map(|l| l.split_once(" again, ").and_then(|(_, rest)| rest.split_whitespace().next()).and_then(parse_debug_duration)).collect();
+    let mut recovery: Vec<f64> =
+        m.log().lines().filter_map(|l| l.split_once(" again, ").and_then(|(_, rest)| rest.split_whitespace().next()).and_then(parse_debug_duration)).collect();
     recovery.sort_by(f64::total_cmp);
     let stats = m.stats();
     m.umount();

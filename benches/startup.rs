@@ -17,10 +17,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[path = "../tests/common/registry_server.rs"]
-mod registry_server;
 #[path = "support/link_emulator.rs"]
 mod link_emulator;
+#[path = "../tests/common/registry_server.rs"]
+mod registry_server;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -96,16 +96,20 @@ fn main() {
     skopeo_copy(&format!("oci:{}:latest", deb.layout.display()), &format!("docker://{host}/python:src"), &[]);
     naiad(&["convert", "--quiet", &format!("docker://{host}/python:src"), &format!("docker://{host}/python:naiad")]);
     let trace = work.path().join("trace.jsonl");
-    let mut opt = vec!["optimize".to_string(), "--quiet".into(), "--trace".into(), trace.display().to_string(), format!("docker://{host}/python:src"), format!("docker://{host}/python:naiad-opt"), "--".into()];
+    let mut opt = vec![
+        "optimize".to_string(),
+        "--quiet".into(),
+        "--trace".into(),
+        trace.display().to_string(),
+        format!("docker://{host}/python:src"),
+        format!("docker://{host}/python:naiad-opt"),
+        "--".into(),
+    ];
     opt.extend(CMD.iter().map(|s| s.to_string()));
     let opt_refs: Vec<&str> = opt.iter().map(String::as_str).collect();
     naiad(&opt_refs);
-    let read_bytes: u64 = std::fs::read_to_string(&trace)
-        .expect("trace")
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| v["length"].as_u64().unwrap_or(0))
-        .sum();
+    let read_bytes: u64 =
+        std::fs::read_to_string(&trace).expect("trace").lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).map(|v| v["length"].as_u64().unwrap_or(0)).sum();
     let image_bytes: u64 = {
         let v: serde_json::Value = serde_json::from_str(&naiad(&["inspect", "--json", &format!("docker://{host}/python:naiad")])).expect("inspect json");
         v["blobs"].as_array().map(|b| b.iter().map(|x| x["size"].as_u64().unwrap_or(0)).sum()).unwrap_or(0)
@@ -132,7 +136,13 @@ fn main() {
     }
 
     let mut md = String::new();
-    let _ = writeln!(md, "Command: `{}`. Image: Debian bookworm + python3, {:.1} MB of naiad blobs; the command read {:.2} MB of it (its trace).\n", CMD.join(" "), image_bytes as f64 / 1e6, read_bytes as f64 / 1e6);
+    let _ = writeln!(
+        md,
+        "Command: `{}`. Image: Debian bookworm + python3, {:.1} MB of naiad blobs; the command read {:.2} MB of it (its trace).\n",
+        CMD.join(" "),
+        image_bytes as f64 / 1e6,
+        read_bytes as f64 / 1e6
+    );
     let _ = writeln!(md, "| link | method | seconds | vs full pull | MB fetched | fetched / read | requests |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for r in &results {

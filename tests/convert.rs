@@ -69,13 +69,7 @@ fn generated_round_trip(compression: Compression, chunking: &[&str]) {
     ok(&["unpack", &oci(&out, "naiad"), "--tar", tar_file.to_str().unwrap()]);
     let from_tar = tmp.path().join("from-tar");
     fs::create_dir(&from_tar).unwrap();
-    let st = std::process::Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
-        .arg(&tar_file)
-        .arg("-C")
-        .arg(&from_tar)
-        .status()
-        .unwrap();
+    let st = std::process::Command::new("tar").args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"]).arg(&tar_file).arg("-C").arg(&from_tar).status().unwrap();
     assert!(st.success());
     let diffs = compare_trees(&reference, &from_tar, &generated_compare_options());
     assert!(diffs.is_empty(), "naiad unpack --tar differs from umoci:\n{}", diffs.join("\n"));
@@ -386,7 +380,8 @@ fn prefetch_list_puts_the_startup_set_in_one_blob() {
     let blobs = stats["blobs"].as_array().unwrap().len();
     assert_eq!(summary["blobs"].as_u64().unwrap() as usize, blobs);
     let prefetch_blob = (blobs - 1) as u64;
-    let listing = |p: &str| -> Vec<serde_json::Value> { serde_json::from_str::<serde_json::Value>(&ok(&["inspect", &dst, "--json", "--path", p])).unwrap().as_array().unwrap().clone() };
+    let listing =
+        |p: &str| -> Vec<serde_json::Value> { serde_json::from_str::<serde_json::Value>(&ok(&["inspect", &dst, "--json", "--path", p])).unwrap().as_array().unwrap().clone() };
     let big = listing(gen_paths::BIG);
     let in_prefetch: Vec<u64> = big.iter().map(|c| c["blob_index"].as_u64().unwrap()).collect();
     assert_eq!(in_prefetch[1], prefetch_blob, "the traced chunk is in the prefetch blob");

@@ -173,7 +173,13 @@ fn naiad_run_survives_daemon_kills() {
         .expect("spawn naiad run");
     let mut killed = Vec::new();
     let mut pid = None;
-    assert!(wait_until(Duration::from_secs(60), || { pid = stats_in(&run_dir).and_then(|s| s["pid"].as_u64()); pid.is_some() }), "naiad run's mount never served");
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            pid = stats_in(&run_dir).and_then(|s| s["pid"].as_u64());
+            pid.is_some()
+        }),
+        "naiad run's mount never served"
+    );
     let supervisor = stats_in(&run_dir).and_then(|s| s["supervisor_pid"].as_u64()).expect("supervisor pid");
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(800));
@@ -181,7 +187,13 @@ fn naiad_run_survives_daemon_kills() {
         // SAFETY: kill(2) of the daemon of this test's naiad run.
         assert_eq!(unsafe { libc::kill(daemon as i32, libc::SIGKILL) }, 0);
         killed.push(daemon);
-        assert!(wait_until(Duration::from_secs(20), || { pid = stats_in(&run_dir).and_then(|s| s["pid"].as_u64()).filter(|p| *p != daemon); pid.is_some() }), "no new daemon after killing {daemon}");
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                pid = stats_in(&run_dir).and_then(|s| s["pid"].as_u64()).filter(|p| *p != daemon);
+                pid.is_some()
+            }),
+            "no new daemon after killing {daemon}"
+        );
     }
     let last = pid.expect("a daemon");
     let out = child.wait_with_output().expect("wait for naiad run");
@@ -193,4 +205,3 @@ fn naiad_run_survives_daemon_kills() {
         assert!(wait_until(Duration::from_secs(5), || gone(p)), "process {p} of this naiad run is still running");
     }
 }
-

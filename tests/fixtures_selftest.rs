@@ -12,19 +12,12 @@ use std::path::Path;
 use std::process::Command;
 
 fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("naiad-selftest-")
-        .tempdir_in("/tmp")
-        .expect("tempdir")
+    tempfile::Builder::new().prefix("naiad-selftest-").tempdir_in("/tmp").expect("tempdir")
 }
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn skip_unless_root() -> bool {
@@ -37,9 +30,7 @@ fn skip_unless_root() -> bool {
 
 /// Checks the notable cases of the generated image in an unpacked tree.
 fn check_generated_tree(root: &Path) {
-    let md = |p: &str| {
-        fs::symlink_metadata(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
-    };
+    let md = |p: &str| fs::symlink_metadata(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     let read = |p: &str| fs::read(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
 
     // Sizes around the chunk size; dedup copies.
@@ -65,10 +56,8 @@ fn check_generated_tree(root: &Path) {
     assert!(!root.join("gone-dir").exists());
     assert!(!root.join("gone-file").exists());
     assert_eq!(read("etc/passwd"), b"root:x:0:0:root:/root:/bin/sh\n");
-    let mut opaque: Vec<String> = fs::read_dir(root.join(gen_paths::OPAQUE_DIR))
-        .expect("read opaque dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut opaque: Vec<String> =
+        fs::read_dir(root.join(gen_paths::OPAQUE_DIR)).expect("read opaque dir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
     opaque.sort();
     assert_eq!(opaque, ["new-before", "new-sub"], "opaque dir contents");
 
@@ -99,10 +88,7 @@ fn check_generated_tree(root: &Path) {
     // xattrs.
     let x = |p: &str, n: &str| xattr::get(root.join(p), n).expect("getxattr");
     assert_eq!(x(gen_paths::XATTR_FILE, "user.naiad").as_deref(), Some(&b"test"[..]));
-    assert_eq!(
-        x(gen_paths::XATTR_FILE, "user.binary").as_deref(),
-        Some(&[0u8, 1, 0xfe, 0xff][..])
-    );
+    assert_eq!(x(gen_paths::XATTR_FILE, "user.binary").as_deref(), Some(&[0u8, 1, 0xfe, 0xff][..]));
     assert_eq!(x(gen_paths::XATTR_DIR, "user.dir").as_deref(), Some(&b"yes"[..]));
 
     // Sparse files.
@@ -117,10 +103,7 @@ fn check_generated_tree(root: &Path) {
     assert_eq!(read(&long_file), b"long name file\n");
     assert_eq!(md("long/hardlink-long-target").ino(), md(&long_file).ino());
     assert_eq!(read(&format!("long/{}", "p".repeat(150))), b"pax path file\n");
-    assert_eq!(
-        fs::read_link(root.join("long/pax-linkpath")).expect("readlink"),
-        Path::new("/").join(&long_file)
-    );
+    assert_eq!(fs::read_link(root.join("long/pax-linkpath")).expect("readlink"), Path::new("/").join(&long_file));
     assert_eq!(read("long/symlink-long-target"), b"long name file\n");
 
     // Implicit parents exist as directories.
@@ -146,12 +129,8 @@ fn generated_image_unpacks_with_umoci_uncompressed_and_gzip() {
     // umoci 0.4.7 rejects the GNU sparse layer; if this starts to pass, umoci
     // learnt sparse files and the real layout can serve as reference.
     let direct = tmp.path().join("rootfs-direct");
-    let err = std::panic::catch_unwind(|| umoci_unpack(&plain.layout, GENERATED_TAG, &direct))
-        .expect_err("umoci 0.4.7 was expected to reject GNU sparse entries");
-    let msg = err
-        .downcast_ref::<String>()
-        .cloned()
-        .unwrap_or_default();
+    let err = std::panic::catch_unwind(|| umoci_unpack(&plain.layout, GENERATED_TAG, &direct)).expect_err("umoci 0.4.7 was expected to reject GNU sparse entries");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("unknown typeflag"), "unexpected umoci error: {msg}");
 
     let plain_root = tmp.path().join("rootfs-none");
@@ -179,15 +158,7 @@ fn tar_entries(tar: &[u8]) -> Vec<(String, String, u32, u64, u64, u64, String)> 
         let path = e.path().expect("path").to_string_lossy().into_owned();
         let mut data = Vec::new();
         std::io::Read::read_to_end(&mut e, &mut data).expect("read entry");
-        out.push((
-            path,
-            format!("{kind:?}"),
-            h.mode().unwrap(),
-            h.uid().unwrap(),
-            h.gid().unwrap(),
-            h.mtime().unwrap(),
-            sha256_hex(&data),
-        ));
+        out.push((path, format!("{kind:?}"), h.mode().unwrap(), h.uid().unwrap(), h.gid().unwrap(), h.mtime().unwrap(), sha256_hex(&data)));
     }
     out
 }
@@ -202,11 +173,9 @@ fn sparse_layer_reads_like_its_plain_twin_with_the_tar_crate() {
     };
     let sparse = blob(&img.layout, &img.layers[2].digest);
     // The reference layout's manifest lists its own layer 3.
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(img.reference_layout.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(img.reference_layout.join("index.json")).unwrap()).unwrap();
     let mdigest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&blob(&img.reference_layout, &mdigest)).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(&img.reference_layout, &mdigest)).unwrap();
     let plain = blob(&img.reference_layout, manifest["layers"][2]["digest"].as_str().unwrap());
 
     // The sparse tar really uses old-GNU sparse headers, one of them extended.
@@ -283,10 +252,7 @@ fn compare_trees_reports_exactly_the_change() {
 
     let copy = tmp.path().join("copy");
     copy_tree(&orig, &copy);
-    let strict = CompareOptions {
-        skip_dir_mtime: false,
-        ..CompareOptions::default()
-    };
+    let strict = CompareOptions { skip_dir_mtime: false, ..CompareOptions::default() };
     let d = compare_trees(&orig, &copy, &strict);
     assert!(d.is_empty(), "cp -a copy differs:\n{}", d.join("\n"));
 
@@ -311,10 +277,7 @@ fn compare_trees_reports_exactly_the_change() {
     copy_tree(&orig, &c3);
     xattr::set(c3.join("dir/file"), "user.naiad", b"TEST").unwrap();
     let d = compare_trees(&orig, &c3, &opts);
-    assert_eq!(
-        d,
-        vec![r#"dir/file: xattr user.naiad expected "test", actual "TEST""#.to_string()]
-    );
+    assert_eq!(d, vec![r#"dir/file: xattr user.naiad expected "test", actual "TEST""#.to_string()]);
 
     // One hardlink broken (same contents and metadata, new inode).
     let c4 = tmp.path().join("c4");
@@ -322,10 +285,7 @@ fn compare_trees_reports_exactly_the_change() {
     run(Command::new("cp").arg("-a").arg(c4.join("dir/hl-b")).arg(c4.join("dir/hl-b.tmp")));
     fs::rename(c4.join("dir/hl-b.tmp"), c4.join("dir/hl-b")).unwrap();
     let d = compare_trees(&orig, &c4, &opts);
-    assert_eq!(
-        d,
-        vec!["hardlink groups differ: expected [dir/hl-b, hl-a]; actual [dir/hl-b] [hl-a]".to_string()]
-    );
+    assert_eq!(d, vec!["hardlink groups differ: expected [dir/hl-b, hl-a]; actual [dir/hl-b] [hl-a]".to_string()]);
 
     // Missing and extra entries; capped output.
     let c5 = tmp.path().join("c5");
@@ -333,13 +293,7 @@ fn compare_trees_reports_exactly_the_change() {
     fs::remove_dir_all(c5.join("dir/sub")).unwrap();
     fs::write(c5.join("new"), b"").unwrap();
     let d = compare_trees(&orig, &c5, &opts);
-    assert_eq!(
-        d,
-        vec![
-            "dir/sub: missing in actual (directory, and 1 entries below it)".to_string(),
-            "new: extra in actual (not in expected) (regular file)".to_string(),
-        ]
-    );
+    assert_eq!(d, vec!["dir/sub: missing in actual (directory, and 1 entries below it)".to_string(), "new: extra in actual (not in expected) (regular file)".to_string(),]);
     let capped = compare_trees(&orig, &c5, &CompareOptions { max_reported: 1, ..opts.clone() });
     assert_eq!(capped.len(), 2);
     assert!(capped[1].starts_with("... and 1 more"), "{capped:?}");

@@ -361,10 +361,7 @@ fn token_auth_with_docker_config_and_token_renewal() {
     let key = make_signing_key(tmp.path());
     let (user, password) = ("tokenuser", "pw-token-51c0");
     let ts = TokenServer::start(&key, user, password, 3600);
-    let reg = Distribution::start(
-        RegistryAuth::Token { realm: ts.realm(), service: TOKEN_SERVICE.into(), issuer: TOKEN_ISSUER.into(), cert_pem: key.cert_pem.clone() },
-        None,
-    );
+    let reg = Distribution::start(RegistryAuth::Token { realm: ts.realm(), service: TOKEN_SERVICE.into(), issuer: TOKEN_ISSUER.into(), cert_pem: key.cert_pem.clone() }, None);
     let h = reg.host();
     let creds = format!("{user}:{password}");
     let pushed = push_generated(&h, &["--dest-creds", &creds]);
@@ -444,9 +441,34 @@ fn debian_image_through_registry() {
     assert!(diffs.is_empty(), "mounted tree differs from umoci:\n{}", diffs.join("\n"));
     m.umount();
     let run_dir = tmp.path().join("run-dir");
-    let out = ok(&["run", "--cache-dir", tmp.path().join("run-cache").to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap(), &format!("docker://{h}/debian:12-naiad"), "--", "python3", "-c", "import json; print(json.dumps(42))"]);
+    let out = ok(&[
+        "run",
+        "--cache-dir",
+        tmp.path().join("run-cache").to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        &format!("docker://{h}/debian:12-naiad"),
+        "--",
+        "python3",
+        "-c",
+        "import json; print(json.dumps(42))",
+    ]);
     assert_eq!(out.trim(), "42");
-    let code = run_env(&["run", "--cache-dir", tmp.path().join("run-cache").to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap(), &format!("docker://{h}/debian:12-naiad"), "--", "sh", "-c", "exit 7"], &[]);
+    let code = run_env(
+        &[
+            "run",
+            "--cache-dir",
+            tmp.path().join("run-cache").to_str().unwrap(),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            &format!("docker://{h}/debian:12-naiad"),
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ],
+        &[],
+    );
     assert_eq!(code.status.code(), Some(7));
 }
 
@@ -468,7 +490,12 @@ fn mirror_serves_blobs_and_origin_takes_over_when_it_stops() {
     mirror_proxy.stats.blob_gets.store(0, std::sync::atomic::Ordering::SeqCst);
     unpack_and_compare(&image, &pushed, "via-mirror", &["--mirror", &mirror_url], &[]);
     let (o, m) = (&origin_proxy.stats, &mirror_proxy.stats);
-    eprintln!("with mirror: origin saw {} blob GETs, mirror {} blob GETs ({} bytes)", ProxyStats::get(&o.blob_gets), ProxyStats::get(&m.blob_gets), ProxyStats::get(&m.blob_body_bytes));
+    eprintln!(
+        "with mirror: origin saw {} blob GETs, mirror {} blob GETs ({} bytes)",
+        ProxyStats::get(&o.blob_gets),
+        ProxyStats::get(&m.blob_gets),
+        ProxyStats::get(&m.blob_body_bytes)
+    );
     assert_eq!(ProxyStats::get(&o.blob_gets), 0, "blobs come from the mirror");
     assert!(ProxyStats::get(&m.blob_gets) > 5);
     assert!(count_lines(&mirror.log(), "/v2/img/blobs/sha256:") > 0, "the mirror's access log shows the blob reads");

@@ -148,7 +148,20 @@ fn optimize_records_the_startup_set_and_lays_it_out_first() {
     let t = std::time::Instant::now();
     let trace2 = dir.path().join("trace2.jsonl");
     let out = naiad()
-        .args(["optimize", "--quiet", "--timeout", "3", "--trace", trace2.to_str().unwrap(), &src, &format!("oci:{}:opt2", dir.path().join("out").display()), "--", "sh", "-c", "cat /etc/os-release >/dev/null; sleep 600"])
+        .args([
+            "optimize",
+            "--quiet",
+            "--timeout",
+            "3",
+            "--trace",
+            trace2.to_str().unwrap(),
+            &src,
+            &format!("oci:{}:opt2", dir.path().join("out").display()),
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/os-release >/dev/null; sleep 600",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("naiad optimize");

@@ -121,7 +121,15 @@ fn naiad_inspect_json(image: &str) -> Value {
 
 /// `naiad convert --prefetch-list LIST oci:SRC:TAG oci:DST:naiad`.
 fn convert_with_list(src_layout: &Path, tag: &str, dst_layout: &Path, list: &Path) -> String {
-    check(naiad().arg("convert").arg("--quiet").arg("--prefetch-list").arg(list).arg(format!("oci:{}:{tag}", src_layout.display())).arg(format!("oci:{}:{NAIAD_TAG}", dst_layout.display())));
+    check(
+        naiad()
+            .arg("convert")
+            .arg("--quiet")
+            .arg("--prefetch-list")
+            .arg(list)
+            .arg(format!("oci:{}:{tag}", src_layout.display()))
+            .arg(format!("oci:{}:{NAIAD_TAG}", dst_layout.display())),
+    );
     format!("oci:{}:{NAIAD_TAG}", dst_layout.display())
 }
 
@@ -343,7 +351,6 @@ fn python_startup_is_recorded_and_prefetched() {
     m.umount();
 }
 
-
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);
 
@@ -514,7 +521,16 @@ fn stats_prometheus_and_api_socket_show_the_counters() {
     let prom = m.prometheus();
     assert!(prom.contains("# TYPE naiad_read_latency_seconds histogram\n"), "{prom}");
     assert!(prom.contains("# TYPE naiad_reads_total counter\n"));
-    for (name, key) in [("naiad_reads_total", "reads"), ("naiad_read_bytes_total", "read_bytes"), ("naiad_store_requests_total", "store_requests"), ("naiad_memory_hits_total", "memory_hits"), ("naiad_disk_hits_total", "disk_hits"), ("naiad_misses_total", "misses"), ("naiad_errors_total", "errors"), ("naiad_retries_total", "retries")] {
+    for (name, key) in [
+        ("naiad_reads_total", "reads"),
+        ("naiad_read_bytes_total", "read_bytes"),
+        ("naiad_store_requests_total", "store_requests"),
+        ("naiad_memory_hits_total", "memory_hits"),
+        ("naiad_disk_hits_total", "disk_hits"),
+        ("naiad_misses_total", "misses"),
+        ("naiad_errors_total", "errors"),
+        ("naiad_retries_total", "retries"),
+    ] {
         assert_eq!(prometheus_value(&prom, &series(name)), Some(u(&c[key]) as f64), "{name} in:\n{prom}");
     }
     assert_eq!(prometheus_value(&prom, &series("naiad_read_latency_seconds_count")), Some(reads as f64));

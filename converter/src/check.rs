@@ -38,9 +38,7 @@ pub fn check(image: &NaiadImage) -> Result<CheckReport> {
     let bad: Vec<(u32, String)> = records
         .par_chunks(CHECK_BATCH)
         .enumerate()
-        .flat_map_iter(|(n, batch)| {
-            image.read_chunks(batch).into_iter().enumerate().filter_map(move |(k, r)| r.err().map(|e| ((n * CHECK_BATCH + k) as u32, e.to_string())))
-        })
+        .flat_map_iter(|(n, batch)| image.read_chunks(batch).into_iter().enumerate().filter_map(move |(k, r)| r.err().map(|e| ((n * CHECK_BATCH + k) as u32, e.to_string()))))
         .collect();
     report.chunks_checked = b.chunk_count() as u64;
     if !bad.is_empty() {

@@ -74,10 +74,12 @@ impl Chunking {
             },
             Chunking::ContentDefined { min, avg, max } => {
                 for chunk in fastcdc::v2020::StreamCDC::new(reader, min as usize, avg as usize, max as usize) {
-                    let chunk = chunk.map_err(|e| SplitError::Read(match e {
-                        fastcdc::v2020::Error::IoError(io) => io,
-                        other => io::Error::other(other.to_string()),
-                    }))?;
+                    let chunk = chunk.map_err(|e| {
+                        SplitError::Read(match e {
+                            fastcdc::v2020::Error::IoError(io) => io,
+                            other => io::Error::other(other.to_string()),
+                        })
+                    })?;
                     total += chunk.length as u64;
                     emit(chunk.data).map_err(SplitError::Emit)?;
                 }

@@ -57,7 +57,15 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { chunking: Chunking::default(), zstd_level: 3, batch_bytes: 32 << 20, progress: None, prefetch: None, prefetch_zstd_level: 19, registry: RegistryOptions::default() }
+        ConvertOptions {
+            chunking: Chunking::default(),
+            zstd_level: 3,
+            batch_bytes: 32 << 20,
+            progress: None,
+            prefetch: None,
+            prefetch_zstd_level: 19,
+            registry: RegistryOptions::default(),
+        }
     }
 }
 
@@ -182,11 +190,7 @@ impl Destination {
             _ => PathBuf::from("."),
         };
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "layout".into());
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}.naiad-"))
-            .tempdir_in(&parent)
-            .map_err(|source| ConvertError::Io { path: parent.clone(), source })?
-            .keep();
+        let tmp = tempfile::Builder::new().prefix(&format!(".{name}.naiad-")).tempdir_in(&parent).map_err(|source| ConvertError::Io { path: parent.clone(), source })?.keep();
         let layout = OciLayout::open_or_create(&tmp)?;
         Ok(Destination { layout, fresh: Some((tmp, dir.to_path_buf())), preexisting: HashSet::new() })
     }

@@ -22,7 +22,10 @@ pub fn check_media_type(layer: &LayerBlob) -> Result<()> {
     if TAR_LAYER_MEDIA_TYPES.contains(&layer.media_type.as_str()) {
         Ok(())
     } else {
-        Err(ConvertError::Layer { layer: layer.digest.to_string(), reason: format!("unsupported layer media type {:?} (expected a tar, tar+gzip or tar+zstd layer)", layer.media_type) })
+        Err(ConvertError::Layer {
+            layer: layer.digest.to_string(),
+            reason: format!("unsupported layer media type {:?} (expected a tar, tar+gzip or tar+zstd layer)", layer.media_type),
+        })
     }
 }
 

@@ -27,9 +27,7 @@ pub fn package(layout: &OciLayout, bootstrap: &[u8], blobs: &[BlobRecord], sourc
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            Descriptor::new(MEDIA_TYPE_BLOB, &b.digest_string(), b.size)
-                .with_annotation(ANNOTATION_LAYER_KIND, "blob")
-                .with_annotation(ANNOTATION_BLOB_INDEX, &i.to_string())
+            Descriptor::new(MEDIA_TYPE_BLOB, &b.digest_string(), b.size).with_annotation(ANNOTATION_LAYER_KIND, "blob").with_annotation(ANNOTATION_BLOB_INDEX, &i.to_string())
         })
         .collect();
     layers.push(

@@ -146,11 +146,7 @@ mod tests {
 
     #[test]
     fn parses_traces_paths_and_globs() {
-        let l = PrefetchList::parse(
-            "# startup\n{\"path\": \"usr/bin/python3\", \"offset\": 4096, \"length\": 100}\n/etc/*.conf\n\n/usr/lib/**/*.so\n",
-            "list",
-        )
-        .unwrap();
+        let l = PrefetchList::parse("# startup\n{\"path\": \"usr/bin/python3\", \"offset\": 4096, \"length\": 100}\n/etc/*.conf\n\n/usr/lib/**/*.so\n", "list").unwrap();
         assert!(l.wants_file("/usr/bin/python3"));
         assert!(l.wants_range("/usr/bin/python3", 4000, 200));
         assert!(!l.wants_range("/usr/bin/python3", 0, 4096));

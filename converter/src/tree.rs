@@ -45,12 +45,25 @@ pub struct Entry {
 
 #[derive(Debug, Clone)]
 pub enum NodeKind {
-    Dir { children: BTreeMap<Vec<u8>, Entry> },
+    Dir {
+        children: BTreeMap<Vec<u8>, Entry>,
+    },
     /// `chunks` holds chunk sequence numbers from the [`crate::chunk_sink::ChunkSink`].
-    File { size: u64, chunks: Vec<u64> },
-    Symlink { target: Vec<u8> },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    File {
+        size: u64,
+        chunks: Vec<u64>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 

@@ -140,7 +140,8 @@ fn write_tree(image: &NaiadImage, root: &Path) -> Result<()> {
             }
             InodeKind::RegularFile => {
                 let mut out = BufWriter::with_capacity(1 << 20, File::create(&full).map_err(&io)?);
-                io::copy(&mut FileReader::new(image, ino)?, &mut out).map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
+                io::copy(&mut FileReader::new(image, ino)?, &mut out)
+                    .map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
                 out.flush().map_err(&io)?;
             }
             InodeKind::Symlink => std::os::unix::fs::symlink(OsStr::from_bytes(b.symlink_target(ino)?), &full).map_err(&io)?,
@@ -224,7 +225,9 @@ fn write_tar<W: Write>(image: &NaiadImage, builder: &mut tar::Builder<W>) -> Res
             InodeKind::RegularFile => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(inode.size);
-                builder.append_data(&mut h, OsStr::from_bytes(&rel), FileReader::new(image, ino)?).map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
+                builder
+                    .append_data(&mut h, OsStr::from_bytes(&rel), FileReader::new(image, ino)?)
+                    .map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
             }
             InodeKind::Symlink => {
                 h.set_entry_type(tar::EntryType::Symlink);

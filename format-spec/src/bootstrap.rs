@@ -149,11 +149,7 @@ impl Bootstrap {
         let chunking = match read_u32(&data, 184) {
             0 => None,
             1 => Some(ChunkingParams::Fixed { size: read_u32(&data, 196) }),
-            2 => Some(ChunkingParams::ContentDefined {
-                min: read_u32(&data, 188),
-                avg: read_u32(&data, 192),
-                max: read_u32(&data, 196),
-            }),
+            2 => Some(ChunkingParams::ContentDefined { min: read_u32(&data, 188), avg: read_u32(&data, 192), max: read_u32(&data, 196) }),
             m => return Err(FormatError::BadHeader(format!("unknown chunking mode {m}"))),
         };
         match chunking {

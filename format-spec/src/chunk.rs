@@ -35,11 +35,8 @@ pub fn decode_chunk(stored: &[u8], chunk: &ChunkRecord) -> Result<Vec<u8>> {
     if stored.len() != chunk.compressed_size as usize {
         return Err(bad(format!("read {} stored bytes, expected {}", stored.len(), chunk.compressed_size)));
     }
-    let data = if chunk.flags & CHUNK_FLAG_ZSTD != 0 {
-        zstd::bulk::decompress(stored, chunk.uncompressed_size as usize).map_err(|e| bad(format!("zstd: {e}")))?
-    } else {
-        stored.to_vec()
-    };
+    let data =
+        if chunk.flags & CHUNK_FLAG_ZSTD != 0 { zstd::bulk::decompress(stored, chunk.uncompressed_size as usize).map_err(|e| bad(format!("zstd: {e}")))? } else { stored.to_vec() };
     if data.len() != chunk.uncompressed_size as usize {
         return Err(bad(format!("decoded to {} bytes, expected {}", data.len(), chunk.uncompressed_size)));
     }

@@ -239,14 +239,7 @@ impl ChunkRecord {
 
     pub fn decode(b: &[u8]) -> Self {
         let f = Fields(b);
-        ChunkRecord {
-            digest: f.bytes32(0),
-            compressed_offset: f.u64(32),
-            blob_index: f.u32(40),
-            compressed_size: f.u32(44),
-            uncompressed_size: f.u32(48),
-            flags: f.u32(52),
-        }
+        ChunkRecord { digest: f.bytes32(0), compressed_offset: f.u64(32), blob_index: f.u32(40), compressed_size: f.u32(44), uncompressed_size: f.u32(48), flags: f.u32(52) }
     }
 }
 
@@ -304,12 +297,7 @@ impl XattrRecord {
 
     pub fn decode(b: &[u8]) -> Self {
         let f = Fields(b);
-        XattrRecord {
-            name_offset: f.u64(0),
-            value_offset: f.u64(8),
-            name_len: f.u32(16),
-            value_len: f.u32(20),
-        }
+        XattrRecord { name_offset: f.u64(0), value_offset: f.u64(8), name_len: f.u32(16), value_len: f.u32(20) }
     }
 }
 

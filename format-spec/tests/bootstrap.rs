@@ -25,7 +25,20 @@ fn sample() -> Vec<u8> {
     b.inodes.push(dir(root_dirents, 1, 3, 1));
     b.inodes.push(dir(d_dirents, 4, 2, 1));
     b.inodes.push(InodeRecord { mode: 0o020644, nlink: 1, parent: 2, data_first: (1 << 32) | 3, ..Default::default() });
-    b.inodes.push(InodeRecord { mode: 0o104755, nlink: 2, uid: 1000, gid: 100, size: 4296, mtime_sec: 1_700_000_000, mtime_nsec: 5, parent: 2, data_first: 0, data_count: 2, xattr_first: x, xattr_count: 1 });
+    b.inodes.push(InodeRecord {
+        mode: 0o104755,
+        nlink: 2,
+        uid: 1000,
+        gid: 100,
+        size: 4296,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 5,
+        parent: 2,
+        data_first: 0,
+        data_count: 2,
+        xattr_first: x,
+        xattr_count: 1,
+    });
     b.inodes.push(InodeRecord { mode: 0o120777, nlink: 1, size: 1, parent: 2, data_first: target, data_count: 1, ..Default::default() });
     b.prefetch.push(1);
     b.finish().expect("sample bootstrap is valid")

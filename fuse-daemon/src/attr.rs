@@ -30,10 +30,7 @@ pub fn timestamp(sec: i64, nsec: u32) -> SystemTime {
         UNIX_EPOCH.checked_add(Duration::new(sec as u64, nsec)).unwrap_or(UNIX_EPOCH)
     } else {
         // sec + nsec/1e9 with sec < 0: go back |sec| seconds, then forward nsec.
-        UNIX_EPOCH
-            .checked_sub(Duration::new(sec.unsigned_abs(), 0))
-            .and_then(|t| t.checked_add(Duration::new(0, nsec)))
-            .unwrap_or(UNIX_EPOCH)
+        UNIX_EPOCH.checked_sub(Duration::new(sec.unsigned_abs(), 0)).and_then(|t| t.checked_add(Duration::new(0, nsec))).unwrap_or(UNIX_EPOCH)
     }
 }
 

@@ -561,7 +561,14 @@ mod tests {
         for i in 0..6u32 {
             let data: Vec<u8> = (0..5000u32).map(|j| if i % 2 == 0 { i as u8 } else { (j.wrapping_mul(2654435761) >> (i + 8)) as u8 }).collect();
             let enc = naiad_format::encode_chunk(&data, 3);
-            let rec = ChunkRecord { digest: enc.digest, blob_index: i % 2, compressed_offset: offset, compressed_size: enc.stored.len() as u32, uncompressed_size: enc.uncompressed_size, flags: enc.flags };
+            let rec = ChunkRecord {
+                digest: enc.digest,
+                blob_index: i % 2,
+                compressed_offset: offset,
+                compressed_size: enc.stored.len() as u32,
+                uncompressed_size: enc.uncompressed_size,
+                flags: enc.flags,
+            };
             offset += enc.stored.len() as u64;
             records.push(rec);
             chunks.insert(enc.digest, FetchedChunk { stored: enc.stored, data });

@@ -273,11 +273,7 @@ fn exec_command(spec: &ContainerSpec) -> (i32, String) {
     let candidates: Vec<PathBuf> = if name.contains(&b'/') {
         vec![PathBuf::from(OsStr::from_bytes(name))]
     } else {
-        let path = spec
-            .env
-            .iter()
-            .find_map(|kv| kv.as_bytes().strip_prefix(b"PATH=").map(|p| p.to_vec()))
-            .unwrap_or_else(|| DEFAULT_PATH.as_bytes().to_vec());
+        let path = spec.env.iter().find_map(|kv| kv.as_bytes().strip_prefix(b"PATH=").map(|p| p.to_vec())).unwrap_or_else(|| DEFAULT_PATH.as_bytes().to_vec());
         path.split(|&c| c == b':').map(|d| if d.is_empty() { PathBuf::from(".") } else { PathBuf::from(OsStr::from_bytes(d)) }).map(|d| d.join(OsStr::from_bytes(name))).collect()
     };
     let mut result = (EXIT_NOT_FOUND, format!("{}: command not found", String::from_utf8_lossy(name)));

@@ -179,7 +179,14 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     let source = &handoff.config.source;
     let reference = ImageRef::parse(source).map_err(|e| FuseError::Image(format!("image {source}: {e}")))?;
     let image = NaiadImage::open_with(&reference, &handoff.config.registry).map_err(|e| FuseError::Image(format!("opening image {source}: {e}")))?;
-    tracing::info!("daemon {} (generation {}) opened {source} ({} inodes, {} chunks) in {:?}", std::process::id(), handoff.generation, image.bootstrap.inode_count(), image.bootstrap.chunk_count(), start.elapsed());
+    tracing::info!(
+        "daemon {} (generation {}) opened {source} ({} inodes, {} chunks) in {:?}",
+        std::process::id(),
+        handoff.generation,
+        image.bootstrap.inode_count(),
+        image.bootstrap.chunk_count(),
+        start.elapsed()
+    );
 
     let counters = Arc::new(Counters::open_shared(&config.runtime.counters)?);
     counters.reset_progress();
@@ -207,7 +214,8 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     if first {
         fuse_device::write_reply(fuse, &reply).map_err(fuse_err)?;
     }
-    handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[]).map_err(|source| FuseError::Io { path: "supervisor channel".into(), source })?;
+    handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[])
+        .map_err(|source| FuseError::Io { path: "supervisor channel".into(), source })?;
     match handoff.cause {
         StartCause::First => tracing::info!("serving {source} on {} ({:?} after start)", mp.display(), start.elapsed()),
         StartCause::Restart { died_at_ns } => {

@@ -561,10 +561,7 @@ impl DiskCache {
         let (tx, rx) = mpsc::channel();
         let s = shared.clone();
         let old_layout = dir.join(OLD_CHUNKS_DIR);
-        let writer = std::thread::Builder::new()
-            .name("naiad-cache-writer".into())
-            .spawn(move || writer_loop(s, rx, old_layout))
-            .at(dir)?;
+        let writer = std::thread::Builder::new().name("naiad-cache-writer".into()).spawn(move || writer_loop(s, rx, old_layout)).at(dir)?;
         Ok(DiskCache { shared, jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) })
     }
 
@@ -607,7 +604,8 @@ impl DiskCache {
             b.files.as_ref()?.data.clone()
         };
         let mut stored = vec![0u8; chunk.compressed_size as usize];
-        let decoded = data_file.read_exact_at(&mut stored, chunk.compressed_offset).map_err(|e| e.to_string()).and_then(|()| decode_chunk(&stored, chunk).map_err(|e| e.to_string()));
+        let decoded =
+            data_file.read_exact_at(&mut stored, chunk.compressed_offset).map_err(|e| e.to_string()).and_then(|()| decode_chunk(&stored, chunk).map_err(|e| e.to_string()));
         match decoded {
             Ok(data) => {
                 s.touch(blob);
@@ -712,7 +710,14 @@ mod tests {
             .map(|i| {
                 let data: Vec<u8> = (0..1000u32).map(|j| if i % 2 == 0 { seed } else { (j as u8).wrapping_mul(seed).wrapping_add(i as u8) ^ (j >> 3) as u8 }).collect();
                 let enc = encode_chunk(&data, 3);
-                let rec = ChunkRecord { digest: enc.digest, blob_index: 0, compressed_offset: offset, compressed_size: enc.stored.len() as u32, uncompressed_size: enc.uncompressed_size, flags: enc.flags };
+                let rec = ChunkRecord {
+                    digest: enc.digest,
+                    blob_index: 0,
+                    compressed_offset: offset,
+                    compressed_size: enc.stored.len() as u32,
+                    uncompressed_size: enc.uncompressed_size,
+                    flags: enc.flags,
+                };
                 offset += enc.stored.len() as u64 + 7;
                 (rec, enc.stored, data)
             })
@@ -933,7 +938,14 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..count {
                         let data = vec![(t * 7 + i) as u8; chunk_bytes as usize];
-                        let rec = ChunkRecord { digest: *blake3::hash(&data).as_bytes(), blob_index: 0, compressed_offset: (t * count + i) * chunk_bytes, compressed_size: chunk_bytes as u32, uncompressed_size: chunk_bytes as u32, flags: 0 };
+                        let rec = ChunkRecord {
+                            digest: *blake3::hash(&data).as_bytes(),
+                            blob_index: 0,
+                            compressed_offset: (t * count + i) * chunk_bytes,
+                            compressed_size: chunk_bytes as u32,
+                            uncompressed_size: chunk_bytes as u32,
+                            flags: 0,
+                        };
                         cache.put(A, &rec, data.clone(), Arc::new(data));
                         assert!(lock(&cache.shared.queue).bytes <= limit);
                     }

@@ -110,7 +110,14 @@ impl ChunkFetcher for StoreChunkFetcher {
             Ok(parts) if parts.len() == chunks.len() => chunks.iter().zip(parts).map(|(c, stored)| Self::decode(blob, c, stored)).collect(),
             Ok(parts) => chunks
                 .iter()
-                .map(|c| Err(chunk_error(c, ChunkErrorKind::Unavailable, Some(blob.to_string()), format!("blob {blob}: the store returned {} ranges for {} asked", parts.len(), chunks.len()))))
+                .map(|c| {
+                    Err(chunk_error(
+                        c,
+                        ChunkErrorKind::Unavailable,
+                        Some(blob.to_string()),
+                        format!("blob {blob}: the store returned {} ranges for {} asked", parts.len(), chunks.len()),
+                    ))
+                })
                 .collect(),
             Err(e) => chunks
                 .iter()

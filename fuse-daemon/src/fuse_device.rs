@@ -42,12 +42,7 @@ const OUT_HEADER: usize = 16;
 pub fn mount(mountpoint: &Path, m: &MountConfig) -> Result<OwnedFd, FuseError> {
     let dev = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open("/dev/fuse").map_err(FuseError::NoFuseDevice)?;
     let fd = OwnedFd::from(dev);
-    let mut data = format!(
-        "fd={},rootmode=40000,user_id={},group_id={},default_permissions",
-        fd.as_raw_fd(),
-        nix::unistd::geteuid(),
-        nix::unistd::getegid()
-    );
+    let mut data = format!("fd={},rootmode=40000,user_id={},group_id={},default_permissions", fd.as_raw_fd(), nix::unistd::geteuid(), nix::unistd::getegid());
     if m.allow_other {
         data.push_str(",allow_other");
     }

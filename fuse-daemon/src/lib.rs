@@ -63,19 +63,19 @@ pub mod trace_recorder;
 pub use chunk_cache::ChunkCache;
 pub use counters::{CounterBlock, CounterSnapshot, Counters, Origin, PrefetchSnapshot};
 pub use daemon::{run_daemon, CacheConfig, MountConfig, ServeConfig};
-pub use handoff::DaemonConfig;
-pub use supervisor::{supervise, SupervisorOptions};
 pub use disk_cache::DiskCache;
 pub use error::{ChunkError, FuseError};
 pub use fetcher::{ChunkFetcher, FetchedChunk, StoreChunkFetcher};
 pub use filesystem::NaiadFs;
+pub use handoff::DaemonConfig;
 pub use histogram::{Histogram, HistogramSnapshot};
 pub use memory_cache::MemoryCache;
 pub use metrics_server::MetricsServer;
 pub use prefetcher::{PrefetchConfig, Prefetcher};
-pub use trace_recorder::TraceRecorder;
 pub use runtime_paths::RuntimePaths;
 pub use stats_server::{query_stats, StatsReport, StatsServer};
+pub use supervisor::{supervise, SupervisorOptions};
+pub use trace_recorder::TraceRecorder;
 
 /// The `fsname` and `subtype` of every naiad mount; `/proc/self/mountinfo`
 /// shows such a mount as type [`FSTYPE`].

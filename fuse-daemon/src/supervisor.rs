@@ -263,7 +263,10 @@ impl Supervisor {
                     }
                     if self.init_request.is_none() {
                         // The first daemon never served: nothing to fail over.
-                        let why = self.first_failure.take().unwrap_or_else(|| format!("the daemon exited ({}) before the mount was ready; see {}", describe(status), self.config.log_file.display()));
+                        let why = self
+                            .first_failure
+                            .take()
+                            .unwrap_or_else(|| format!("the daemon exited ({}) before the mount was ready; see {}", describe(status), self.config.log_file.display()));
                         return Err(self.give_up(FuseError::Image(why)));
                     }
                     tracing::warn!("daemon {} (generation {generation}) died ({}); starting another", dead.pid, describe(status));

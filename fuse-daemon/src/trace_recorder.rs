@@ -143,14 +143,7 @@ impl TraceRecorder {
     /// Starts recording to `path`: writes an empty trace there at once (so
     /// an unwritable path fails the mount) and starts the periodic flush.
     pub fn start(path: &Path, image: Arc<NaiadImage>, counters: Arc<Counters>) -> Result<Arc<Self>, FuseError> {
-        let r = Arc::new(TraceRecorder {
-            path: path.to_path_buf(),
-            image,
-            counters,
-            state: Mutex::new(State::default()),
-            write: Mutex::new(()),
-            flusher: Mutex::new(None),
-        });
+        let r = Arc::new(TraceRecorder { path: path.to_path_buf(), image, counters, state: Mutex::new(State::default()), write: Mutex::new(()), flusher: Mutex::new(None) });
         r.write_out(true)?;
         let (tx, rx) = mpsc::channel::<()>();
         let weak = Arc::downgrade(&r);

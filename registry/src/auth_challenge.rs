@@ -37,12 +37,7 @@ impl AuthChallenge {
         if realm.is_empty() {
             return None;
         }
-        Some(AuthChallenge::Bearer {
-            realm,
-            service: params.get("service").cloned(),
-            scope: params.get("scope").cloned(),
-            error: params.get("error").cloned(),
-        })
+        Some(AuthChallenge::Bearer { realm, service: params.get("service").cloned(), scope: params.get("scope").cloned(), error: params.get("error").cloned() })
     }
 }
 

@@ -188,13 +188,24 @@ impl Authenticator {
                 Ok(resp) => {
                     let status = resp.status();
                     if status.is_success() {
-                        let body = resp.bytes().map_err(|e| RegistryError::Network { host: token_host.clone(), what: what.clone(), reason: crate::registry_client::describe_reqwest_error(&e) });
+                        let body = resp.bytes().map_err(|e| RegistryError::Network {
+                            host: token_host.clone(),
+                            what: what.clone(),
+                            reason: crate::registry_client::describe_reqwest_error(&e),
+                        });
                         match body {
                             Ok(body) => {
-                                let answer: TokenAnswer = serde_json::from_slice(&body)
-                                    .map_err(|_| RegistryError::BadResponse { host: token_host.clone(), what: what.clone(), reason: "token server's answer is not JSON".into() })?;
+                                let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| RegistryError::BadResponse {
+                                    host: token_host.clone(),
+                                    what: what.clone(),
+                                    reason: "token server's answer is not JSON".into(),
+                                })?;
                                 let token = answer.token.filter(|t| !t.is_empty()).or(answer.access_token.filter(|t| !t.is_empty()));
-                                let token = token.ok_or_else(|| RegistryError::BadResponse { host: token_host.clone(), what: what.clone(), reason: "token server's answer has no token".into() })?;
+                                let token = token.ok_or_else(|| RegistryError::BadResponse {
+                                    host: token_host.clone(),
+                                    what: what.clone(),
+                                    reason: "token server's answer has no token".into(),
+                                })?;
                                 let lifetime = match answer.expires_in {
                                     Some(s) if s > 0 => Duration::from_secs(s as u64),
                                     _ => DEFAULT_TOKEN_LIFETIME,

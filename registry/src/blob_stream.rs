@@ -50,7 +50,13 @@ impl BlobStream {
                 Ok(resp)
             }
             206 if pos > 0 => {
-                let start = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("bytes ")).and_then(|v| v.split('-').next()).and_then(|v| v.parse::<u64>().ok());
+                let start = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok());
                 if start != Some(pos) {
                     return Err(AttemptError::Fatal(self.client.bad_response(&what, format!("asked for bytes from {pos}, got Content-Range starting at {start:?}"))));
                 }

@@ -88,10 +88,7 @@ pub struct CredentialStore {
 
 impl std::fmt::Debug for CredentialStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CredentialStore")
-            .field("explicit_host", &self.explicit.as_ref().map(|(h, _)| h))
-            .field("files", &self.files)
-            .finish()
+        f.debug_struct("CredentialStore").field("explicit_host", &self.explicit.as_ref().map(|(h, _)| h)).field("files", &self.files).finish()
     }
 }
 
@@ -161,9 +158,8 @@ fn lookup_in_file(path: &Path, key: &str) -> Result<Option<Credentials>> {
         Err(e) => return Err(RegistryError::Config(format!("{}: {e}", path.display()))),
     };
     // serde's message may quote input; do not pass it on, it could hold a secret.
-    let config: ConfigFile = serde_json::from_slice(&text).map_err(|e| {
-        RegistryError::Config(format!("{}: not a valid auth file (line {}, column {})", path.display(), e.line(), e.column()))
-    })?;
+    let config: ConfigFile =
+        serde_json::from_slice(&text).map_err(|e| RegistryError::Config(format!("{}: not a valid auth file (line {}, column {})", path.display(), e.line(), e.column())))?;
     for (name, entry) in &config.auths {
         if normalize_key(name) == key {
             return decode_entry(entry, path, name).map(Some);
@@ -246,11 +242,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("config.json");
         let auth = base64::engine::general_purpose::STANDARD.encode("bob:pw1");
-        std::fs::write(
-            &f,
-            format!(r#"{{"auths":{{"https://127.0.0.1:5000/v2/":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"hub","password":"pw2"}}}}}}"#),
-        )
-        .unwrap();
+        std::fs::write(&f, format!(r#"{{"auths":{{"https://127.0.0.1:5000/v2/":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"hub","password":"pw2"}}}}}}"#))
+            .unwrap();
         let store = CredentialStore::with_files(vec![dir.path().join("missing.json"), f]);
         assert_eq!(store.lookup("127.0.0.1:5000").unwrap(), Some(Credentials { username: "bob".into(), password: "pw1".into() }));
         assert_eq!(store.lookup("registry-1.docker.io").unwrap().unwrap().username, "hub");

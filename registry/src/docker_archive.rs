@@ -42,10 +42,10 @@ impl DockerArchive {
 
     /// Position and size of the member called `name`.
     pub fn member(&self, name: &str) -> Result<(u64, u64)> {
-        self.members.get(name.trim_start_matches("./")).copied().ok_or_else(|| RegistryError::BadImage {
-            reference: format!("docker-archive:{}", self.path.display()),
-            reason: format!("member {name:?} is missing from the archive"),
-        })
+        self.members
+            .get(name.trim_start_matches("./"))
+            .copied()
+            .ok_or_else(|| RegistryError::BadImage { reference: format!("docker-archive:{}", self.path.display()), reason: format!("member {name:?} is missing from the archive") })
     }
 
     /// Reads a member of at most `max` bytes.

@@ -41,7 +41,10 @@ pub fn push_image(layout: &OciLayout, tag: &str, destination: &DockerReference, 
 pub fn push_image_with(client: &RegistryClient, layout: &OciLayout, tag: &str, destination: &DockerReference, mount_from: Option<&DockerReference>) -> Result<PushSummary> {
     let desc = layout.resolve(tag)?;
     if desc.media_type != MEDIA_TYPE_OCI_MANIFEST && desc.media_type != MEDIA_TYPE_DOCKER_MANIFEST {
-        return Err(RegistryError::BadImage { reference: format!("oci:{}:{tag}", layout.dir().display()), reason: format!("only image manifests can be pushed, not {:?}", desc.media_type) });
+        return Err(RegistryError::BadImage {
+            reference: format!("oci:{}:{tag}", layout.dir().display()),
+            reason: format!("only image manifests can be pushed, not {:?}", desc.media_type),
+        });
     }
     let manifest_digest = Digest::parse(&desc.digest)?;
     let manifest_bytes = layout.read_blob(&manifest_digest, MAX_JSON_SIZE)?;
@@ -71,7 +74,10 @@ pub fn push_image_with(client: &RegistryClient, layout: &OciLayout, tag: &str, d
         (Some(t), _) => t.clone(),
         (None, Some(d)) if *d == manifest_digest => d.to_string(),
         (None, Some(d)) => {
-            return Err(RegistryError::BadReference { reference: format!("docker://{destination}"), reason: format!("the image's manifest is {manifest_digest}, not {d}; push to a tag") })
+            return Err(RegistryError::BadReference {
+                reference: format!("docker://{destination}"),
+                reason: format!("the image's manifest is {manifest_digest}, not {d}; push to a tag"),
+            })
         }
         (None, None) => "latest".to_string(),
     };

@@ -23,10 +23,7 @@ impl OciLayout {
     /// Opens an existing layout.
     pub fn open(dir: &Path) -> Result<Self> {
         let marker = dir.join("oci-layout");
-        let text = fs::read_to_string(&marker).map_err(|e| RegistryError::NotALayout {
-            path: dir.to_path_buf(),
-            reason: format!("cannot read {}: {e}", marker.display()),
-        })?;
+        let text = fs::read_to_string(&marker).map_err(|e| RegistryError::NotALayout { path: dir.to_path_buf(), reason: format!("cannot read {}: {e}", marker.display()) })?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| RegistryError::NotALayout { path: dir.to_path_buf(), reason: format!("oci-layout: {e}") })?;
         if v.get("imageLayoutVersion").and_then(|v| v.as_str()).is_none() {
             return Err(RegistryError::NotALayout { path: dir.to_path_buf(), reason: "oci-layout has no imageLayoutVersion".into() });

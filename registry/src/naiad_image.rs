@@ -90,12 +90,7 @@ impl NaiadImage {
         }
         let bootstrap = Bootstrap::from_bytes(raw).map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
         bootstrap.validate().map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
-        let blob_digests: Vec<Digest> = bootstrap
-            .blobs()
-            .map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?
-            .iter()
-            .map(|b| Digest::from_sha256(&b.sha256))
-            .collect();
+        let blob_digests: Vec<Digest> = bootstrap.blobs().map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?.iter().map(|b| Digest::from_sha256(&b.sha256)).collect();
         for d in &blob_digests {
             if !source.layers.iter().any(|l| &l.digest == d && l.media_type == MEDIA_TYPE_BLOB) {
                 return Err(bad(format!("bootstrap names blob {d}, which the manifest does not list")));
@@ -132,10 +127,11 @@ impl NaiadImage {
     /// Reads, decompresses and verifies the chunk `chunk` describes.
     pub fn read_chunk_record(&self, chunk: &ChunkRecord) -> std::result::Result<Vec<u8>, ChunkReadError> {
         let blob = self.blob_digests.get(chunk.blob_index as usize).ok_or(ChunkReadError::NoSuchChunk(chunk.blob_index))?;
-        let stored = self
-            .store
-            .read_range(blob, chunk.compressed_offset, chunk.compressed_size as u64)
-            .map_err(|source| ChunkReadError::Store { blob: blob.to_string(), offset: chunk.compressed_offset, source })?;
+        let stored = self.store.read_range(blob, chunk.compressed_offset, chunk.compressed_size as u64).map_err(|source| ChunkReadError::Store {
+            blob: blob.to_string(),
+            offset: chunk.compressed_offset,
+            source,
+        })?;
         decode_chunk(&stored, chunk).map_err(|source| ChunkReadError::Corrupt { blob: blob.to_string(), offset: chunk.compressed_offset, source })
     }
 

@@ -225,7 +225,8 @@ impl RegistryClient {
         let host = endpoint_host(registry).to_string();
         let insecure = is_loopback_host(&host) || options.insecure_registries.iter().any(|h| h.eq_ignore_ascii_case(&host) || h.eq_ignore_ascii_case(host_without_port(&host)));
         let scheme = if insecure { "http" } else { "https" };
-        let base = Url::parse(&format!("{scheme}://{host}/")).map_err(|_| RegistryError::BadReference { reference: registry.into(), reason: "not a valid registry host".into() })?;
+        let base =
+            Url::parse(&format!("{scheme}://{host}/")).map_err(|_| RegistryError::BadReference { reference: registry.into(), reason: "not a valid registry host".into() })?;
         let mut mirrors = Vec::new();
         for m in &options.mirrors {
             let mut text = m.trim().to_string();
@@ -355,7 +356,9 @@ impl RegistryClient {
             };
             if attempt >= policy.max_attempts.max(1) {
                 return Err(match error {
-                    RegistryError::Network { host, what, reason } if attempt > 1 => RegistryError::Network { host, what, reason: format!("{reason} (gave up after {attempt} attempts)") },
+                    RegistryError::Network { host, what, reason } if attempt > 1 => {
+                        RegistryError::Network { host, what, reason: format!("{reason} (gave up after {attempt} attempts)") }
+                    }
                     e => e,
                 });
             }
@@ -438,13 +441,7 @@ impl RegistryClient {
     /// Checks the registry answers (`GET /v2/`), authenticating if asked.
     pub fn ping(&self) -> Result<()> {
         let spec = RequestSpec::new(Method::GET, self.url("")?, vec![], format!("registry {}", self.inner.registry));
-        self.execute(&spec, &self.inner.retry, |resp| {
-            if resp.status().is_success() {
-                Ok(())
-            } else {
-                Err(AttemptError::Fatal(self.http_error(&spec.what, resp)))
-            }
-        })
+        self.execute(&spec, &self.inner.retry, |resp| if resp.status().is_success() { Ok(()) } else { Err(AttemptError::Fatal(self.http_error(&spec.what, resp))) })
     }
 
     /// Fetches manifest `reference` (tag or digest) of `repo`. Pulled by

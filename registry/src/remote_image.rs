@@ -28,8 +28,7 @@ fn is_index(m: &FetchedManifest) -> bool {
         return true;
     }
     // An OCI index may leave out mediaType; it has manifests and no config.
-    m.media_type.is_empty()
-        && serde_json::from_slice::<Value>(&m.bytes).ok().is_some_and(|v| v.get("manifests").is_some() && v.get("config").is_none())
+    m.media_type.is_empty() && serde_json::from_slice::<Value>(&m.bytes).ok().is_some_and(|v| v.get("manifests").is_some() && v.get("config").is_none())
 }
 
 /// Pulls `reference`'s manifest for `platform` and its config.

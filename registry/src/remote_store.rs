@@ -95,8 +95,10 @@ impl RegistryBlobStore {
 
     fn read_ranged(&self, resp: Response, digest: &Digest, offset: u64, len: u64, what: &str) -> std::result::Result<Vec<u8>, AttemptError> {
         let host = self.client.registry().to_string();
-        let truncated = |got: usize| AttemptError::Retryable(RegistryError::Network { host: host.clone(), what: what.to_string(), reason: format!("body truncated ({got} of {len} bytes)") });
-        let read_error = |e: std::io::Error| AttemptError::Retryable(RegistryError::Network { host: host.clone(), what: what.to_string(), reason: format!("reading the body: {e}") });
+        let truncated =
+            |got: usize| AttemptError::Retryable(RegistryError::Network { host: host.clone(), what: what.to_string(), reason: format!("body truncated ({got} of {len} bytes)") });
+        let read_error =
+            |e: std::io::Error| AttemptError::Retryable(RegistryError::Network { host: host.clone(), what: what.to_string(), reason: format!("reading the body: {e}") });
         match resp.status().as_u16() {
             206 => {
                 let content_range = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_default();
@@ -123,10 +125,10 @@ impl RegistryBlobStore {
             200 => {
                 let need = offset + len;
                 if need > MAX_UNRANGED_PREFIX {
-                    return Err(AttemptError::Fatal(self.client.bad_response(
-                        what,
-                        format!("the server ignored the Range header (200 with the whole blob); reading {need} bytes of it for one range is refused"),
-                    )));
+                    return Err(AttemptError::Fatal(
+                        self.client
+                            .bad_response(what, format!("the server ignored the Range header (200 with the whole blob); reading {need} bytes of it for one range is refused")),
+                    ));
                 }
                 tracing::debug!("{what}: server ignored Range; reading the first {need} bytes of the blob");
                 let mut data = Vec::with_capacity(need as usize);
@@ -151,7 +153,12 @@ impl RegistryBlobStore {
             .iter()
             .map(|&i| {
                 let (o, l) = ranges[i];
-                slice_of(span, &data, o, l).map(|d| (i, d)).ok_or_else(|| RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset: o, len: l, size: span.offset + data.len() as u64 })
+                slice_of(span, &data, o, l).map(|d| (i, d)).ok_or_else(|| RegistryError::RangeOutOfBounds {
+                    digest: digest.to_string(),
+                    offset: o,
+                    len: l,
+                    size: span.offset + data.len() as u64,
+                })
             })
             .collect()
     }

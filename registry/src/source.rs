@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+use crate::blob_stream::BlobStream;
 use crate::digest::{Digest, DigestCheck, DigestReader};
 use crate::docker_archive::DockerArchive;
 use crate::error::{IoContext, RegistryError, Result};
 use crate::layout::{OciLayout, MAX_JSON_SIZE};
 use crate::manifest::*;
-use crate::blob_stream::BlobStream;
 use crate::reference::ImageRef;
 use crate::registry_client::RegistryClient;
 use crate::registry_options::RegistryOptions;
@@ -124,11 +124,8 @@ fn open_archive(reference: &ImageRef, file: &std::path::Path) -> Result<SourceIm
     let entry = entries.first().ok_or_else(|| bad(reference, "manifest.json lists no image"))?;
     let config_bytes = archive.read_member(&entry.config, MAX_JSON_SIZE)?;
     let config: Value = parse_json(&config_bytes, format!("{reference}: {}", entry.config))?;
-    let diff_ids: Vec<String> = config
-        .pointer("/rootfs/diff_ids")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
-        .unwrap_or_default();
+    let diff_ids: Vec<String> =
+        config.pointer("/rootfs/diff_ids").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
     let mut layers = Vec::new();
     for (i, member) in entry.layers.iter().enumerate() {
         let (_, size) = archive.member(member)?;
@@ -148,14 +145,7 @@ fn open_archive(reference: &ImageRef, file: &std::path::Path) -> Result<SourceIm
         annotations: None,
         extra: Default::default(),
     };
-    Ok(SourceImage {
-        reference: reference.clone(),
-        manifest,
-        manifest_digest: None,
-        config,
-        layers,
-        backend: Backend::Archive { archive, members: entry.layers.clone() },
-    })
+    Ok(SourceImage { reference: reference.clone(), manifest, manifest_digest: None, config, layers, backend: Backend::Archive { archive, members: entry.layers.clone() } })
 }
 
 /// A raw layer stream plus what checks it once fully read.

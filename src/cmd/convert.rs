@@ -93,9 +93,12 @@ impl ConvertFlags {
     pub fn options(&self) -> Result<ConvertOptions> {
         let chunking = match self.chunking {
             ChunkMode::Fixed => Chunking::Fixed { size: to_u32(self.chunk_size, "--chunk-size")? },
-            ChunkMode::Cdc => Chunking::ContentDefined { min: to_u32(self.cdc_min, "--cdc-min")?, avg: to_u32(self.cdc_avg, "--cdc-avg")?, max: to_u32(self.cdc_max, "--cdc-max")? },
+            ChunkMode::Cdc => {
+                Chunking::ContentDefined { min: to_u32(self.cdc_min, "--cdc-min")?, avg: to_u32(self.cdc_avg, "--cdc-avg")?, max: to_u32(self.cdc_max, "--cdc-max")? }
+            }
         };
-        let mut opts = ConvertOptions { chunking, zstd_level: self.zstd_level, prefetch_zstd_level: self.prefetch_zstd_level, registry: self.registry.options()?, ..Default::default() };
+        let mut opts =
+            ConvertOptions { chunking, zstd_level: self.zstd_level, prefetch_zstd_level: self.prefetch_zstd_level, registry: self.registry.options()?, ..Default::default() };
         if !self.quiet && std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(0);
             bar.set_style(

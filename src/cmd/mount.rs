@@ -119,11 +119,7 @@ impl DaemonOptions {
                 mountpoint: mountpoint.to_path_buf(),
                 source,
                 mount: MountConfig { threads: self.threads as usize, ttl: Duration::from_secs(self.attr_timeout), ..mount },
-                cache: CacheConfig {
-                    memory_bytes: self.memory_cache,
-                    disk_dir: (self.cache_size > 0).then(|| abs(&self.cache_dir)),
-                    disk_bytes: self.cache_size,
-                },
+                cache: CacheConfig { memory_bytes: self.memory_cache, disk_dir: (self.cache_size > 0).then(|| abs(&self.cache_dir)), disk_bytes: self.cache_size },
                 runtime,
                 prefetch: self.prefetch_config(),
                 record_trace: self.record_trace.as_deref().map(abs),
@@ -222,7 +218,6 @@ pub struct StatsArgs {
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
 }
-
 
 /// Resolves and checks a mountpoint for mounting: it must exist, be a
 /// directory and not already carry a naiad mount.
@@ -379,7 +374,12 @@ pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration) -> Result<S
     };
     let output = match rx.recv_timeout(timeout) {
         Ok(out) => String::from_utf8_lossy(&out).into_owned(),
-        Err(_) => return Err(fail(&mut child, format!("mounting {} on {}: the daemon did not become ready within {}s (log: {})", config.source, mp.display(), timeout.as_secs(), log_file.display()))),
+        Err(_) => {
+            return Err(fail(
+                &mut child,
+                format!("mounting {} on {}: the daemon did not become ready within {}s (log: {})", config.source, mp.display(), timeout.as_secs(), log_file.display()),
+            ))
+        }
     };
     let message = || output.trim().trim_start_matches("naiad: error: ").to_string();
     // Served once the pipe closed; the supervisor has exited if it failed.
@@ -397,7 +397,15 @@ pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration) -> Result<S
         }
         if Instant::now() > deadline {
             let msg = message();
-            return Err(fail(&mut child, format!("mounting {} on {}: the mount did not appear although the supervisor is running{}", config.source, mp.display(), if msg.is_empty() { String::new() } else { format!(": {msg}") })));
+            return Err(fail(
+                &mut child,
+                format!(
+                    "mounting {} on {}: the mount did not appear although the supervisor is running{}",
+                    config.source,
+                    mp.display(),
+                    if msg.is_empty() { String::new() } else { format!(": {msg}") }
+                ),
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }

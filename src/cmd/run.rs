@@ -65,7 +65,11 @@ struct RunDir {
 
 impl RunDir {
     fn create() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("naiad-run-{}-{:x}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)));
+        let dir = std::env::temp_dir().join(format!(
+            "naiad-run-{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+        ));
         for sub in ["", "lower", "upper", "work", "merged"] {
             let p = dir.join(sub);
             std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
@@ -123,11 +127,7 @@ impl Drop for RunDir {
             eprintln!("naiad run: warning: {} is still mounted; not removing {}", self.lower.display(), self.dir.display());
             return;
         }
-        let result = if self.keep_upper {
-            ["lower", "work", "merged"].iter().try_for_each(|s| std::fs::remove_dir_all(self.path(s)))
-        } else {
-            std::fs::remove_dir_all(&self.dir)
-        };
+        let result = if self.keep_upper { ["lower", "work", "merged"].iter().try_for_each(|s| std::fs::remove_dir_all(self.path(s))) } else { std::fs::remove_dir_all(&self.dir) };
         if let Err(e) = result {
             eprintln!("naiad run: warning: cannot remove {}: {e}", self.dir.display());
         }

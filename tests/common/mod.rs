@@ -83,22 +83,14 @@ pub fn debian_image() -> DebianImage {
 fn build_debian_image() -> Result<DebianImage, String> {
     let fixtures = fixtures_dir();
     let base = fixtures.join("debian-python");
-    let img = DebianImage {
-        layout: base.join("layout"),
-        layout_zstd: base.join("layout-zstd"),
-        reference_rootfs: base.join("rootfs-ref"),
-    };
+    let img = DebianImage { layout: base.join("layout"), layout_zstd: base.join("layout-zstd"), reference_rootfs: base.join("rootfs-ref") };
     if base.join("COMPLETE").is_file() {
         return Ok(img);
     }
-    fs::create_dir_all(&fixtures)
-        .map_err(|e| format!("cannot create fixtures dir {}: {e}", fixtures.display()))?;
+    fs::create_dir_all(&fixtures).map_err(|e| format!("cannot create fixtures dir {}: {e}", fixtures.display()))?;
     let script = repo_root().join("scripts/build-debian-image.sh");
     let lock = fixtures.join(".debian-python.lock");
-    eprintln!(
-        "naiad tests: building the Debian fixture image under {} (a few minutes)...",
-        base.display()
-    );
+    eprintln!("naiad tests: building the Debian fixture image under {} (a few minutes)...", base.display());
     let out = Command::new("flock")
         .arg(&lock)
         .arg("bash")
@@ -139,16 +131,9 @@ pub fn running_as_root() -> bool {
 /// must be empty. Panics with umoci's stderr on failure.
 pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) {
     let layout_s = layout.to_str().expect("layout path must be UTF-8");
-    assert!(
-        !layout_s.contains(':'),
-        "umoci cannot take a layout path containing ':' ({layout_s})"
-    );
+    assert!(!layout_s.contains(':'), "umoci cannot take a layout path containing ':' ({layout_s})");
     if let Ok(mut rd) = fs::read_dir(dest) {
-        assert!(
-            rd.next().is_none(),
-            "umoci_unpack: destination {} exists and is not empty",
-            dest.display()
-        );
+        assert!(rd.next().is_none(), "umoci_unpack: destination {} exists and is not empty", dest.display());
     }
     let out = Command::new("umoci")
         .args(["raw", "unpack", "--image"])
@@ -235,11 +220,7 @@ struct Tree {
 }
 
 fn walk_tree(root: &Path, label: &str) -> Tree {
-    let mut tree = Tree {
-        root: root.to_path_buf(),
-        nodes: BTreeMap::new(),
-        errors: Vec::new(),
-    };
+    let mut tree = Tree { root: root.to_path_buf(), nodes: BTreeMap::new(), errors: Vec::new() };
     match fs::symlink_metadata(root) {
         Ok(md) => {
             let is_dir = md.is_dir();
@@ -296,9 +277,7 @@ fn show(rel: &Path) -> String {
 }
 
 fn normalize_rel(p: &Path) -> PathBuf {
-    p.components()
-        .filter(|c| matches!(c, Component::Normal(_)))
-        .collect()
+    p.components().filter(|c| matches!(c, Component::Normal(_))).collect()
 }
 
 fn type_name(ft: &fs::FileType) -> &'static str {
@@ -341,7 +320,7 @@ fn read_xattrs(path: &Path, ignore: &[String]) -> io::Result<BTreeMap<String, Ve
     let names = match xattr::list(path) {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(95) || e.kind() == io::ErrorKind::Unsupported => {
-            return Ok(map) // EOPNOTSUPP: no xattrs here
+            return Ok(map); // EOPNOTSUPP: no xattrs here
         }
         Err(e) => return Err(e),
     };
@@ -382,8 +361,7 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
     diffs.extend(act.errors.iter().cloned());
 
     let skip_mtime: BTreeSet<PathBuf> = opts.skip_mtime_paths.iter().map(|p| normalize_rel(p)).collect();
-    let skip_owner_mode: BTreeSet<PathBuf> =
-        opts.skip_owner_mode_paths.iter().map(|p| normalize_rel(p)).collect();
+    let skip_owner_mode: BTreeSet<PathBuf> = opts.skip_owner_mode_paths.iter().map(|p| normalize_rel(p)).collect();
 
     // Paths only on one side: report the topmost only, with a count below it.
     report_one_sided(&exp, &act, "missing in actual", &mut diffs);
@@ -397,11 +375,7 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
         let eft = en.md.file_type();
         let aft = an.md.file_type();
         if type_name(&eft) != type_name(&aft) {
-            diffs.push(format!(
-                "{p}: type expected {}, actual {}",
-                type_name(&eft),
-                type_name(&aft)
-            ));
+            diffs.push(format!("{p}: type expected {}, actual {}", type_name(&eft), type_name(&aft)));
             continue;
         }
         if !eft.is_dir() {
@@ -422,16 +396,12 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
                 diffs.push(format!("{p}: gid expected {}, actual {}", en.md.gid(), an.md.gid()));
             }
         }
-        let check_mtime =
-            opts.mtime && !(eft.is_dir() && opts.skip_dir_mtime) && !skip_mtime.contains(rel);
+        let check_mtime = opts.mtime && !(eft.is_dir() && opts.skip_dir_mtime) && !skip_mtime.contains(rel);
         if check_mtime {
             let e = (en.md.mtime(), en.md.mtime_nsec());
             let a = (an.md.mtime(), an.md.mtime_nsec());
             if e != a {
-                diffs.push(format!(
-                    "{p}: mtime expected {}.{:09}, actual {}.{:09}",
-                    e.0, e.1, a.0, a.1
-                ));
+                diffs.push(format!("{p}: mtime expected {}.{:09}, actual {}.{:09}", e.0, e.1, a.0, a.1));
             }
         }
         let (ea, aa) = (exp.root.join(rel), act.root.join(rel));
@@ -440,9 +410,7 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
                 diffs.push(format!("{p}: size expected {}, actual {}", en.md.len(), an.md.len()));
             } else {
                 match (sha256_file(&ea), sha256_file(&aa)) {
-                    (Ok(eh), Ok(ah)) if eh != ah => {
-                        diffs.push(format!("{p}: contents differ (sha256 expected {eh}, actual {ah})"))
-                    }
+                    (Ok(eh), Ok(ah)) if eh != ah => diffs.push(format!("{p}: contents differ (sha256 expected {eh}, actual {ah})")),
                     (Ok(_), Ok(_)) => {}
                     (Err(e), _) => diffs.push(format!("{p}: cannot read expected file: {e}")),
                     (_, Err(e)) => diffs.push(format!("{p}: cannot read actual file: {e}")),
@@ -450,10 +418,7 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
             }
         } else if eft.is_symlink() {
             match (fs::read_link(&ea), fs::read_link(&aa)) {
-                (Ok(et), Ok(at)) if et != at => diffs.push(format!(
-                    "{p}: symlink target expected {:?}, actual {:?}",
-                    et, at
-                )),
+                (Ok(et), Ok(at)) if et != at => diffs.push(format!("{p}: symlink target expected {:?}, actual {:?}", et, at)),
                 (Ok(_), Ok(_)) => {}
                 (Err(e), _) => diffs.push(format!("{p}: cannot readlink expected: {e}")),
                 (_, Err(e)) => diffs.push(format!("{p}: cannot readlink actual: {e}")),
@@ -461,29 +426,16 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
         } else if eft.is_char_device() || eft.is_block_device() {
             let (er, ar) = (en.md.rdev(), an.md.rdev());
             if er != ar {
-                diffs.push(format!(
-                    "{p}: device expected {}:{}, actual {}:{}",
-                    major(er),
-                    minor(er),
-                    major(ar),
-                    minor(ar)
-                ));
+                diffs.push(format!("{p}: device expected {}:{}, actual {}:{}", major(er), minor(er), major(ar), minor(ar)));
             }
         }
         if opts.xattrs {
-            match (
-                read_xattrs(&ea, &opts.ignore_xattr_prefixes),
-                read_xattrs(&aa, &opts.ignore_xattr_prefixes),
-            ) {
+            match (read_xattrs(&ea, &opts.ignore_xattr_prefixes), read_xattrs(&aa, &opts.ignore_xattr_prefixes)) {
                 (Ok(ex), Ok(ax)) => {
                     for (k, v) in &ex {
                         match ax.get(k) {
                             None => diffs.push(format!("{p}: xattr {k} missing in actual")),
-                            Some(av) if av != v => diffs.push(format!(
-                                "{p}: xattr {k} expected {}, actual {}",
-                                show_bytes(v),
-                                show_bytes(av)
-                            )),
+                            Some(av) if av != v => diffs.push(format!("{p}: xattr {k} expected {}, actual {}", show_bytes(v), show_bytes(av))),
                             Some(_) => {}
                         }
                     }
@@ -504,10 +456,7 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
     if diffs.len() > opts.max_reported {
         let total = diffs.len();
         diffs.truncate(opts.max_reported);
-        diffs.push(format!(
-            "... and {} more differences ({total} in all)",
-            total - opts.max_reported
-        ));
+        diffs.push(format!("... and {} more differences ({total} in all)", total - opts.max_reported));
     }
     diffs
 }
@@ -570,17 +519,10 @@ fn compare_hardlinks(exp: &Tree, act: &Tree, common: &[PathBuf], diffs: &mut Vec
             }
         }
         let fmt_groups = |groups: &BTreeMap<PathBuf, Vec<PathBuf>>| {
-            let gs: BTreeSet<Vec<String>> = comp
-                .iter()
-                .map(|q| groups[q].iter().map(|x| show(x)).collect())
-                .collect();
+            let gs: BTreeSet<Vec<String>> = comp.iter().map(|q| groups[q].iter().map(|x| show(x)).collect()).collect();
             gs.iter().map(|g| format!("[{}]", g.join(", "))).collect::<Vec<_>>().join(" ")
         };
-        diffs.push(format!(
-            "hardlink groups differ: expected {}; actual {}",
-            fmt_groups(&eg),
-            fmt_groups(&ag)
-        ));
+        diffs.push(format!("hardlink groups differ: expected {}; actual {}", fmt_groups(&eg), fmt_groups(&ag)));
         seen.extend(comp);
     }
     for p in common {
@@ -745,11 +687,7 @@ pub mod gen_paths {
 /// plus skipping mtime, mode and owner of [`GENERATED_IMPLICIT_DIRS`].
 pub fn generated_compare_options() -> CompareOptions {
     let implicit: Vec<PathBuf> = GENERATED_IMPLICIT_DIRS.iter().map(PathBuf::from).collect();
-    CompareOptions {
-        skip_mtime_paths: implicit.clone(),
-        skip_owner_mode_paths: implicit,
-        ..CompareOptions::default()
-    }
+    CompareOptions { skip_mtime_paths: implicit.clone(), skip_owner_mode_paths: implicit, ..CompareOptions::default() }
 }
 
 /// Writes the generated image (see [`generate_image`]) to
@@ -801,12 +739,7 @@ pub fn generate_image(dir: &Path, compression: Compression) -> GeneratedImage {
     let layout = dir.join(format!("generated-{}", compression.name()));
     let (manifest_digest, config_digest, layers) = write_layout(
         &layout,
-        vec![
-            (LAYER_DESCRIPTIONS[0], base.clone()),
-            (LAYER_DESCRIPTIONS[1], changes.clone()),
-            (LAYER_DESCRIPTIONS[2], sparse),
-            (LAYER_DESCRIPTIONS[3], late.clone()),
-        ],
+        vec![(LAYER_DESCRIPTIONS[0], base.clone()), (LAYER_DESCRIPTIONS[1], changes.clone()), (LAYER_DESCRIPTIONS[2], sparse), (LAYER_DESCRIPTIONS[3], late.clone())],
         compression,
     );
     let reference_layout = dir.join(format!("generated-{}-reference", compression.name()));
@@ -826,15 +759,7 @@ pub fn generate_image(dir: &Path, compression: Compression) -> GeneratedImage {
         reference_compression,
     );
 
-    GeneratedImage {
-        layout,
-        reference_layout,
-        tag: GENERATED_TAG,
-        compression,
-        manifest_digest,
-        config_digest,
-        layers,
-    }
+    GeneratedImage { layout, reference_layout, tag: GENERATED_TAG, compression, manifest_digest, config_digest, layers }
 }
 
 const LAYER_DESCRIPTIONS: [&str; 4] = [
@@ -846,14 +771,9 @@ const LAYER_DESCRIPTIONS: [&str; 4] = [
 
 /// Writes an OCI image layout at `layout` (replacing it) from layer tars;
 /// returns (manifest digest, config digest, layers).
-fn write_layout(
-    layout: &Path,
-    tars: Vec<(&'static str, Vec<u8>)>,
-    compression: Compression,
-) -> (String, String, Vec<GeneratedLayer>) {
+fn write_layout(layout: &Path, tars: Vec<(&'static str, Vec<u8>)>, compression: Compression) -> (String, String, Vec<GeneratedLayer>) {
     if layout.exists() {
-        fs::remove_dir_all(layout)
-            .unwrap_or_else(|e| panic!("cannot remove old {}: {e}", layout.display()));
+        fs::remove_dir_all(layout).unwrap_or_else(|e| panic!("cannot remove old {}: {e}", layout.display()));
     }
     let blobs = layout.join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap_or_else(|e| panic!("cannot create {}: {e}", blobs.display()));
@@ -863,14 +783,7 @@ fn write_layout(
         let diff_id = format!("sha256:{}", sha256_hex(&tar));
         let blob = compress(&tar, compression);
         let digest = write_blob(&blobs, &blob);
-        layers.push(GeneratedLayer {
-            description,
-            digest,
-            diff_id,
-            media_type: compression.media_type(),
-            size: blob.len() as u64,
-            uncompressed_size: tar.len() as u64,
-        });
+        layers.push(GeneratedLayer { description, digest, diff_id, media_type: compression.media_type(), size: blob.len() as u64, uncompressed_size: tar.len() as u64 });
     }
 
     let created = "2023-11-14T22:13:20Z";
@@ -1029,14 +942,7 @@ struct Meta {
 }
 
 fn m(mode: u32) -> Meta {
-    Meta {
-        mode,
-        uid: 0,
-        gid: 0,
-        mtime: BASE_MTIME,
-        pax_mtime: None,
-        xattrs: Vec::new(),
-    }
+    Meta { mode, uid: 0, gid: 0, mtime: BASE_MTIME, pax_mtime: None, xattrs: Vec::new() }
 }
 
 impl Meta {
@@ -1067,9 +973,7 @@ struct LayerTar {
 
 impl LayerTar {
     fn new() -> Self {
-        LayerTar {
-            b: tar::Builder::new(Vec::new()),
-        }
+        LayerTar { b: tar::Builder::new(Vec::new()) }
     }
 
     fn finish(self) -> Vec<u8> {
@@ -1088,9 +992,7 @@ impl LayerTar {
             pax.push((k.to_string(), v.to_vec()));
         }
         if !pax.is_empty() {
-            self.b
-                .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-                .expect("append pax");
+            self.b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).expect("append pax");
         }
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
@@ -1190,25 +1092,14 @@ fn layer_base() -> Vec<u8> {
     l.file("bin/suid-sgid", m(0o6711), b"both\n");
 
     l.dir("etc", m(0o755));
-    l.file(
-        "etc/passwd",
-        m(0o644),
-        b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\nnobody:x:65534:65534::/nonexistent:/bin/false\n",
-    );
+    l.file("etc/passwd", m(0o644), b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\nnobody:x:65534:65534::/nonexistent:/bin/false\n");
     l.file("etc/group", m(0o644), b"root:x:0:\nuser:x:1000:\nnogroup:x:65534:\n");
     l.file("etc/empty", m(0o644), b"");
     l.file("etc/precise-mtime", m(0o644).pax_mtime("1700000000.123456789"), b"nanoseconds\n");
     l.symlink("etc/abs-link", "/etc/passwd", m(0o777));
     l.symlink("etc/dangling", "/does/not/exist", m(0o777));
     l.symlink("etc/precise-symlink", "passwd", m(0o777).pax_mtime("1700000300.5"));
-    l.file(
-        "etc/xattrs",
-        m(0o644)
-            .xattr("user.naiad", b"test")
-            .xattr("user.binary", &[0x00, 0x01, 0xfe, 0xff])
-            .xattr("user.second", b"2"),
-        b"file with xattrs\n",
-    );
+    l.file("etc/xattrs", m(0o644).xattr("user.naiad", b"test").xattr("user.binary", &[0x00, 0x01, 0xfe, 0xff]).xattr("user.second", b"2"), b"file with xattrs\n");
     l.dir("xattr-dir", m(0o755).xattr("user.dir", b"yes"));
     l.file("xattr-dir/plain", m(0o644), b"no xattrs here\n");
 
@@ -1345,8 +1236,7 @@ fn layer_sparse(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     ];
     write_sparse(&sdir.join("many"), (7 << 20) + 123, &segments);
     for (p, mode) in [(&sdir, 0o755), (&sdir.join("simple"), 0o644), (&sdir.join("many"), 0o640)] {
-        fs::set_permissions(p, fs::Permissions::from_mode(mode))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
     }
 
     let sparse = gnu_tar(&work, true);
@@ -1361,20 +1251,8 @@ fn gnu_tar(work: &Path, sparse: bool) -> Vec<u8> {
     if sparse {
         cmd.args(["--sparse", "--hole-detection=raw"]);
     }
-    cmd.args([
-        "--format=gnu",
-        "--numeric-owner",
-        "--owner=0",
-        "--group=0",
-        "--mtime=@1700000000",
-        "--sort=name",
-        "-C",
-    ])
-    .arg(work)
-    .args(["-cf", "-", "sparse"]);
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run GNU tar (scripts/install-test-deps.sh): {e}"));
+    cmd.args(["--format=gnu", "--numeric-owner", "--owner=0", "--group=0", "--mtime=@1700000000", "--sort=name", "-C"]).arg(work).args(["-cf", "-", "sparse"]);
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run GNU tar (scripts/install-test-deps.sh): {e}"));
     if !out.status.success() {
         panic!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }

@@ -56,9 +56,17 @@ fn wait_for_port(port: u16, what: &str, timeout: Duration) {
 pub enum RegistryAuth {
     None,
     /// `htpasswd -Bbn USER PASS`.
-    Htpasswd { user: String, password: String },
+    Htpasswd {
+        user: String,
+        password: String,
+    },
     /// Bearer tokens from a [`TokenServer`].
-    Token { realm: String, service: String, issuer: String, cert_pem: PathBuf },
+    Token {
+        realm: String,
+        service: String,
+        issuer: String,
+        cert_pem: PathBuf,
+    },
 }
 
 pub struct Distribution {
@@ -98,10 +106,7 @@ impl Distribution {
                 config.push_str(&format!("auth:\n  htpasswd:\n    realm: naiad-test\n    path: {}\n", file.display()));
             }
             RegistryAuth::Token { realm, service, issuer, cert_pem } => {
-                config.push_str(&format!(
-                    "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
-                    cert_pem.display()
-                ));
+                config.push_str(&format!("auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n", cert_pem.display()));
             }
         }
         if let Some(remote) = proxy_remote {
@@ -345,7 +350,21 @@ pub fn make_server_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=naiad-test-ca", "-keyout", "ca-key.pem", "-out", "ca-cert.pem"]);
     openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server-key.pem", "-out", "server.csr"]);
     openssl(&[
-        "x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "2", "-extfile", "server-ext.cnf", "-out", "server-cert.pem",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca-cert.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server-ext.cnf",
+        "-out",
+        "server-cert.pem",
     ]);
     (p("server-key.pem"), p("server-cert.pem"), p("ca-cert.pem"))
 }
@@ -607,7 +626,14 @@ impl FaultDice {
         let p = &self.plan;
         let mut edge = 0;
         let mut pick = Fault::None;
-        for (pct, f) in [(p.reset_pct, Fault::Reset), (p.error500_pct, Fault::Error500), (p.truncate_pct, Fault::Truncate), (p.delay_pct, Fault::Delay), (p.stall_pct, Fault::Stall), (p.error429_pct, Fault::TooMany)] {
+        for (pct, f) in [
+            (p.reset_pct, Fault::Reset),
+            (p.error500_pct, Fault::Error500),
+            (p.truncate_pct, Fault::Truncate),
+            (p.delay_pct, Fault::Delay),
+            (p.stall_pct, Fault::Stall),
+            (p.error429_pct, Fault::TooMany),
+        ] {
             edge += pct;
             if x < edge {
                 pick = f;
@@ -691,7 +717,14 @@ fn proxy_connection(client: TcpStream, upstream: u16, own_port: u16, config: &Pr
         if let Some((u, p)) = &config.require_basic {
             let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")));
             if !redirected && head.get("authorization") != Some(want.as_str()) {
-                if respond(&mut client_w, "401 Unauthorized", &[("WWW-Authenticate", "Basic realm=\"naiad-proxy\""), ("Content-Type", "application/json")], br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#).is_err() {
+                if respond(
+                    &mut client_w,
+                    "401 Unauthorized",
+                    &[("WWW-Authenticate", "Basic realm=\"naiad-proxy\""), ("Content-Type", "application/json")],
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+                )
+                .is_err()
+                {
                     return;
                 }
                 continue;
@@ -729,14 +762,23 @@ fn proxy_connection(client: TcpStream, upstream: u16, own_port: u16, config: &Pr
         }
         if fault == Fault::TooMany {
             stats.errors429.fetch_add(1, Ordering::SeqCst);
-            if respond(&mut client_w, "429 Too Many Requests", &[("Retry-After", "1"), ("Content-Type", "application/json")], br#"{"errors":[{"code":"TOOMANYREQUESTS","message":"injected"}]}"#).is_err() {
+            if respond(
+                &mut client_w,
+                "429 Too Many Requests",
+                &[("Retry-After", "1"), ("Content-Type", "application/json")],
+                br#"{"errors":[{"code":"TOOMANYREQUESTS","message":"injected"}]}"#,
+            )
+            .is_err()
+            {
                 return;
             }
             continue;
         }
         if fault == Fault::Error500 {
             stats.errors500.fetch_add(1, Ordering::SeqCst);
-            if respond(&mut client_w, "500 Internal Server Error", &[("Content-Type", "application/json")], br#"{"errors":[{"code":"UNKNOWN","message":"injected fault"}]}"#).is_err() {
+            if respond(&mut client_w, "500 Internal Server Error", &[("Content-Type", "application/json")], br#"{"errors":[{"code":"UNKNOWN","message":"injected fault"}]}"#)
+                .is_err()
+            {
                 return;
             }
             continue;

@@ -171,7 +171,17 @@ pub fn serving_pid(m: &MountGuard) -> u64 {
 pub fn wait_for_new_daemon(m: &MountGuard, old: u64) -> u64 {
     let mut new = old;
     let ok = wait_until(Duration::from_secs(20), || {
-        new = naiad().arg("stats").arg("--json").arg("--run-dir").arg(&m.run_dir).arg(&m.mountpoint).output().ok().and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok()).and_then(|v| v["pid"].as_u64()).unwrap_or(old);
+        new = naiad()
+            .arg("stats")
+            .arg("--json")
+            .arg("--run-dir")
+            .arg(&m.run_dir)
+            .arg(&m.mountpoint)
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+            .and_then(|v| v["pid"].as_u64())
+            .unwrap_or(old);
         new != old
     });
     assert!(ok, "no new daemon serves {} after {old} went; log:\n{}", m.mountpoint.display(), m.log());
