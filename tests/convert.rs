@@ -431,3 +431,125 @@ fn docker_archive_source_round_trips() {
     let err = fails(&["convert", &format!("docker-archive:{}", bad.display()), &oci(&tmp.path().join("o2"), "x")]);
     assert!(err.contains("bad.tar"), "{err}");
 }
+
+/// A tar stream of `entries` built with the tar crate (PAX long names and
+/// link targets as needed): (path, symlink target or None for a file, data).
+fn tar_of(entries: &[(String, Option<String>, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, link, data) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        match link {
+            Some(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, path, *data).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// `naiad convert` of `layout` with a deadline: a hostile layer must get a
+/// result or an error, never hang or crash. Returns (exit code, stderr).
+fn convert_with_deadline(layout: &Path, dst: &Path) -> (Option<i32>, String) {
+    let mut child = naiad()
+        .args(["convert", &oci(layout, "latest"), &oci(dst, "naiad")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn naiad convert");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("naiad convert of {} did not finish within 120 s", layout.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "naiad panicked: {stderr}");
+    (out.status.code(), stderr)
+}
+
+#[test]
+fn chained_symlinks_are_bounded_like_linux() {
+    let tmp = scratch("links");
+    let image = generate_image(&tmp.path().join("img"), Compression::None);
+    // a{n} -> a{n-1}/../a{n-1}: resolving a{n} walks a{n-1} twice, so an
+    // unbounded resolver does 2^n walks for a30/file.
+    let mut entries: Vec<(String, Option<String>, &[u8])> = vec![("a0/keep".into(), None, b"x")];
+    for n in 1..=30 {
+        entries.push((format!("a{n}"), Some(format!("a{0}/../a{0}", n - 1)), b""));
+    }
+    entries.push(("a30/file".into(), None, b"deep"));
+    replace_layer(&image.layout, "latest", 3, &tar_of(&entries));
+    let (code, err) = convert_with_deadline(&image.layout, &tmp.path().join("out"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("too many levels of symbolic links") && err.contains("a30/file"), "{err}");
+
+    // A path through a few links still resolves.
+    let image = generate_image(&tmp.path().join("img2"), Compression::None);
+    let short: Vec<(String, Option<String>, &[u8])> = entries[..4].iter().cloned().chain([("a3/file".to_string(), None, &b"deep"[..])]).collect();
+    replace_layer(&image.layout, "latest", 3, &tar_of(&short));
+    let out = tmp.path().join("out2");
+    let (code, err) = convert_with_deadline(&image.layout, &out);
+    assert_eq!(code, Some(0), "{err}");
+    let listing: serde_json::Value = serde_json::from_str(&ok(&["inspect", &oci(&out, "naiad"), "--json", "--path", "/a0/file"])).unwrap();
+    assert_eq!(listing[0]["size"], 4, "a3/file is a0/file, 4 bytes: {listing}");
+}
+
+#[test]
+fn an_opaque_marker_over_a_very_deep_tree_does_not_overflow_the_stack() {
+    let tmp = scratch("deep");
+    let image = generate_image(&tmp.path().join("img"), Compression::None);
+    let deep = format!("{}file", "d/".repeat(300_000));
+    replace_layer(&image.layout, "latest", 2, &tar_of(&[(deep, None, b"x")]));
+    replace_layer(&image.layout, "latest", 3, &tar_of(&[("d/.wh..wh..opq".into(), None, b""), ("d/new".into(), None, b"y")]));
+    let (code, err) = convert_with_deadline(&image.layout, &tmp.path().join("out"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("nested deeper than 4096 levels") && err.len() < 2000, "{}", &err[..err.len().min(2000)]);
+
+    // As deep as the format allows: converts, opaque marker applied.
+    let image = generate_image(&tmp.path().join("img2"), Compression::None);
+    let deep = format!("{}file", "d/".repeat(4000));
+    replace_layer(&image.layout, "latest", 2, &tar_of(&[(deep, None, b"x")]));
+    replace_layer(&image.layout, "latest", 3, &tar_of(&[("d/.wh..wh..opq".into(), None, b""), ("d/new".into(), None, b"y")]));
+    let out = tmp.path().join("out2");
+    let (code, err) = convert_with_deadline(&image.layout, &out);
+    assert_eq!(code, Some(0), "{err}");
+    let summary = ok(&["inspect", "--json", &oci(&out, "naiad")]);
+    let s: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert!(s["directories"].as_u64().unwrap() < 100, "the opaque marker pruned the deep tree: {s}");
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let tmp = scratch("pipe");
+    let image = generate_image(&tmp.path().join("img"), Compression::Gzip);
+    let out = tmp.path().join("out");
+    convert(&oci(&image.layout, "latest"), &oci(&out, "naiad"), FIXED);
+    for args in [vec!["inspect", "--path", "/data/big.bin"], vec!["inspect", "--json"], vec!["inspect"]] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors are ours, each owned once.
+        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // The reader is gone before naiad writes: every write gets EPIPE.
+        drop(read_end);
+        let o = naiad().args(&args).arg(oci(&out, "naiad")).stdout(std::process::Stdio::from(write_end)).output().expect("run naiad");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.is_empty(), "naiad {args:?} into a closed pipe said: {stderr}");
+        assert_eq!(o.status.code(), Some(0), "naiad {args:?} into a closed pipe");
+    }
+}

@@ -412,6 +412,10 @@ fn token_auth_with_docker_config_and_token_renewal() {
     assert_eq!(count(), t0 + 3, "a refused token (401) is dropped and a new one fetched");
     let stats = image.registry_stats().unwrap();
     eprintln!("token renewal: {stats:?}");
+
+    // A token server that says its token never expires crashes nothing.
+    ts.expires_in.store(i64::MAX as u64, std::sync::atomic::Ordering::SeqCst);
+    ok(&["inspect", "--creds", &creds, &dst]);
 }
 
 #[test]

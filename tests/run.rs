@@ -169,3 +169,42 @@ fn optimize_records_the_startup_set_and_lays_it_out_first() {
     assert!(t.elapsed() < std::time::Duration::from_secs(90), "the workload was stopped");
     assert!(std::fs::read_to_string(&trace2).unwrap().contains("\"/usr/lib/os-release\""), "the symlink target is what was read");
 }
+
+#[test]
+fn a_stop_signal_during_setup_leaves_nothing_behind() {
+    if !fuse_available() {
+        return;
+    }
+    let debian = debian_image();
+    let tmp = tempdir();
+    let image = convert(&debian.layout, "latest", &tmp.path().join("naiad"));
+    let run_dir = tmp.path().join("run");
+    for delay_ms in [0u64, 20, 60] {
+        let child = naiad()
+            .arg("run")
+            .arg("--cache-dir")
+            .arg(tmp.path().join("cache"))
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .args([&image, "--", "sleep", "30"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn naiad run");
+        let pid = child.id();
+        // Once the supervisor exists, the mount is being set up.
+        assert!(
+            wait_until(std::time::Duration::from_secs(60), || std::fs::read_dir(&run_dir).is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "pid")))),
+            "no supervisor started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        // SAFETY: kill(2) of the naiad run this test started.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+        let out = child.wait_with_output().expect("wait for naiad run");
+        assert!(!out.status.success(), "naiad run was stopped, yet exited {}", out.status);
+        assert_cleaned_up(Path::new(&format!("/tmp/naiad-run-{pid}-")));
+        let left: Vec<_> = std::fs::read_dir(&run_dir).map(|d| d.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().ends_with(".log")).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "files left in the run directory after SIGTERM {delay_ms} ms into the setup: {left:?}");
+    }
+}

@@ -380,7 +380,7 @@ fn read_pax<R: Read>(entry: &mut tar::Entry<R>) -> std::io::Result<PaxInfo> {
 fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mut Tree, sink: &mut ChunkSink, opts: &ConvertOptions, digest: &str) -> Result<()> {
     let path_bytes = entry.path_bytes().into_owned();
     let path_str = String::from_utf8_lossy(&path_bytes).into_owned();
-    let entry_err = |reason: String| ConvertError::Entry { layer: digest.to_string(), path: path_str.clone(), reason };
+    let entry_err = |reason: String| ConvertError::Entry { layer: digest.to_string(), path: crate::error::shorten_path(&path_str), reason };
     let header = entry.header().clone();
     let kind = header.entry_type();
     if kind.is_pax_global_extensions() {

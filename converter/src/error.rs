@@ -23,3 +23,30 @@ pub enum ConvertError {
 }
 
 pub type Result<T> = std::result::Result<T, ConvertError>;
+
+/// Longest path an error message repeats whole.
+const MAX_PATH_IN_MESSAGE: usize = 300;
+
+/// `path` for an error message: a hostile layer's path can be megabytes
+/// long, so a longer one keeps its start and end around an ellipsis.
+pub fn shorten_path(path: &str) -> String {
+    let chars = path.chars().count();
+    if chars <= MAX_PATH_IN_MESSAGE {
+        return path.to_string();
+    }
+    let keep = MAX_PATH_IN_MESSAGE / 2;
+    let head: String = path.chars().take(keep).collect();
+    let tail: String = path.chars().skip(chars - keep).collect();
+    format!("{head}...({} characters)...{tail}", chars - 2 * keep)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_paths_are_shortened() {
+        assert_eq!(super::shorten_path("a/b"), "a/b");
+        let long = format!("{}end", "d/".repeat(10_000));
+        let s = super::shorten_path(&long);
+        assert!(s.len() < 400 && s.starts_with("d/d/") && s.ends_with("/end") && s.contains("characters"), "{s}");
+    }
+}

@@ -20,6 +20,8 @@
 
 use std::collections::BTreeMap;
 
+use naiad_format::bootstrap::MAX_DEPTH;
+
 /// Index of a node in the tree's arena. The root is node 0.
 pub type NodeId = usize;
 pub const ROOT: NodeId = 0;
@@ -150,10 +152,12 @@ impl Tree {
     /// where the walk starts), following symlinks inside the tree. Missing
     /// directories are created when `create` is set (in layer `layer`);
     /// otherwise `None` is returned for a missing one.
-    fn walk(&mut self, mut stack: Vec<NodeId>, parts: &[&[u8]], create: Option<usize>, depth: usize) -> Result<Option<Vec<NodeId>>, String> {
-        if depth > MAX_SYMLINK_DEPTH {
-            return Err("too many levels of symbolic links in a parent path".into());
-        }
+    ///
+    /// `links` counts the symlinks followed for the whole path, nested ones
+    /// included; past [`MAX_SYMLINK_DEPTH`] the walk fails, as Linux's
+    /// lookup does (ELOOP). That bounds the work of any path, however its
+    /// links chain.
+    fn walk(&mut self, mut stack: Vec<NodeId>, parts: &[&[u8]], create: Option<usize>, links: &mut usize) -> Result<Option<Vec<NodeId>>, String> {
         for part in parts {
             let dir = *stack.last().unwrap_or(&ROOT);
             let found = self.children(dir).and_then(|c| c.get(*part)).copied();
@@ -171,8 +175,20 @@ impl Tree {
                 },
             };
             match &self.nodes[node].kind {
-                NodeKind::Dir { .. } => stack.push(node),
+                NodeKind::Dir { .. } => {
+                    stack.push(node);
+                    // The stack is the directory chain from the root: the
+                    // format nests at most MAX_DEPTH levels, and deeper
+                    // trees would only cost quadratic time to refuse later.
+                    if stack.len() > MAX_DEPTH {
+                        return Err(format!("directories nested deeper than {MAX_DEPTH} levels"));
+                    }
+                }
                 NodeKind::Symlink { target } => {
+                    *links += 1;
+                    if *links > MAX_SYMLINK_DEPTH {
+                        return Err("too many levels of symbolic links in a parent path".into());
+                    }
                     let target = target.clone();
                     let start = if target.starts_with(b"/") { vec![ROOT] } else { stack.clone() };
                     let mut s = start;
@@ -189,7 +205,7 @@ impl Tree {
                                     s.pop();
                                 }
                             }
-                            name => match self.walk(s.clone(), &[name], create, depth + 1)? {
+                            name => match self.walk(s.clone(), &[name], create, links)? {
                                 Some(next) => s = next,
                                 None => return Ok(None),
                             },
@@ -206,7 +222,7 @@ impl Tree {
     /// The directory that holds `parts`' last component, creating missing
     /// parents in `layer`.
     fn parent_of(&mut self, parts: &[&[u8]], layer: usize) -> Result<NodeId, String> {
-        let stack = self.walk(vec![ROOT], &parts[..parts.len() - 1], Some(layer), 0)?;
+        let stack = self.walk(vec![ROOT], &parts[..parts.len() - 1], Some(layer), &mut 0)?;
         Ok(stack.and_then(|s| s.last().copied()).unwrap_or(ROOT))
     }
 
@@ -216,7 +232,7 @@ impl Tree {
         if parts.is_empty() {
             return Ok(Some(ROOT));
         }
-        let Some(stack) = self.walk(vec![ROOT], &parts[..parts.len() - 1], None, 0)? else { return Ok(None) };
+        let Some(stack) = self.walk(vec![ROOT], &parts[..parts.len() - 1], None, &mut 0)? else { return Ok(None) };
         let dir = *stack.last().unwrap_or(&ROOT);
         Ok(self.children(dir).and_then(|c| c.get(parts[parts.len() - 1])).map(|e| e.node))
     }
@@ -292,17 +308,18 @@ impl Tree {
     }
 
     fn lookup_dir(&mut self, parts: &[&[u8]]) -> Result<Option<NodeId>, String> {
-        Ok(self.walk(vec![ROOT], parts, None, 0)?.and_then(|s| s.last().copied()))
+        Ok(self.walk(vec![ROOT], parts, None, &mut 0)?.and_then(|s| s.last().copied()))
     }
 
+    /// Iterative, with an explicit stack: a layer may nest directories
+    /// as deep as it likes.
     fn prune_lower(&mut self, dir: NodeId, layer: usize) {
-        let Some(children) = self.children_mut(dir) else { return };
-        children.retain(|_, e| e.layer >= layer);
-        let subdirs: Vec<NodeId> = children.values().map(|e| e.node).collect();
-        for child in subdirs {
-            if self.nodes[child].is_dir() {
-                self.prune_lower(child, layer);
-            }
+        let mut pending = vec![dir];
+        while let Some(dir) = pending.pop() {
+            let Some(children) = self.children_mut(dir) else { continue };
+            children.retain(|_, e| e.layer >= layer);
+            let subdirs: Vec<NodeId> = children.values().map(|e| e.node).collect();
+            pending.extend(subdirs.into_iter().filter(|&c| self.nodes[c].is_dir()));
         }
     }
 }

@@ -75,6 +75,8 @@ static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
 
 /// Set when a signal asking the command to stop was forwarded.
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The last stop signal that arrived (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// How long the command has to exit after a forwarded stop signal before it
 /// is killed. The command runs as PID 1 of its namespace, where the kernel
@@ -85,6 +87,7 @@ extern "C" fn forward_signal(sig: libc::c_int) {
     if sig != libc::SIGHUP {
         STOP_REQUESTED.store(true, Ordering::SeqCst);
     }
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
     let pid = FORWARD_TO.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill is async-signal-safe.
@@ -125,6 +128,26 @@ impl Drop for Forwarding {
         }
         FORWARD_TO.store(0, Ordering::SeqCst);
     }
+}
+
+/// Catches the stop signals (SIGINT, SIGTERM, SIGHUP, SIGQUIT) for a whole
+/// `naiad run`, from before its setup until dropped: while nothing runs
+/// yet, a signal is only noted ([`stop_signal`]), so the setup can stop
+/// and clean up instead of dying with a mount half made; once the command
+/// runs, [`run`] forwards them to it.
+pub struct StopSignals {
+    _forwarding: Forwarding,
+}
+
+impl StopSignals {
+    pub fn catch() -> Self {
+        StopSignals { _forwarding: Forwarding::to(Pid::from_raw(0)) }
+    }
+}
+
+/// The stop signal that arrived while [`StopSignals`] were caught, if any.
+pub fn stop_signal() -> Option<i32> {
+    Some(STOP_SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0)
 }
 
 /// Waits for `pid` and turns its end into an exit code (signal N: 128+N).
@@ -363,12 +386,53 @@ pub struct ResolvedUser {
     pub home: Option<String>,
 }
 
+/// Largest /etc/passwd or /etc/group read from an image.
+const MAX_USER_DB: u64 = 4 << 20;
+
+/// Reads `rel` of the image rooted at `root` as the container would see
+/// it: symlinks, absolute ones included, resolve inside `root`
+/// (openat2 RESOLVE_IN_ROOT), never to the host. Only a regular file of at
+/// most [`MAX_USER_DB`] bytes is read (a FIFO or device is not even
+/// opened for reading); a missing one reads as empty.
+pub fn read_in_root(root: &Path, rel: &str) -> Result<Vec<u8>, FuseError> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let dir = fs::File::open(root).map_err(|source| FuseError::Io { path: root.to_path_buf(), source })?;
+    let how =
+        OpenHow::new().flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY).resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let path = root.join(rel);
+    let file = match openat2(&dir, rel, how) {
+        Ok(fd) => fs::File::from(fd),
+        Err(nix::Error::ENOENT) | Err(nix::Error::ENOTDIR) | Err(nix::Error::ELOOP) => return Ok(Vec::new()),
+        Err(e) => return Err(FuseError::Io { path, source: e.into() }),
+    };
+    let meta = file.metadata().map_err(|source| FuseError::Io { path: path.clone(), source })?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(FuseError::Container(format!("the image's /{rel} is {what}")));
+    }
+    let mut data = Vec::new();
+    file.take(MAX_USER_DB + 1).read_to_end(&mut data).map_err(|source| FuseError::Io { path: path.clone(), source })?;
+    if data.len() as u64 > MAX_USER_DB {
+        return Err(FuseError::Container(format!("the image's /{rel} is larger than {MAX_USER_DB} bytes")));
+    }
+    Ok(data)
+}
+
 /// Resolves an OCI `User` value (`""`, `uid`, `uid:gid`, `name`,
 /// `name:group`, ...) against the image rooted at `root`. A name must exist
 /// in the image; a numeric id need not.
 pub fn resolve_user(root: &Path, user: &str) -> Result<ResolvedUser, FuseError> {
-    let passwd = fs::read(root.join("etc/passwd")).unwrap_or_default();
-    let group = fs::read(root.join("etc/group")).unwrap_or_default();
+    let passwd = read_in_root(root, "etc/passwd")?;
+    let group = read_in_root(root, "etc/group")?;
     let passwd = String::from_utf8_lossy(&passwd);
     let group = String::from_utf8_lossy(&group);
     // name:x:uid:gid:gecos:home:shell
@@ -398,7 +462,8 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<ResolvedUser, FuseError> 
                 .and_then(|f| f[2].parse().ok())
                 .ok_or_else(|| FuseError::Container(format!("group {g:?} not found in the image's /etc/group")))?,
         },
-        _ => pw.and_then(|f| f[3].parse().ok()).unwrap_or(if uid == 0 { 0 } else { uid }),
+        // A uid the image does not know gets group 0, as with Docker.
+        _ => pw.and_then(|f| f[3].parse().ok()).unwrap_or(0),
     };
     let name = pw.map(|f| f[0]);
     let mut groups = vec![gid];
@@ -444,9 +509,42 @@ mod tests {
         assert_eq!(r("1000").unwrap().gid, 1001);
         assert_eq!(r("1000:5").unwrap().gid, 5);
         assert_eq!(r("alice:staff").unwrap().groups, vec![1001]);
-        assert_eq!(r("4242").unwrap(), ResolvedUser { uid: 4242, gid: 4242, groups: vec![4242], home: None });
+        // A uid the image does not know: group 0, as Docker does.
+        assert_eq!(r("4242").unwrap(), ResolvedUser { uid: 4242, gid: 0, groups: vec![0], home: None });
         assert!(r("mallory").is_err());
         assert!(r("alice:nogroup").is_err());
+    }
+
+    #[test]
+    fn user_databases_are_read_inside_the_image() {
+        let host = tempfile::tempdir().unwrap();
+        fs::write(host.path().join("secret"), "evil:x:0:0:HOST-SECRET:/host-home:/bin/sh\n").unwrap();
+        nix::unistd::mkfifo(&host.path().join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let image = tempfile::tempdir().unwrap();
+        fs::create_dir(image.path().join("etc")).unwrap();
+        fs::write(image.path().join("etc/real"), "app:x:7:7::/in-image:/bin/sh\n").unwrap();
+        let link = |target: &Path| {
+            let _ = fs::remove_file(image.path().join("etc/passwd"));
+            std::os::unix::fs::symlink(target, image.path().join("etc/passwd")).unwrap();
+        };
+        // An absolute link to a host file resolves inside the image: no such file there.
+        link(&host.path().join("secret"));
+        assert_eq!(resolve_user(image.path(), "0").unwrap().home, None, "the host file was read");
+        assert!(resolve_user(image.path(), "evil").is_err());
+        // An absolute link within the image is followed inside it.
+        link(Path::new("/etc/real"));
+        assert_eq!(resolve_user(image.path(), "app").unwrap().home.as_deref(), Some("/in-image"));
+        // Escapes with .. stay inside too.
+        link(Path::new("../../../../../../../../dev/zero"));
+        assert!(resolve_user(image.path(), "0").is_ok(), "/dev/zero of the host is not read");
+        // A FIFO or a device is refused without blocking.
+        fs::remove_file(image.path().join("etc/passwd")).unwrap();
+        nix::unistd::mkfifo(&image.path().join("etc/passwd"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = resolve_user(image.path(), "0").unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
+        fs::remove_file(image.path().join("etc/passwd")).unwrap();
+        fs::write(image.path().join("etc/passwd"), vec![b'a'; (MAX_USER_DB + 1) as usize]).unwrap();
+        assert!(resolve_user(image.path(), "0").unwrap_err().to_string().contains("larger than"));
     }
 
     #[test]

@@ -33,7 +33,12 @@ impl SocketServer {
     /// [`IO_TIMEOUT`] set) on a thread named `name` (also used in logs).
     pub fn start(path: &Path, name: &str, handle: impl Fn(UnixStream) -> std::io::Result<()> + Send + 'static) -> Result<Self, FuseError> {
         let err = |detail: String| FuseError::Stats { path: path.to_path_buf(), detail };
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            // Only a stale socket is ours to replace; anything else at the
+            // path (a file the user named by mistake) stays.
+            if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+                return Err(err("the path exists and is not a socket; refusing to replace it".into()));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(err("another daemon is already listening there".into()));
             }
@@ -121,5 +126,19 @@ mod tests {
             let _ = tx.send(());
         });
         rx.recv_timeout(Duration::from_secs(5)).expect("stop() hung");
+    }
+
+    #[test]
+    fn replaces_a_stale_socket_but_no_other_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("precious");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = SocketServer::start(&file, "test", |_| Ok(())).err().expect("a regular file is refused").to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        // A stale socket (nobody listening) is replaced.
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        SocketServer::start(&stale, "test", |_| Ok(())).expect("a stale socket is replaced").stop();
     }
 }

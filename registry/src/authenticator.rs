@@ -20,7 +20,7 @@ use crate::auth_challenge::AuthChallenge;
 use crate::credentials::{CredentialStore, Credentials};
 use crate::error::{RegistryError, Result};
 use crate::retry::RetryPolicy;
-use crate::token_cache::{scope_key, TokenCache, DEFAULT_TOKEN_LIFETIME};
+use crate::token_cache::{scope_key, TokenCache, DEFAULT_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME};
 
 /// What one host asked for, and the tokens it issued.
 #[derive(Default)]
@@ -51,6 +51,20 @@ impl SentAuth {
     }
 }
 
+/// Largest token answer read; a longer one is refused (tokens are a few KiB).
+const MAX_TOKEN_ANSWER: u64 = 1 << 20;
+
+/// The body of a token answer, refused past [`MAX_TOKEN_ANSWER`] bytes.
+fn read_token_body(resp: reqwest::blocking::Response) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut body = Vec::new();
+    resp.take(MAX_TOKEN_ANSWER + 1).read_to_end(&mut body).map_err(|e| format!("reading the token answer: {e}"))?;
+    if body.len() as u64 > MAX_TOKEN_ANSWER {
+        return Err(format!("the token answer is larger than {MAX_TOKEN_ANSWER} bytes"));
+    }
+    Ok(body)
+}
+
 #[derive(Deserialize)]
 struct TokenAnswer {
     #[serde(default)]
@@ -63,6 +77,8 @@ struct TokenAnswer {
 
 pub struct Authenticator {
     credentials: CredentialStore,
+    /// Which token realms may be plain HTTP (see [`RealmPolicy`]).
+    realms: RealmPolicy,
     hosts: Mutex<HashMap<String, HostAuth>>,
     /// Tokens fetched from token servers, for statistics and tests.
     pub tokens_fetched: AtomicU64,
@@ -74,9 +90,40 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
+/// Where credentials may be sent to get a token: a registry reached over
+/// HTTPS gets its tokens over HTTPS too, unless the realm's host is
+/// loopback or listed as insecure. A plain-HTTP realm would see the user's
+/// Basic credentials in clear.
+#[derive(Debug, Clone, Default)]
+pub struct RealmPolicy {
+    /// The registry itself is reached over HTTPS.
+    pub https_registry: bool,
+    /// `host[:port]`s that may be reached over plain HTTP.
+    pub insecure_hosts: Vec<String>,
+}
+
+impl RealmPolicy {
+    /// Why `url` may not be used as a token realm, if it may not.
+    fn refuses(&self, url: &Url) -> Option<String> {
+        if !self.https_registry || url.scheme() == "https" {
+            return None;
+        }
+        let host = url.host_str().unwrap_or("");
+        let host_port = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        };
+        let listed = self.insecure_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host_port) || h.eq_ignore_ascii_case(host));
+        if crate::docker_ref::is_loopback_host(&host_port) || listed {
+            return None;
+        }
+        Some(format!("the registry is HTTPS but its token realm {url} is plain HTTP; credentials are not sent there (list {host_port} with --insecure-registry to allow it)"))
+    }
+}
+
 impl Authenticator {
-    pub fn new(credentials: CredentialStore) -> Self {
-        Authenticator { credentials, hosts: Mutex::new(HashMap::new()), tokens_fetched: AtomicU64::new(0) }
+    pub fn new(credentials: CredentialStore, realms: RealmPolicy) -> Self {
+        Authenticator { credentials, realms, hosts: Mutex::new(HashMap::new()), tokens_fetched: AtomicU64::new(0) }
     }
 
     fn credentials_for(&self, host: &str) -> Result<Option<Credentials>> {
@@ -163,6 +210,9 @@ impl Authenticator {
         if url.scheme() != "https" && url.scheme() != "http" {
             return Err(RegistryError::BadResponse { host: host.into(), what, reason: format!("token realm {realm:?} is not http(s)") });
         }
+        if let Some(reason) = self.realms.refuses(&url) {
+            return Err(RegistryError::BadResponse { host: host.into(), what, reason });
+        }
         let credentials = self.credentials_for(host)?;
         {
             let mut q = url.query_pairs_mut();
@@ -188,11 +238,7 @@ impl Authenticator {
                 Ok(resp) => {
                     let status = resp.status();
                     if status.is_success() {
-                        let body = resp.bytes().map_err(|e| RegistryError::Network {
-                            host: token_host.clone(),
-                            what: what.clone(),
-                            reason: crate::registry_client::describe_reqwest_error(&e),
-                        });
+                        let body = read_token_body(resp).map_err(|reason| RegistryError::Network { host: token_host.clone(), what: what.clone(), reason });
                         match body {
                             Ok(body) => {
                                 let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| RegistryError::BadResponse {
@@ -207,7 +253,7 @@ impl Authenticator {
                                     reason: "token server's answer has no token".into(),
                                 })?;
                                 let lifetime = match answer.expires_in {
-                                    Some(s) if s > 0 => Duration::from_secs(s as u64),
+                                    Some(s) if s > 0 => Duration::from_secs(s as u64).min(MAX_TOKEN_LIFETIME),
                                     _ => DEFAULT_TOKEN_LIFETIME,
                                 };
                                 self.tokens_fetched.fetch_add(1, Ordering::Relaxed);
@@ -236,5 +282,53 @@ impl Authenticator {
             }
             std::thread::sleep(retry.delay(attempt, None));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_http_realm_of_an_https_registry_is_refused() {
+        let policy = RealmPolicy { https_registry: true, insecure_hosts: vec!["auth.lan:8080".into()] };
+        let url = |u: &str| Url::parse(u).unwrap();
+        assert!(policy.refuses(&url("https://auth.example/token")).is_none());
+        let why = policy.refuses(&url("http://auth.example/token")).expect("refused");
+        assert!(why.contains("plain HTTP") && why.contains("auth.example"), "{why}");
+        assert!(policy.refuses(&url("http://127.0.0.1:5001/token")).is_none(), "loopback is plain HTTP anyway");
+        assert!(policy.refuses(&url("http://auth.lan:8080/token")).is_none(), "listed as insecure");
+        let plain = RealmPolicy { https_registry: false, insecure_hosts: vec![] };
+        assert!(plain.refuses(&url("http://auth.example/token")).is_none(), "an HTTP registry's realm may be HTTP");
+    }
+
+    #[test]
+    fn token_answers_are_read_bounded() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for size in [MAX_TOKEN_ANSWER + 1, 100] {
+                let (mut c, _) = listener.accept().unwrap();
+                let mut req = [0u8; 4096];
+                let _ = c.read(&mut req);
+                let _ = write!(c, "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
+                let chunk = vec![b'a'; 64 << 10];
+                let mut left = size as usize;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if c.write_all(&chunk[..n]).is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+            }
+        });
+        let client = Client::new();
+        let big = client.get(format!("http://{addr}/token")).send().unwrap();
+        let e = read_token_body(big).expect_err("an over-long answer is refused");
+        assert!(e.contains("larger than"), "{e}");
+        let small = client.get(format!("http://{addr}/token")).send().unwrap();
+        assert_eq!(read_token_body(small).unwrap().len(), 100);
     }
 }

@@ -28,7 +28,7 @@ use reqwest::blocking::{Client, Response};
 use reqwest::header::{HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use reqwest::{Method, Url};
 
-use crate::authenticator::{Authenticator, SentAuth};
+use crate::authenticator::{Authenticator, RealmPolicy, SentAuth};
 use crate::credentials::CredentialStore;
 use crate::digest::Digest;
 use crate::docker_ref::{endpoint_host, host_without_port, is_loopback_host, DockerReference};
@@ -249,7 +249,10 @@ impl RegistryClient {
         Ok(RegistryClient {
             inner: Arc::new(ClientInner {
                 registry: registry.to_string(),
-                auth: Authenticator::new(CredentialStore::new(&host, options.credentials.clone())),
+                auth: Authenticator::new(
+                    CredentialStore::new(&host, options.credentials.clone()),
+                    RealmPolicy { https_registry: !insecure, insecure_hosts: options.insecure_registries.clone() },
+                ),
                 host,
                 base,
                 http,

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 /// The lifetime the token spec gives a token whose answer has no `expires_in`.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// The longest a token is kept, whatever its server says (`expires_in`
+/// is the server's word: a hostile one must not overflow a deadline).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 struct CachedToken {
     token: String,
@@ -49,9 +52,12 @@ impl TokenCache {
     /// (a tenth of its lifetime, at most 10 s) so a request never carries
     /// one that expires in flight.
     pub fn insert(&self, key: &str, token: String, lifetime: Duration) {
+        let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
         let margin = (lifetime / 10).min(Duration::from_secs(10));
+        let now = Instant::now();
+        let renew_at = now.checked_add(lifetime - margin).unwrap_or(now);
         if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.insert(key.to_string(), CachedToken { token, renew_at: Instant::now() + lifetime - margin });
+            tokens.insert(key.to_string(), CachedToken { token, renew_at });
         }
     }
 
@@ -84,5 +90,13 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(c.get(&k), None);
         assert!(!format!("{c:?}").contains("t2"));
+    }
+
+    #[test]
+    fn a_huge_lifetime_neither_panics_nor_lives_forever() {
+        let c = TokenCache::new();
+        c.insert("k", "t".into(), Duration::from_secs(i64::MAX as u64));
+        c.insert("k", "t".into(), Duration::MAX);
+        assert_eq!(c.get("k").as_deref(), Some("t"));
     }
 }

@@ -22,7 +22,7 @@ pub fn run(a: CheckArgs) -> Result<i32> {
         eprintln!("naiad: {reference}: {p}");
     }
     if report.ok() {
-        println!("{reference}: ok ({} chunks, {} blobs verified)", report.chunks_checked, report.blobs_checked);
+        outln!("{reference}: ok ({} chunks, {} blobs verified)", report.chunks_checked, report.blobs_checked);
         Ok(0)
     } else {
         eprintln!("naiad: {reference}: {} problem(s) found", report.problems.len());

@@ -127,7 +127,7 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
 pub fn convert_and_report(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions, json: bool) -> Result<naiad_converter::ConvertSummary> {
     let summary = naiad_converter::convert(source, destination, opts).with_context(|| format!("converting {source} to {destination}"))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         eprintln!(
             "converted {} -> {}: {} files, {} dirs, {:.1} MiB in, {:.1} MiB out ({} blobs, bootstrap {:.1} KiB), {} chunks ({} unique, dedup {:.2}x) in {:.2}s",

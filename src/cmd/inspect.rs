@@ -26,30 +26,30 @@ pub fn run(a: InspectArgs) -> Result<i32> {
     if let Some(path) = &a.path {
         let chunks = naiad_converter::inspect::file_chunks(&image.bootstrap, path)?;
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&chunks)?);
+            outln!("{}", serde_json::to_string_pretty(&chunks)?);
         } else {
-            println!("{:>12} {:>8} {:>5} {:>12} {:>8} {:>5}  digest", "offset", "size", "blob", "blob_off", "stored", "zstd");
+            outln!("{:>12} {:>8} {:>5} {:>12} {:>8} {:>5}  digest", "offset", "size", "blob", "blob_off", "stored", "zstd");
             for c in chunks {
-                println!("{:>12} {:>8} {:>5} {:>12} {:>8} {:>5}  {}", c.file_offset, c.size, c.blob_index, c.blob_offset, c.stored_size, c.compressed, c.digest);
+                outln!("{:>12} {:>8} {:>5} {:>12} {:>8} {:>5}  {}", c.file_offset, c.size, c.blob_index, c.blob_offset, c.stored_size, c.compressed, c.digest);
             }
         }
         return Ok(0);
     }
     let s = naiad_converter::inspect::inspect(&image)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(0);
     }
     let mib = |b: u64| b as f64 / 1048576.0;
-    println!("image:        {}", s.reference);
-    println!("files:        {} ({} hardlinks), {} directories, {} symlinks, {} special", s.files, s.hardlinks, s.directories, s.symlinks, s.special_files);
-    println!("total size:   {:.1} MiB in regular files", mib(s.total_file_bytes));
-    println!("chunks:       {} references, {} unique ({:.1} MiB), chunking {}", s.chunks, s.unique_chunks, mib(s.unique_chunk_bytes), s.chunking);
-    println!("stored:       {:.1} MiB, compression ratio {:.2}", mib(s.stored_chunk_bytes), s.compression_ratio);
-    println!("bootstrap:    {} bytes ({} compressed), {:.1} bytes per inode", s.bootstrap_bytes, s.bootstrap_layer_bytes, s.bootstrap_bytes as f64 / s.inodes.max(1) as f64);
-    println!("prefetch:     {} chunks", s.prefetch_chunks);
+    outln!("image:        {}", s.reference);
+    outln!("files:        {} ({} hardlinks), {} directories, {} symlinks, {} special", s.files, s.hardlinks, s.directories, s.symlinks, s.special_files);
+    outln!("total size:   {:.1} MiB in regular files", mib(s.total_file_bytes));
+    outln!("chunks:       {} references, {} unique ({:.1} MiB), chunking {}", s.chunks, s.unique_chunks, mib(s.unique_chunk_bytes), s.chunking);
+    outln!("stored:       {:.1} MiB, compression ratio {:.2}", mib(s.stored_chunk_bytes), s.compression_ratio);
+    outln!("bootstrap:    {} bytes ({} compressed), {:.1} bytes per inode", s.bootstrap_bytes, s.bootstrap_layer_bytes, s.bootstrap_bytes as f64 / s.inodes.max(1) as f64);
+    outln!("prefetch:     {} chunks", s.prefetch_chunks);
     for (i, b) in s.blobs.iter().enumerate() {
-        println!("blob {i}:       {} {:.1} MiB", b.digest, mib(b.size));
+        outln!("blob {i}:       {} {:.1} MiB", b.digest, mib(b.size));
     }
     Ok(0)
 }

@@ -245,7 +245,7 @@ pub fn mount(a: MountArgs) -> Result<i32> {
         supervisor::supervise(config, options, || {}).with_context(|| format!("serving {} on {}", a.source, mp.display()))?;
         return Ok(0);
     }
-    spawn_daemon(&config, Duration::from_secs(a.timeout))?;
+    spawn_daemon(&config, Duration::from_secs(a.timeout), &|| false)?;
     Ok(0)
 }
 
@@ -293,7 +293,7 @@ fn upgrade(a: UpgradeArgs) -> Result<i32> {
     };
     let paths = RuntimePaths::new(&run_dir(&a.run_dir), &mp);
     let pid = supervisor::request_upgrade(&paths.control, &binary).with_context(|| format!("upgrading the daemon of {}", mp.display()))?;
-    println!("{pid}");
+    outln!("{pid}");
     Ok(0)
 }
 
@@ -320,8 +320,10 @@ pub(crate) struct SpawnedDaemon {
 }
 
 /// Starts a mount's supervisor (`naiad daemon supervise`) in a new session
-/// and waits until its mount is served, or reports why it failed.
-pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration) -> Result<SpawnedDaemon> {
+/// and waits until its mount is served, or reports why it failed. `stop`
+/// is asked while waiting: when it says so, the supervisor is stopped (it
+/// unmounts and ends its daemon) and an error returned.
+pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<SpawnedDaemon> {
     let exe = std::env::current_exe().context("finding the naiad executable")?;
     let mp = &config.serve.mountpoint;
     let log_file = &config.log_file;
@@ -362,7 +364,12 @@ pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration) -> Result<S
         let _ = tx.send(out);
     });
     let fail = |child: &mut std::process::Child, msg: String| -> anyhow::Error {
-        let _ = child.kill();
+        // SIGTERM: the supervisor unmounts and ends its daemon (SIGKILL
+        // would leave the daemon serving).
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        if !wait_for_exit(child.id() as i32, Duration::from_secs(15)) {
+            let _ = child.kill();
+        }
         let _ = child.wait();
         // Never leave a mount behind for a supervisor we gave up on.
         if let Ok(Some(m)) = mountinfo::find(mp) {
@@ -372,13 +379,18 @@ pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration) -> Result<S
         }
         anyhow::anyhow!(msg)
     };
-    let output = match rx.recv_timeout(timeout) {
-        Ok(out) => String::from_utf8_lossy(&out).into_owned(),
-        Err(_) => {
-            return Err(fail(
-                &mut child,
-                format!("mounting {} on {}: the daemon did not become ready within {}s (log: {})", config.source, mp.display(), timeout.as_secs(), log_file.display()),
-            ))
+    let deadline = Instant::now() + timeout;
+    let output = loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(out) => break String::from_utf8_lossy(&out).into_owned(),
+            Err(_) if stop() => return Err(fail(&mut child, format!("mounting {} on {}: stopped", config.source, mp.display()))),
+            Err(_) if Instant::now() > deadline => {
+                return Err(fail(
+                    &mut child,
+                    format!("mounting {} on {}: the daemon did not become ready within {}s (log: {})", config.source, mp.display(), timeout.as_secs(), log_file.display()),
+                ))
+            }
+            Err(_) => {}
         }
     };
     let message = || output.trim().trim_start_matches("naiad: error: ").to_string();
@@ -496,15 +508,6 @@ pub fn stats(a: StatsArgs) -> Result<i32> {
             report.render_text()
         }
     };
-    print_stdout(&text)?;
+    outln!("{}", text.trim_end_matches('\n'));
     Ok(0)
-}
-
-/// Writes to stdout; a reader that went away (`| head`) is not an error.
-fn print_stdout(text: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
-        _ => Ok(()),
-    }
 }

@@ -156,6 +156,16 @@ fn command_line(a: &RunArgs, cfg: Option<&Value>) -> Vec<String> {
 }
 
 pub fn run(a: RunArgs) -> Result<i32> {
+    // From here on a stop signal is noted, and the setup stops at the next
+    // step, cleaning up what it made (RunDir's drop); once the command
+    // runs, it is forwarded to it.
+    let _signals = container::StopSignals::catch();
+    let stopped = |step: &str| -> Option<i32> {
+        container::stop_signal().map(|sig| {
+            eprintln!("naiad run: signal {sig} {step}; cleaning up");
+            128 + sig
+        })
+    };
     let reference = ImageRef::parse(&a.source).with_context(|| format!("image {}", a.source))?;
     let image = open_source_with(&reference, &a.daemon.registry.options()?).with_context(|| format!("opening image {}", a.source))?;
     let cfg = image.config.get("config");
@@ -169,11 +179,20 @@ pub fn run(a: RunArgs) -> Result<i32> {
     rd.keep_upper = a.keep;
     let config = a.daemon.daemon_config(&a.source, &rd.lower, MountConfig::default(), None)?;
     rd.log_file = Some(config.log_file.clone());
-    let spawned = spawn_daemon(&config, Duration::from_secs(120))?;
+    if let Some(code) = stopped("before the mount") {
+        return Ok(code);
+    }
+    let spawned = match spawn_daemon(&config, Duration::from_secs(120), &|| container::stop_signal().is_some()) {
+        Ok(s) => s,
+        Err(e) => return stopped("while mounting").map(Ok).unwrap_or(Err(e)),
+    };
     rd.daemon_pid = Some(spawned.pid);
 
     let user_spec = a.user.clone().or_else(|| cfg.and_then(|c| c.get("User")).and_then(Value::as_str).map(String::from)).unwrap_or_default();
     let user = container::resolve_user(&rd.lower, &user_spec).with_context(|| format!("user {user_spec:?} of image {}", a.source))?;
+    if let Some(code) = stopped("before the command started") {
+        return Ok(code);
+    }
     let mut base_env = strings(cfg.and_then(|c| c.get("Env")));
     if !base_env.iter().any(|e| e.starts_with("PATH=")) {
         base_env.insert(0, format!("PATH={DEFAULT_PATH}"));
