@@ -471,7 +471,7 @@ impl TokenServer {
                 let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [cert_b64]});
                 let claims = serde_json::json!({
                     "iss": TOKEN_ISSUER, "sub": if authenticated { user.as_str() } else { "" }, "aud": service,
-                    "exp": now + expires_in.max(1) + 5, "nbf": now - 10, "iat": now, "jti": format!("naiad-test-{n}"),
+                    "exp": now + expires_in.clamp(1, 86400) + 5, "nbf": now - 10, "iat": now, "jti": format!("naiad-test-{n}"),
                     "access": access,
                 });
                 let signing_input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()));
