@@ -345,6 +345,25 @@ fn corrupted_bootstrap_is_refused() {
         fails(&["unpack", &oci(&out, &tag), dest.to_str().unwrap()]);
         assert!(!dest.exists());
     }
+    // A decompression bomb: a header that declares 3 GiB, then zeros. It is
+    // refused from its header, before anything is inflated.
+    let mut bomb = raw[..256].to_vec();
+    bomb[16..24].copy_from_slice(&(3u64 << 30).to_le_bytes());
+    let mut enc = zstd::Encoder::new(Vec::new(), 19).unwrap();
+    std::io::Write::write_all(&mut enc, &bomb).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        std::io::Write::write_all(&mut enc, &zeros).unwrap();
+    }
+    let bomb = enc.finish().unwrap();
+    rewrite_manifest(&out, "naiad", |m| {
+        let d = format!("sha256:{}", sha256_hex(&bomb));
+        fs::write(blob_path(&out, &d), &bomb).unwrap();
+        m["layers"][boot_index]["digest"] = d.into();
+        m["layers"][boot_index]["size"] = bomb.len().into();
+    });
+    let err = fails(&["inspect", &oci(&out, "naiad")]);
+    assert!(err.contains("declares 3221225472 bytes"), "{err}");
     // A stale uncompressed-digest annotation is caught before decoding.
     let mut bad = raw.clone();
     bad[strings_offset] ^= 0x01;

@@ -402,21 +402,25 @@ impl Bootstrap {
     pub fn walk<E: From<FormatError>>(&self, mut visit: impl FnMut(&[u8], u32, &InodeRecord) -> std::result::Result<(), E>) -> std::result::Result<(), E> {
         let root = self.inode(ROOT_INO)?;
         visit(b"/", ROOT_INO, &root)?;
-        // (directory inode, its path, next entry position)
-        let mut stack: Vec<(u32, Vec<u8>, u64)> = vec![(ROOT_INO, Vec::new(), 0)];
-        while let Some((dir, path, pos)) = stack.pop() {
+        // One path buffer for the whole walk: a frame remembers how long
+        // its directory's path is, and everything after that is its
+        // descendants' (so memory is one path, not one per level).
+        // (directory inode, length of its path in `path`, next entry position)
+        let mut path: Vec<u8> = Vec::new();
+        let mut stack: Vec<(u32, usize, u64)> = vec![(ROOT_INO, 0, 0)];
+        while let Some((dir, len, pos)) = stack.pop() {
             let Some(entry) = self.dir_entry(dir, pos)? else { continue };
-            stack.push((dir, path.clone(), pos + 1));
-            let mut child_path = path;
-            child_path.push(b'/');
-            child_path.extend_from_slice(entry.name);
+            stack.push((dir, len, pos + 1));
+            path.truncate(len);
+            path.push(b'/');
+            path.extend_from_slice(entry.name);
             let inode = self.inode(entry.ino)?;
-            visit(&child_path, entry.ino, &inode)?;
+            visit(&path, entry.ino, &inode)?;
             if inode.kind() == Some(InodeKind::Directory) {
                 if stack.len() > MAX_DEPTH + 1 {
                     return Err(FormatError::BadInode { ino: entry.ino, detail: format!("directory nested deeper than {MAX_DEPTH} levels") }.into());
                 }
-                stack.push((entry.ino, child_path, 0));
+                stack.push((entry.ino, path.len(), 0));
             }
         }
         Ok(())
@@ -455,6 +459,7 @@ impl Bootstrap {
             }
         }
         self.prefetch()?;
+        self.check_ranges_disjoint()?;
 
         // Walk the tree from the root: every inode must be reached, every
         // directory exactly once, and every link count must match.
@@ -556,6 +561,39 @@ impl Bootstrap {
                     if inode.data_count != 0 || inode.size != 0 {
                         return Err(bad("special file with data".into()));
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Bootstrap {
+    /// The dirent ranges of directories, the file-chunk ranges of regular
+    /// files and the xattr ranges of all inodes must not overlap within
+    /// their table (SPEC 2.x): each record belongs to one inode. That keeps
+    /// validation linear: walking every inode's range then reads each
+    /// record once, however the ranges are crafted.
+    fn check_ranges_disjoint(&self) -> Result<()> {
+        let mut dirents = Vec::new();
+        let mut file_chunks = Vec::new();
+        let mut xattrs = Vec::new();
+        for ino in 1..=self.inode_count() {
+            let inode = self.inode(ino)?;
+            match inode.kind() {
+                Some(InodeKind::Directory) => dirents.push((inode.data_first, inode.data_count as u64, ino)),
+                Some(InodeKind::RegularFile) => file_chunks.push((inode.data_first, inode.data_count as u64, ino)),
+                _ => {}
+            }
+            xattrs.push((inode.xattr_first as u64, inode.xattr_count as u64, ino));
+        }
+        for (table, mut ranges) in [("dirent", dirents), ("file-chunk", file_chunks), ("xattr", xattrs)] {
+            ranges.retain(|r| r.1 > 0);
+            ranges.sort_unstable();
+            for pair in ranges.windows(2) {
+                let ((a_first, a_count, a_ino), (b_first, _, b_ino)) = (pair[0], pair[1]);
+                if a_first.saturating_add(a_count) > b_first {
+                    return Err(FormatError::BadInode { ino: b_ino, detail: format!("its {table} range overlaps that of inode {a_ino}") });
                 }
             }
         }

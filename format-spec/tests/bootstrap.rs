@@ -167,3 +167,44 @@ fn chunks_verify() {
     assert_eq!(raw.flags, 0, "incompressible data is stored raw");
     assert_eq!(raw.stored, random);
 }
+
+/// 200,000 files whose chunk lists all name one range of 200,000 records,
+/// and as many directories sharing one dirent range: validating each
+/// inode's range separately would take 4e10 steps. The overlap is refused
+/// at once.
+#[test]
+fn shared_ranges_are_refused_in_linear_time() {
+    const N: u32 = 200_000;
+    let mut b = BootstrapBuilder::new(None);
+    b.blobs.push(BlobRecord { sha256: [7; 32], size: 1 });
+    b.chunks.push(ChunkRecord { digest: [1; 32], compressed_offset: 0, blob_index: 0, compressed_size: 1, uncompressed_size: 1, flags: 0 });
+    for i in 0..N as u64 {
+        b.file_chunks.push(FileChunkRecord { file_offset: i, chunk_index: 0 });
+    }
+    for i in 0..N {
+        b.push_dirent(format!("f{i:07}").as_bytes(), i + 2);
+    }
+    b.inodes.push(InodeRecord { mode: 0o040755, nlink: 2, data_first: 0, data_count: N, parent: 1, ..Default::default() });
+    for _ in 0..N {
+        b.inodes.push(InodeRecord { mode: 0o100644, nlink: 1, size: N as u64, parent: 1, data_first: 0, data_count: N, ..Default::default() });
+    }
+    let start = std::time::Instant::now();
+    let e = Bootstrap::from_bytes(b.encode()).and_then(|boot| boot.validate()).expect_err("shared chunk ranges are invalid");
+    eprintln!("refused in {:?}: {e}", start.elapsed());
+    assert!(e.to_string().contains("file-chunk range overlaps"), "{e}");
+
+    // Directories sharing one dirent range: refused the same way.
+    let mut b = BootstrapBuilder::new(None);
+    let shared = b.dirents.len() as u64;
+    b.push_dirent(b"x", 3);
+    let mut root = Vec::new();
+    for i in 0..1000u32 {
+        root.push(b.push_dirent(format!("d{i:04}").as_bytes(), i + 2));
+    }
+    b.inodes.push(InodeRecord { mode: 0o040755, nlink: 1002, data_first: root[0], data_count: 1000, parent: 1, ..Default::default() });
+    for _ in 0..1000 {
+        b.inodes.push(InodeRecord { mode: 0o040755, nlink: 2, data_first: shared, data_count: 1, parent: 1, ..Default::default() });
+    }
+    let e = Bootstrap::from_bytes(b.encode()).and_then(|boot| boot.validate()).expect_err("shared dirent ranges are invalid");
+    assert!(e.to_string().contains("dirent range overlaps"), "{e}");
+}

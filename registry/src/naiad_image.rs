@@ -24,6 +24,34 @@ use crate::store::BlobStore;
 
 /// Largest bootstrap naiad accepts, uncompressed.
 pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
+/// A bootstrap inflates to at most this many times its compressed size
+/// (real ones: about 3x), or [`MIN_INFLATE_LIMIT`], whichever is larger.
+const MAX_INFLATE_RATIO: u64 = 32;
+const MIN_INFLATE_LIMIT: u64 = 16 << 20;
+
+/// Decompresses a bootstrap layer without trusting it: the header comes
+/// first, and only as many bytes as it declares are inflated, if that is
+/// plausible for a blob of this size (a decompression bomb declares, or
+/// inflates to, far more).
+fn inflate_bootstrap(compressed: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    use naiad_format::bootstrap::{HEADER_SIZE, MAGIC};
+    let limit = (compressed.len() as u64).saturating_mul(MAX_INFLATE_RATIO).max(MIN_INFLATE_LIMIT).min(MAX_BOOTSTRAP_SIZE);
+    let mut decoder = zstd::stream::read::Decoder::new(compressed).map_err(|e| format!("cannot decompress: {e}"))?;
+    let mut raw = vec![0u8; HEADER_SIZE];
+    decoder.read_exact(&mut raw).map_err(|e| format!("cannot decompress the header: {e}"))?;
+    if raw[..8] != MAGIC {
+        return Err("not a naiad bootstrap (bad magic)".into());
+    }
+    let declared = u64::from_le_bytes(raw[16..24].try_into().map_err(|_| "short header".to_string())?);
+    if declared < HEADER_SIZE as u64 || declared > limit {
+        return Err(format!("the header declares {declared} bytes, more than a {}-byte layer may inflate to ({limit})", compressed.len()));
+    }
+    decoder.take(declared - HEADER_SIZE as u64 + 1).read_to_end(&mut raw).map_err(|e| format!("cannot decompress: {e}"))?;
+    if raw.len() as u64 != declared {
+        return Err(format!("inflates to {} bytes, but its header declares {declared}", raw.len()));
+    }
+    Ok(raw)
+}
 
 /// A naiad image opened for reading.
 pub struct NaiadImage {
@@ -77,11 +105,10 @@ impl NaiadImage {
         if matches!(reference, ImageRef::DockerArchive { .. }) {
             return Err(bad("naiad images are read from an OCI layout (oci:DIR[:TAG]) or a registry (docker://...)".into()));
         }
-        let compressed = source.read_blob(&boot.digest, MAX_BOOTSTRAP_SIZE)?;
-        let mut raw = Vec::new();
-        zstd::stream::read::Decoder::new(&compressed[..])
-            .and_then(|d| d.take(MAX_BOOTSTRAP_SIZE + 1).read_to_end(&mut raw))
-            .map_err(|e| bad(format!("bootstrap layer {}: cannot decompress: {e}", boot.digest)))?;
+        // The compressed blob is checked against its digest and the
+        // manifest's size before anything is inflated.
+        let compressed = source.read_blob(&boot.digest, boot.size.min(MAX_BOOTSTRAP_SIZE))?;
+        let raw = inflate_bootstrap(&compressed).map_err(|reason| bad(format!("bootstrap layer {}: {reason}", boot.digest)))?;
         if let Some(expected) = boot.annotations.get(ANNOTATION_BOOTSTRAP_DIGEST) {
             let actual = Digest::of(&raw);
             if actual.as_str() != expected {
