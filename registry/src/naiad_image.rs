@@ -35,7 +35,7 @@ const MIN_INFLATE_LIMIT: u64 = 16 << 20;
 /// inflates to, far more).
 fn inflate_bootstrap(compressed: &[u8]) -> std::result::Result<Vec<u8>, String> {
     use naiad_format::bootstrap::{HEADER_SIZE, MAGIC};
-    let limit = (compressed.len() as u64).saturating_mul(MAX_INFLATE_RATIO).max(MIN_INFLATE_LIMIT).min(MAX_BOOTSTRAP_SIZE);
+    let limit = (compressed.len() as u64).saturating_mul(MAX_INFLATE_RATIO).clamp(MIN_INFLATE_LIMIT, MAX_BOOTSTRAP_SIZE);
     let mut decoder = zstd::stream::read::Decoder::new(compressed).map_err(|e| format!("cannot decompress: {e}"))?;
     let mut raw = vec![0u8; HEADER_SIZE];
     decoder.read_exact(&mut raw).map_err(|e| format!("cannot decompress the header: {e}"))?;
