@@ -787,3 +787,67 @@ fn a_read_its_daemon_died_serving_is_resent_to_the_next_daemon() {
     assert_eq!(m.stats()["counters"]["daemon_restarts"].as_u64(), Some(1));
     m.umount();
 }
+
+#[test]
+fn metadata_stays_fast_while_reads_wait_on_a_trickling_registry() {
+    if !mount_support::fuse_available() {
+        return;
+    }
+    let (reg, pushed) = registry_with_converted();
+    // Ranged blob reads get one byte every 2 s; the manifest, config and
+    // bootstrap come at once.
+    let proxy = TestProxy::start(reg.port, ProxyConfig { trickle_ranges: Some(Duration::from_secs(2)), ..Default::default() });
+    let dir = pushed.tmp.path().join("trickle");
+    fs::create_dir_all(&dir).unwrap();
+    let image = format!("docker://{}/img:1-naiad", proxy.host());
+    // A range of N bytes must arrive within 6 s + N / 1 MiB/s.
+    let flags: Vec<&std::ffi::OsStr> = ["--no-prefetch", "--retries", "0", "--read-timeout", "6", "--min-transfer-rate", "1M"].iter().map(std::ffi::OsStr::new).collect();
+    let m = MountGuard::mount_with(&image, &dir, &dir.join("cache"), &flags);
+    let mut files: Vec<_> = regular_files(&pushed.reference_tree).into_iter().filter(|(_, size)| *size > 0).map(|(p, _)| p).collect();
+    files.sort();
+    assert!(files.len() >= 9, "{files:?}");
+    let (readers, rest) = files.split_at(8);
+
+    // 8 readers, more than the daemon's 4 FUSE workers, all wait on the store.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for rel in readers {
+        let (path, tx) = (m.path(rel.to_str().unwrap()), tx.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let r = fs::read(&path);
+            let _ = tx.send((path, r.map(|d| d.len()), start.elapsed()));
+        });
+    }
+    // And one more reader, killed while it waits.
+    let mut victim = std::process::Command::new("cat").arg(m.path(rest[0].to_str().unwrap())).stdout(std::process::Stdio::null()).spawn().unwrap();
+    assert!(mount_support::wait_until(Duration::from_secs(10), || m.counter("misses") >= 9), "the reads never reached the store");
+
+    // Metadata the kernel has not cached yet is answered by the daemon
+    // while every read waits: lookups, getattr, readdir.
+    let start = Instant::now();
+    for rel in rest {
+        fs::symlink_metadata(m.path(rel.to_str().unwrap())).expect("stat while reads wait");
+    }
+    let listed: Vec<_> = fs::read_dir(m.path("etc")).expect("ls while reads wait").flatten().map(|e| e.file_name()).collect();
+    let metadata_time = start.elapsed();
+    eprintln!("stat of {} files and ls of /etc ({} entries) while 9 reads wait: {metadata_time:?}", rest.len(), listed.len());
+    assert!(!listed.is_empty());
+    assert!(metadata_time < Duration::from_secs(1), "metadata waited for the reads: {metadata_time:?}");
+    victim.kill().unwrap();
+
+    // The readers fail with EIO once the transfer deadline has passed.
+    for _ in 0..readers.len() {
+        let (path, r, took) = rx.recv_timeout(Duration::from_secs(90)).expect("a reader still hangs 90 s later");
+        let e = r.expect_err("a trickled read cannot succeed in time");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{}: {e}", path.display());
+        assert!(took < Duration::from_secs(60), "{}: EIO only after {took:?}", path.display());
+    }
+    // The killed reader is gone too (not stuck in D state).
+    let (tx, rx2) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(victim.wait());
+    });
+    rx2.recv_timeout(Duration::from_secs(60)).expect("the killed reader is still there").unwrap();
+    assert!(m.log().contains("minimum rate"), "the daemon logs why the reads failed:\n{}", m.log());
+    m.umount();
+}

@@ -40,9 +40,14 @@ use crate::handoff::{self, DaemonMessage, Handoff, StartCause};
 use crate::memory_cache::MemoryCache;
 use crate::metrics_server::MetricsServer;
 use crate::prefetcher::{PrefetchConfig, Prefetcher};
+use crate::read_pool::ReadPool;
 use crate::runtime_paths::RuntimePaths;
 use crate::stats_server::{CacheUsage, StatsReport, StatsServer};
 use crate::trace_recorder::TraceRecorder;
+
+/// Threads serving reads that wait for the store (the kernel bounds how
+/// many reads are outstanding; these bound how many wait at once).
+const READ_POOL_THREADS: usize = 16;
 
 /// How the filesystem is mounted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,7 +206,8 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         Some(path) => Some(TraceRecorder::start(path, image.clone(), counters.clone())?),
         None => None,
     };
-    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone());
+    let pool = Arc::new(ReadPool::new(READ_POOL_THREADS).map_err(|source| FuseError::Io { path: mp.clone(), source })?);
+    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone()).with_read_pool(pool);
 
     let fuse_err = |source: std::io::Error| FuseError::Mount { path: mp.clone(), source };
     let first = handoff.init_request.is_none();

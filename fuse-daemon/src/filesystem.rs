@@ -27,12 +27,13 @@ use fuser::{
     OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use naiad_format::{Bootstrap, InodeKind, InodeRecord};
+use naiad_format::{Bootstrap, FileChunk, InodeKind, InodeRecord};
 use naiad_registry::NaiadImage;
 
 use crate::attr::{file_attr, file_type, BLOCK_SIZE};
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters};
+use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
 
 /// Largest read and write the kernel is asked to send (it may cap lower).
@@ -45,6 +46,70 @@ struct FsTotals {
     inodes: u64,
 }
 
+/// One read, mapped to its chunks: served on the FUSE worker when they are
+/// all cached, else on the [`ReadPool`].
+struct ReadJob {
+    cache: Arc<ChunkCache>,
+    counters: Arc<Counters>,
+    ino: u32,
+    offset: u64,
+    end: u64,
+    chunks: Vec<FileChunk>,
+}
+
+impl ReadJob {
+    fn all_cached(&self) -> bool {
+        self.chunks.iter().all(|c| self.cache.is_cached(&c.chunk))
+    }
+
+    /// Gets the chunks (several missing ones of a blob with one request
+    /// each) and answers the read with their bytes, or EIO.
+    fn serve(self, reply: ReplyData) {
+        let ReadJob { cache, counters, ino, offset, end, chunks } = self;
+        let mut loaded = HashMap::new();
+        if chunks.len() > 1 {
+            let missing: Vec<_> = chunks.iter().map(|c| c.chunk).filter(|c| !cache.is_cached(c)).collect();
+            if missing.len() > 1 {
+                loaded = cache.load_for_read(&missing);
+            }
+        }
+        let mut out: Vec<u8> = Vec::new();
+        for c in &chunks {
+            let got = match loaded.get(&c.chunk.digest) {
+                Some(r) => r.clone(),
+                None => cache.get(&c.chunk),
+            };
+            let data = match got {
+                Ok(d) => d,
+                Err(e) => {
+                    // ChunkCache has logged blob and offset.
+                    tracing::debug!("inode {ino}: read {offset}+{}: EIO: {e}", end - offset);
+                    inc(&counters.read_errors);
+                    return reply.error(Errno::EIO);
+                }
+            };
+            let c_end = c.file_offset + data.len() as u64;
+            let from = offset.max(c.file_offset);
+            let to = end.min(c_end);
+            if from >= to {
+                continue;
+            }
+            let slice = &data[(from - c.file_offset) as usize..(to - c.file_offset) as usize];
+            if chunks.len() == 1 {
+                // The common case: answer straight from the cached chunk.
+                add(&counters.read_bytes, slice.len() as u64);
+                return reply.data(slice);
+            }
+            if out.is_empty() {
+                out.reserve((end - offset) as usize);
+            }
+            out.extend_from_slice(slice);
+        }
+        add(&counters.read_bytes, out.len() as u64);
+        reply.data(&out)
+    }
+}
+
 /// A mounted naiad image.
 pub struct NaiadFs {
     image: Arc<NaiadImage>,
@@ -53,6 +118,9 @@ pub struct NaiadFs {
     ttl: Duration,
     totals: FsTotals,
     recorder: Option<Arc<TraceRecorder>>,
+    /// Where reads that wait for the store are served; `None`: on the FUSE
+    /// worker itself.
+    pool: Option<Arc<ReadPool>>,
 }
 
 /// An inode number from the kernel as a bootstrap inode number.
@@ -75,12 +143,18 @@ impl NaiadFs {
         }
         let totals = FsTotals { bytes, inodes: b.inode_count() as u64 };
         let counters = chunks.counters().clone();
-        NaiadFs { image, chunks, counters, ttl, totals, recorder: None }
+        NaiadFs { image, chunks, counters, ttl, totals, recorder: None, pool: None }
     }
 
     /// Reports every read to `recorder` (`--record-trace`).
     pub fn with_recorder(mut self, recorder: Option<Arc<TraceRecorder>>) -> Self {
         self.recorder = recorder;
+        self
+    }
+
+    /// Serves reads that must wait for the store on `pool`.
+    pub fn with_read_pool(mut self, pool: Arc<ReadPool>) -> Self {
+        self.pool = Some(pool);
         self
     }
 
@@ -167,72 +241,26 @@ impl NaiadFs {
 
     /// The bytes `[offset, offset + size)` of regular file `ino` (short at
     /// the end of the file).
-    fn do_read(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
-        let (i, r, kind) = match self.inode(ino) {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
+    /// The part of a read that needs only the bootstrap: which chunks cover
+    /// it. `Err` is the reply to give at once; `Ok(None)` an empty read.
+    fn plan_read(&self, ino: INodeNo, offset: u64, size: u32) -> Result<Option<ReadJob>, Errno> {
+        let (i, r, kind) = self.inode(ino)?;
         if kind != InodeKind::RegularFile {
-            return reply.error(if kind == InodeKind::Directory { Errno::EISDIR } else { Errno::EINVAL });
+            return Err(if kind == InodeKind::Directory { Errno::EISDIR } else { Errno::EINVAL });
         }
         if offset >= r.size || size == 0 {
-            return reply.data(&[]);
+            return Ok(None);
         }
         let end = r.size.min(offset.saturating_add(size as u64));
         if let Some(rec) = &self.recorder {
             rec.record(i, offset, end - offset);
         }
-        let chunks = match self.bootstrap().file_chunks_in_range(i, offset, end - offset) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("inode {i}: cannot map read {offset}+{size} to chunks: {e}");
-                inc(&self.counters.read_errors);
-                return reply.error(Errno::EIO);
-            }
-        };
-        // Several chunks missing: fetch those of one blob that lie close
-        // together with one request each, instead of one request per chunk.
-        let mut loaded = HashMap::new();
-        if chunks.len() > 1 {
-            let missing: Vec<_> = chunks.iter().map(|c| c.chunk).filter(|c| !self.chunks.is_cached(c)).collect();
-            if missing.len() > 1 {
-                loaded = self.chunks.load_for_read(&missing);
-            }
-        }
-        let mut out: Vec<u8> = Vec::new();
-        for c in &chunks {
-            let got = match loaded.get(&c.chunk.digest) {
-                Some(r) => r.clone(),
-                None => self.chunks.get(&c.chunk),
-            };
-            let data = match got {
-                Ok(d) => d,
-                Err(e) => {
-                    // ChunkCache has logged blob and offset.
-                    tracing::debug!("inode {i}: read {offset}+{size}: EIO: {e}");
-                    inc(&self.counters.read_errors);
-                    return reply.error(Errno::EIO);
-                }
-            };
-            let c_end = c.file_offset + data.len() as u64;
-            let from = offset.max(c.file_offset);
-            let to = end.min(c_end);
-            if from >= to {
-                continue;
-            }
-            let slice = &data[(from - c.file_offset) as usize..(to - c.file_offset) as usize];
-            if chunks.len() == 1 {
-                // The common case: answer straight from the cached chunk.
-                add(&self.counters.read_bytes, slice.len() as u64);
-                return reply.data(slice);
-            }
-            if out.is_empty() {
-                out.reserve((end - offset) as usize);
-            }
-            out.extend_from_slice(slice);
-        }
-        add(&self.counters.read_bytes, out.len() as u64);
-        reply.data(&out)
+        let chunks = self.bootstrap().file_chunks_in_range(i, offset, end - offset).map_err(|e| {
+            tracing::error!("inode {i}: cannot map read {offset}+{size} to chunks: {e}");
+            inc(&self.counters.read_errors);
+            Errno::EIO
+        })?;
+        Ok(Some(ReadJob { cache: self.chunks.clone(), counters: self.counters.clone(), ino: i, offset, end, chunks }))
     }
 
     fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
@@ -309,10 +337,28 @@ impl Filesystem for NaiadFs {
 
     fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
         let start = Instant::now();
-        self.do_read(ino, offset, size, reply);
+        let counters = self.counters.clone();
         // Counted together so the histogram's count equals `reads`.
-        self.counters.read_latency.observe(start.elapsed());
-        inc(&self.counters.reads);
+        let count = move || {
+            counters.read_latency.observe(start.elapsed());
+            inc(&counters.reads);
+        };
+        match self.plan_read(ino, offset, size) {
+            Err(e) => reply.error(e),
+            Ok(None) => reply.data(&[]),
+            // Waiting for the store happens off the FUSE worker.
+            Ok(Some(job)) if !job.all_cached() && self.pool.is_some() => {
+                if let Some(pool) = &self.pool {
+                    pool.submit(move || {
+                        job.serve(reply);
+                        count();
+                    });
+                }
+                return;
+            }
+            Ok(Some(job)) => job.serve(reply),
+        }
+        count();
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {

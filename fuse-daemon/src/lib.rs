@@ -16,6 +16,8 @@
 //!   store: a local layout or a registry), and [`StoreChunkFetcher`].
 //! - [`memory_cache`], [`disk_cache`] (per-blob cache files), [`inflight`]:
 //!   the tiers and the single-flight map the chunk cache is made of.
+//! - [`read_pool`]: [`read_pool::ReadPool`], the threads that serve reads
+//!   waiting for the store, so FUSE workers stay free for metadata.
 //! - [`prefetcher`]: [`Prefetcher`], the startup set fetched at mount, and
 //!   `--fetch-all`.
 //! - [`trace_recorder`]: [`TraceRecorder`], `--record-trace`.
@@ -53,6 +55,7 @@ pub mod memory_cache;
 pub mod metrics_server;
 pub mod mountinfo;
 pub mod prefetcher;
+pub mod read_pool;
 pub mod runtime_paths;
 pub mod size;
 pub mod socket_server;

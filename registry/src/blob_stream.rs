@@ -24,12 +24,18 @@ pub struct BlobStream {
     failures: u32,
     /// Times the stream was reopened after a failure, for statistics.
     pub resumes: u32,
+    /// When the whole blob must have arrived ([`RegistryOptions::body_deadline`]).
+    ///
+    /// [`RegistryOptions::body_deadline`]: crate::RegistryOptions::body_deadline
+    deadline: std::time::Instant,
 }
 
 impl BlobStream {
     /// Starts reading blob `digest` (of `size` bytes) of `repository`.
     pub fn open(client: &RegistryClient, repository: &str, digest: &Digest, size: u64) -> Result<Self> {
-        let mut s = BlobStream { client: client.clone(), repository: repository.to_string(), digest: digest.clone(), size, pos: 0, current: None, failures: 0, resumes: 0 };
+        let deadline = client.options().body_deadline(size);
+        let mut s =
+            BlobStream { client: client.clone(), repository: repository.to_string(), digest: digest.clone(), size, pos: 0, current: None, failures: 0, resumes: 0, deadline };
         s.current = Some(s.request_from(0)?);
         Ok(s)
     }
@@ -76,6 +82,19 @@ impl Read for BlobStream {
         loop {
             if self.pos >= self.size {
                 return Ok(0);
+            }
+            if std::time::Instant::now() > self.deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "blob {} of {}/{}: at byte {} of {}, slower than the minimum transfer rate (--min-transfer-rate)",
+                        self.digest,
+                        self.client.registry(),
+                        self.repository,
+                        self.pos,
+                        self.size
+                    ),
+                ));
             }
             let want = buf.len().min((self.size - self.pos).min(usize::MAX as u64) as usize);
             let problem = match self.current.as_mut() {

@@ -466,7 +466,8 @@ impl RegistryClient {
             }
             let announced = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_string);
             let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim().to_string());
-            let bytes = read_body(resp, MAX_JSON_SIZE, &self.inner.host, &what)?;
+            let deadline = self.inner.options.body_deadline(resp.content_length().unwrap_or(MAX_JSON_SIZE));
+            let bytes = read_body(resp, MAX_JSON_SIZE, deadline, &self.inner.host, &what)?;
             let digest = Digest::of(&bytes);
             if let Some(w) = &wanted {
                 if &digest != w {
@@ -556,7 +557,8 @@ impl RegistryClient {
                 404 => return Err(AttemptError::Fatal(RegistryError::NotFound { reference: reference.clone(), what: format!("blob {digest}"), detail: String::new() })),
                 _ => return Err(AttemptError::Fatal(self.http_error(&what, resp))),
             }
-            let data = read_body(resp, max, &self.inner.host, &what)?;
+            let deadline = self.inner.options.body_deadline(resp.content_length().unwrap_or(max));
+            let data = read_body(resp, max, deadline, &self.inner.host, &what)?;
             self.count_blob_bytes(data.len() as u64);
             let actual = Digest::of(&data);
             if &actual != digest {
@@ -598,15 +600,39 @@ impl RegistryClient {
     }
 }
 
-/// Reads a response body of at most `max` bytes; a read error or a body
-/// shorter than its Content-Length is retryable.
-pub(crate) fn read_body(resp: Response, max: u64, host: &str, what: &str) -> std::result::Result<Vec<u8>, AttemptError> {
+/// A response body that fails once `deadline` has passed: the client's
+/// timeout covers each read alone, so a server trickling a byte at a time
+/// would otherwise hold a request (and a FUSE read waiting on it) forever.
+pub(crate) struct DeadlineReader<R> {
+    inner: R,
+    deadline: std::time::Instant,
+}
+
+impl<R: Read> DeadlineReader<R> {
+    pub(crate) fn new(inner: R, deadline: std::time::Instant) -> Self {
+        DeadlineReader { inner, deadline }
+    }
+}
+
+impl<R: Read> Read for DeadlineReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if std::time::Instant::now() > self.deadline {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the transfer is slower than the minimum rate (--min-transfer-rate) allows"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Reads a response body of at most `max` bytes, complete by `deadline`;
+/// a read error or a body shorter than its Content-Length is retryable.
+pub(crate) fn read_body(resp: Response, max: u64, deadline: std::time::Instant, host: &str, what: &str) -> std::result::Result<Vec<u8>, AttemptError> {
     let announced = resp.content_length();
     if announced.is_some_and(|n| n > max) {
         return Err(AttemptError::Fatal(RegistryError::BadResponse { host: host.into(), what: what.into(), reason: format!("larger than {max} bytes") }));
     }
     let mut data = Vec::new();
-    resp.take(max + 1)
+    DeadlineReader::new(resp, deadline)
+        .take(max + 1)
         .read_to_end(&mut data)
         .map_err(|e| AttemptError::Retryable(RegistryError::Network { host: host.into(), what: what.into(), reason: format!("reading the body: {e}") }))?;
     if data.len() as u64 > max {

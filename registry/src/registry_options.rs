@@ -25,6 +25,10 @@ pub struct RegistryOptions {
     pub connect_timeout: Duration,
     /// Longest wait for a response or for more of its body.
     pub read_timeout: Duration,
+    /// Slowest transfer tolerated, in bytes per second: a response body of
+    /// N bytes must be complete within `read_timeout + N / min_transfer_rate`,
+    /// however its bytes trickle in (each read alone may succeed).
+    pub min_transfer_rate: u64,
     /// Attempts per request (1 = no retries) on 5xx, 429, connection
     /// failures, timeouts and truncated bodies.
     pub max_attempts: u32,
@@ -52,6 +56,7 @@ impl Default for RegistryOptions {
             mirrors: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            min_transfer_rate: 64 << 10,
             max_attempts: 5,
             retry_base_delay: Duration::from_millis(200),
             retry_max_delay: Duration::from_secs(10),
@@ -64,6 +69,13 @@ impl Default for RegistryOptions {
 }
 
 impl RegistryOptions {
+    /// When a response body of `bytes` bytes, started now, must be complete.
+    pub fn body_deadline(&self, bytes: u64) -> std::time::Instant {
+        let transfer = Duration::from_secs_f64(bytes as f64 / self.min_transfer_rate.max(1) as f64);
+        let now = std::time::Instant::now();
+        now.checked_add(self.read_timeout.saturating_add(transfer)).unwrap_or(now + Duration::from_secs(86400))
+    }
+
     /// The platform to select from indexes.
     pub fn platform(&self) -> Platform {
         self.platform.clone().unwrap_or_else(Platform::host)
@@ -79,6 +91,7 @@ impl std::fmt::Debug for RegistryOptions {
             .field("mirrors", &self.mirrors)
             .field("connect_timeout", &self.connect_timeout)
             .field("read_timeout", &self.read_timeout)
+            .field("min_transfer_rate", &self.min_transfer_rate)
             .field("max_attempts", &self.max_attempts)
             .field("retry_base_delay", &self.retry_base_delay)
             .field("retry_max_delay", &self.retry_max_delay)

@@ -113,7 +113,8 @@ impl RegistryBlobStore {
                     }
                 }
                 let mut data = Vec::with_capacity(len as usize);
-                resp.take(len + 1).read_to_end(&mut data).map_err(read_error)?;
+                let deadline = self.client.options().body_deadline(len);
+                crate::registry_client::DeadlineReader::new(resp, deadline).take(len + 1).read_to_end(&mut data).map_err(read_error)?;
                 if (data.len() as u64) < len {
                     return Err(truncated(data.len()));
                 }
@@ -132,7 +133,8 @@ impl RegistryBlobStore {
                 }
                 tracing::debug!("{what}: server ignored Range; reading the first {need} bytes of the blob");
                 let mut data = Vec::with_capacity(need as usize);
-                resp.take(need).read_to_end(&mut data).map_err(read_error)?;
+                let deadline = self.client.options().body_deadline(need);
+                crate::registry_client::DeadlineReader::new(resp, deadline).take(need).read_to_end(&mut data).map_err(read_error)?;
                 if (data.len() as u64) < need {
                     return Err(truncated(data.len().saturating_sub(offset as usize)));
                 }

@@ -32,6 +32,10 @@ pub struct RegistryFlags {
     /// Seconds to wait for a registry response or for more of its body.
     #[arg(long, value_name = "SECS", default_value = "30", env = "NAIAD_REGISTRY_READ_TIMEOUT", value_parser = parse_secs)]
     pub read_timeout: Duration,
+    /// Slowest registry transfer tolerated, bytes per second (e.g. 64K): a
+    /// body of N bytes must arrive within the read timeout plus N / RATE.
+    #[arg(long, value_name = "RATE", default_value = "64K", env = "NAIAD_REGISTRY_MIN_RATE", value_parser = crate::cmd::parse_size)]
+    pub min_transfer_rate: u64,
     /// Retries of a failed registry request (5xx, 429, resets, timeouts, truncated bodies).
     #[arg(long, value_name = "N", default_value_t = 4, env = "NAIAD_REGISTRY_RETRIES")]
     pub retries: u32,
@@ -58,6 +62,7 @@ impl std::fmt::Debug for RegistryFlags {
             .field("mirrors", &self.mirrors)
             .field("connect_timeout", &self.connect_timeout)
             .field("read_timeout", &self.read_timeout)
+            .field("min_transfer_rate", &self.min_transfer_rate)
             .field("retries", &self.retries)
             .field("retry_delay", &self.retry_delay)
             .field("range_merge_gap", &self.range_merge_gap)
@@ -93,6 +98,7 @@ impl RegistryFlags {
             mirrors: self.mirrors.iter().filter(|m| !m.is_empty()).cloned().collect(),
             connect_timeout: self.connect_timeout,
             read_timeout: self.read_timeout,
+            min_transfer_rate: self.min_transfer_rate.max(1),
             max_attempts: self.retries.saturating_add(1),
             retry_base_delay: self.retry_delay,
             range_merge_gap: self.range_merge_gap,
@@ -100,37 +106,5 @@ impl RegistryFlags {
             platform,
             ..RegistryOptions::default()
         })
-    }
-
-    /// The same settings as environment variables, for a child process
-    /// (the background mount daemon) to read back with the same flags:
-    /// credentials then do not show on its command line.
-    #[allow(dead_code)] // for `naiad mount` to hand the flags to its daemon
-    pub fn child_env(&self) -> Vec<(&'static str, String)> {
-        let mut env = Vec::new();
-        if let Some(c) = &self.creds {
-            env.push(("NAIAD_REGISTRY_CREDS", c.clone()));
-        }
-        if !self.insecure_registries.is_empty() {
-            env.push(("NAIAD_INSECURE_REGISTRIES", self.insecure_registries.join(",")));
-        }
-        if !self.ca_files.is_empty() {
-            // The daemon works from /: hand it absolute paths.
-            let files: Vec<String> = self.ca_files.iter().map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()).display().to_string()).collect();
-            env.push(("NAIAD_REGISTRY_CA_FILE", files.join(":")));
-        }
-        if !self.mirrors.is_empty() {
-            env.push(("NAIAD_REGISTRY_MIRRORS", self.mirrors.join(",")));
-        }
-        env.push(("NAIAD_REGISTRY_CONNECT_TIMEOUT", self.connect_timeout.as_secs_f64().to_string()));
-        env.push(("NAIAD_REGISTRY_READ_TIMEOUT", self.read_timeout.as_secs_f64().to_string()));
-        env.push(("NAIAD_REGISTRY_RETRIES", self.retries.to_string()));
-        env.push(("NAIAD_REGISTRY_RETRY_DELAY", self.retry_delay.as_secs_f64().to_string()));
-        env.push(("NAIAD_RANGE_MERGE_GAP", self.range_merge_gap.to_string()));
-        env.push(("NAIAD_UPLOAD_CHUNK_SIZE", self.upload_chunk_size.to_string()));
-        if let Some(p) = &self.platform {
-            env.push(("NAIAD_PLATFORM", p.clone()));
-        }
-        env
     }
 }

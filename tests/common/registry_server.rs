@@ -552,6 +552,9 @@ pub struct ProxyConfig {
     pub ignore_range: bool,
     /// Serve `manifests/<this tag>` for any request of `manifests/sha256:...`.
     pub manifest_digest_to_tag: Option<String>,
+    /// Answer ranged blob GETs one body byte per this interval (a server
+    /// that trickles); the headers come at once.
+    pub trickle_ranges: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -837,6 +840,19 @@ fn proxy_connection(client: TcpStream, upstream: u16, own_port: u16, config: &Pr
         if is_blob_get {
             stats.blob_gets.fetch_add(1, Ordering::SeqCst);
             stats.blob_body_bytes.fetch_add(rbody.len() as u64, Ordering::SeqCst);
+        }
+        if let (Some(interval), true) = (config.trickle_ranges, is_blob_get && head.get("range").is_some()) {
+            if client_w.write_all(&rhead.to_bytes()).and_then(|_| client_w.flush()).is_err() {
+                return;
+            }
+            for b in rbody {
+                thread::sleep(interval);
+                // Ends when the client gives up and closes.
+                if client_w.write_all(&[*b]).and_then(|_| client_w.flush()).is_err() {
+                    return;
+                }
+            }
+            continue;
         }
         let mut answer = rhead.to_bytes();
         answer.extend_from_slice(rbody);
