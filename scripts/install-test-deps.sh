@@ -20,6 +20,8 @@
 #   attr               setfattr/getfattr for xattr fixtures
 #   util-linux         flock (fixture build lock)
 #   kmod               modprobe fuse when /dev/fuse is missing
+#   runc, crun         the OCI runtimes `naiad run` starts containers with
+#                      (crun preferred where the cgroup layout allows it)
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -27,6 +29,7 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(
     fuse3 umoci skopeo debootstrap debian-archive-keyring gpgv wget ca-certificates
     docker-registry apache2-utils openssl zstd tar python3 coreutils attr util-linux kmod
+    runc crun
 )
 
 log() { printf 'install-test-deps: %s\n' "$*"; }

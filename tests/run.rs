@@ -208,3 +208,41 @@ fn a_stop_signal_during_setup_leaves_nothing_behind() {
         assert!(left.is_empty(), "files left in the run directory after SIGTERM {delay_ms} ms into the setup: {left:?}");
     }
 }
+
+#[test]
+fn the_container_is_isolated_like_a_docker_one() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let debian = debian_image();
+    let tmp = tempdir();
+    let image = convert(&debian.layout, "latest", &tmp.path().join("naiad"));
+    let secret_dir = tmp.path().join("host-secret");
+    std::fs::create_dir(&secret_dir).unwrap();
+    std::fs::write(secret_dir.join("secret"), "HOST-SECRET").unwrap();
+    let script = "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
+                  echo fds: $(ls /proc/self/fd); \
+                  cat /proc/self/fd/7/secret 2>/dev/null || echo no-fd-7; \
+                  (echo x > /proc/sys/kernel/domainname) 2>/dev/null && echo proc-sys-writable || echo proc-sys-read-only; \
+                  test -s /proc/kcore && echo kcore-visible || echo kcore-masked; \
+                  (unshare -m true) 2>/dev/null && echo unshare-allowed || echo unshare-denied";
+    let dir = std::fs::File::open(&secret_dir).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+    let mut cmd = naiad();
+    cmd.arg("run").arg("--cache-dir").arg(tmp.path().join("cache")).arg("--run-dir").arg(tmp.path().join("run")).args([&image, "--", "sh", "-c", script]);
+    // SAFETY: dup2 in the child: the descriptor naiad run inherits as fd 7.
+    unsafe {
+        cmd.pre_exec(move || if libc::dup2(fd, 7) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+    }
+    let out = cmd.stdin(Stdio::null()).output().expect("naiad run");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for want in ["CapEff:\t00000000a80425fb", "NoNewPrivs:\t1", "Seccomp:\t2", "no-fd-7", "proc-sys-read-only", "kcore-masked", "unshare-denied"] {
+        assert!(stdout.lines().any(|l| l.trim_end() == want), "missing {want:?} in:\n{stdout}");
+    }
+    let fds: Vec<&str> = stdout.lines().find_map(|l| l.strip_prefix("fds: ")).expect("fd list").split_whitespace().collect();
+    // 0, 1, 2, and the directory ls itself has open.
+    assert!(fds.len() <= 4 && fds.iter().all(|f| ["0", "1", "2", "3"].contains(f)), "descriptors in the container: {fds:?}");
+    assert!(!stdout.contains("HOST-SECRET"));
+}

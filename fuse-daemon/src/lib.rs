@@ -1,6 +1,6 @@
 //! naiad-fuse: the read side of naiad. It serves a converted image as a
 //! read-only FUSE filesystem, fetching, verifying and caching chunks on
-//! demand, and runs commands in such an image under a writable overlay.
+//! demand.
 //!
 //! The pieces, one concept per module:
 //!
@@ -33,13 +33,10 @@
 //!   what supervisor and daemon tell each other ([`DaemonConfig`]).
 //! - [`daemon`]: [`run_daemon`], the daemon process, which serves the mount
 //!   its supervisor hands it until it is unmounted.
-//! - [`container`]: running a command chrooted into a mounted image under an
-//!   overlay, in new mount and PID namespaces (`naiad run`).
 //! - [`size`]: parsing and printing byte sizes ("2G").
 
 pub mod attr;
 pub mod chunk_cache;
-pub mod container;
 pub mod counters;
 pub mod daemon;
 pub mod disk_cache;

@@ -1,9 +1,10 @@
-//! `naiad run SRC [-- CMD ARGS...]`: mounts the image lazily (a daemon, as
-//! `naiad mount` starts it), puts a writable overlay over it in a temporary
-//! directory under /tmp and runs the command there, chrooted, as PID 1 of
-//! new mount and PID namespaces (see `naiad_fuse::container`). Returns the
+//! `naiad run SRC [-- CMD ARGS...]`: mounts the image lazily (a supervised
+//! daemon, as `naiad mount` starts it), puts a writable overlay over it in a
+//! temporary directory under /tmp and runs the command there in a container
+//! made by an OCI runtime, crun or runc (see `naiad_runtime`). Returns the
 //! command's exit code (128+N if killed by signal N) and always unmounts and
-//! removes what it created, also when the command or the setup fails.
+//! removes what it created, also when the command or the setup fails or a
+//! stop signal arrives during the setup.
 //!
 //! The daemon options of `naiad mount` apply: the image's startup set is
 //! prefetched while the command starts, and `--record-trace FILE` records
@@ -12,15 +13,14 @@
 //! `naiad convert --prefetch-list`; the trace is complete once `naiad run`
 //! has returned.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use naiad_fuse::container::{self, ContainerSpec, DEFAULT_PATH};
 use naiad_fuse::{daemon, mountinfo, MountConfig, FSTYPE};
 use naiad_registry::{open_source_with, ImageRef};
+use naiad_runtime::{ProcessSpec, RunSpec, DEFAULT_PATH};
 use serde_json::Value;
 
 use super::mount::{spawn_daemon, wait_for_exit, DaemonOptions};
@@ -159,9 +159,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
     // From here on a stop signal is noted, and the setup stops at the next
     // step, cleaning up what it made (RunDir's drop); once the command
     // runs, it is forwarded to it.
-    let _signals = container::StopSignals::catch();
+    let _signals = naiad_runtime::StopSignals::catch();
     let stopped = |step: &str| -> Option<i32> {
-        container::stop_signal().map(|sig| {
+        naiad_runtime::stop_signal().map(|sig| {
             eprintln!("naiad run: signal {sig} {step}; cleaning up");
             128 + sig
         })
@@ -182,14 +182,14 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if let Some(code) = stopped("before the mount") {
         return Ok(code);
     }
-    let spawned = match spawn_daemon(&config, Duration::from_secs(120), &|| container::stop_signal().is_some()) {
+    let spawned = match spawn_daemon(&config, Duration::from_secs(120), &|| naiad_runtime::stop_signal().is_some()) {
         Ok(s) => s,
         Err(e) => return stopped("while mounting").map(Ok).unwrap_or(Err(e)),
     };
     rd.daemon_pid = Some(spawned.pid);
 
     let user_spec = a.user.clone().or_else(|| cfg.and_then(|c| c.get("User")).and_then(Value::as_str).map(String::from)).unwrap_or_default();
-    let user = container::resolve_user(&rd.lower, &user_spec).with_context(|| format!("user {user_spec:?} of image {}", a.source))?;
+    let user = naiad_runtime::resolve_user(&rd.lower, &user_spec).with_context(|| format!("user {user_spec:?} of image {}", a.source))?;
     if let Some(code) = stopped("before the command started") {
         return Ok(code);
     }
@@ -209,19 +209,15 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if !cwd.starts_with('/') {
         bail!("working directory {cwd:?} is not absolute");
     }
-    let spec = ContainerSpec {
+    let spec = RunSpec {
+        bundle: rd.dir.clone(),
         lower: rd.lower.clone(),
         upper: rd.path("upper"),
         work: rd.path("work"),
         merged: rd.path("merged"),
-        argv: argv.into_iter().map(OsString::from).collect(),
-        env: container::merge_env(&base_env, &a.env),
-        cwd: PathBuf::from(cwd),
-        uid: user.uid,
-        gid: user.gid,
-        groups: user.groups,
+        process: ProcessSpec { rootfs: rd.path("merged"), argv, env: naiad_runtime::merge_env(&base_env, &a.env), cwd, uid: user.uid, gid: user.gid, groups: user.groups },
     };
-    let code = container::run(&spec).with_context(|| format!("running {} in {}", spec.argv[0].to_string_lossy(), a.source))?;
+    let code = naiad_runtime::run(&spec).with_context(|| format!("running {} in {}", spec.process.argv[0], a.source))?;
     if a.keep {
         eprintln!("naiad run: the command's changes are in {}", rd.path("upper").display());
     }
