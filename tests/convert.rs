@@ -572,3 +572,40 @@ fn a_closed_stdout_ends_the_command_quietly() {
         assert_eq!(o.status.code(), Some(0), "naiad {args:?} into a closed pipe");
     }
 }
+
+#[test]
+fn unpack_can_leave_devices_and_setuid_bits_out() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let tmp = scratch("nodev");
+    let image = generate_image(&tmp.path().join("img"), Compression::Gzip);
+    let out = tmp.path().join("out");
+    convert(&oci(&image.layout, "latest"), &oci(&out, "naiad"), FIXED);
+    let scan = |dir: &Path| -> (usize, usize) {
+        let (mut devices, mut setid) = (0, 0);
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let m = fs::symlink_metadata(e.path()).unwrap();
+                let t = m.file_type();
+                if t.is_dir() {
+                    stack.push(e.path());
+                }
+                if t.is_char_device() || t.is_block_device() {
+                    devices += 1;
+                }
+                if !t.is_symlink() && m.permissions().mode() & 0o6000 != 0 {
+                    setid += 1;
+                }
+            }
+        }
+        (devices, setid)
+    };
+    let full = tmp.path().join("full");
+    ok(&["unpack", &oci(&out, "naiad"), full.to_str().unwrap()]);
+    let (devices, setid) = scan(&full);
+    assert!(devices >= 2 && setid >= 1, "the generated image has devices and setuid files: {devices} {setid}");
+    let safe = tmp.path().join("safe");
+    ok(&["unpack", "--no-devices", "--no-setuid", &oci(&out, "naiad"), safe.to_str().unwrap()]);
+    assert_eq!(scan(&safe), (0, 0), "devices or setuid bits left");
+    assert!(safe.join("dev/fifo").exists(), "FIFOs stay");
+}

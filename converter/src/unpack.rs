@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -85,14 +84,24 @@ fn sibling_temp(dest: &Path) -> Result<(PathBuf, String)> {
     Ok((parent, name))
 }
 
+/// What a directory unpack may create. As root, by default, everything the
+/// image holds, like `umoci raw unpack` and GNU tar; these turn parts off.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnpackOptions {
+    /// Leave character and block devices out (`--no-devices`).
+    pub no_devices: bool,
+    /// Clear setuid and setgid bits (`--no-setuid`).
+    pub no_setuid: bool,
+}
+
 /// Writes the image's tree into `dest`, which must not exist or be empty.
-pub fn unpack_to_dir(image: &NaiadImage, dest: &Path) -> Result<()> {
+pub fn unpack_to_dir(image: &NaiadImage, dest: &Path, options: UnpackOptions) -> Result<()> {
     if dest.exists() && (!dest.is_dir() || std::fs::read_dir(dest).map_err(io_at(dest))?.next().is_some()) {
         return Err(ConvertError::Invalid(format!("{}: exists and is not an empty directory", dest.display())));
     }
     let (parent, name) = sibling_temp(dest)?;
     let tmp = tempfile::Builder::new().prefix(&format!(".{name}.naiad-")).tempdir_in(&parent).map_err(io_at(&parent))?;
-    write_tree(image, tmp.path())?;
+    write_tree(image, tmp.path(), options)?;
     if dest.is_dir() {
         std::fs::remove_dir(dest).map_err(io_at(dest))?;
     }
@@ -101,22 +110,35 @@ pub fn unpack_to_dir(image: &NaiadImage, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-fn apply_meta(path: &Path, inode: &InodeRecord, xattrs: &[(&[u8], &[u8])]) -> Result<()> {
+/// Owner, xattrs, mode and mtime of `path`, none of it through a symlink:
+/// owner and times with the `l` calls, the mode on a descriptor opened with
+/// O_NOFOLLOW (files and directories) or on the node itself (the devices
+/// and FIFOs `write_tree` just made).
+fn apply_meta(path: &Path, inode: &InodeRecord, xattrs: &[(&[u8], &[u8])], options: UnpackOptions) -> Result<()> {
     let io = io_at(path);
     std::os::unix::fs::lchown(path, Some(inode.uid), Some(inode.gid)).map_err(&io)?;
     for (k, v) in xattrs {
         xattr::set(path, OsStr::from_bytes(k), v).map_err(&io)?;
     }
-    if inode.kind() != Some(InodeKind::Symlink) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(inode.mode & 0o7777)).map_err(&io)?;
+    let mode = if options.no_setuid { inode.mode & 0o1777 } else { inode.mode & 0o7777 };
+    match inode.kind() {
+        Some(InodeKind::Symlink) => {}
+        Some(InodeKind::RegularFile) | Some(InodeKind::Directory) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK).open(path).map_err(&io)?;
+            nix::sys::stat::fchmod(&f, nix::sys::stat::Mode::from_bits_truncate(mode)).map_err(|e| io(e.into()))?;
+        }
+        _ => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(&io)?;
+        }
     }
     let t = filetime::FileTime::from_unix_time(inode.mtime_sec, inode.mtime_nsec);
     filetime::set_symlink_file_times(path, t, t).map_err(&io)?;
     Ok(())
 }
 
-fn write_tree(image: &NaiadImage, root: &Path) -> Result<()> {
+fn write_tree(image: &NaiadImage, root: &Path, options: UnpackOptions) -> Result<()> {
     let b = &image.bootstrap;
     let mut first_path: HashMap<u32, PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
@@ -139,12 +161,19 @@ fn write_tree(image: &NaiadImage, root: &Path) -> Result<()> {
                 return Ok(());
             }
             InodeKind::RegularFile => {
-                let mut out = BufWriter::with_capacity(1 << 20, File::create(&full).map_err(&io)?);
+                use std::os::unix::fs::OpenOptionsExt;
+                // A new file, never one that is there already or a link.
+                let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW).open(&full).map_err(&io)?;
+                let mut out = BufWriter::with_capacity(1 << 20, file);
                 io::copy(&mut FileReader::new(image, ino)?, &mut out)
                     .map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
                 out.flush().map_err(&io)?;
             }
             InodeKind::Symlink => std::os::unix::fs::symlink(OsStr::from_bytes(b.symlink_target(ino)?), &full).map_err(&io)?,
+            InodeKind::CharDevice | InodeKind::BlockDevice if options.no_devices => {
+                tracing::warn!("{}: a device, left out (--no-devices)", full.display());
+                return Ok(());
+            }
             InodeKind::CharDevice | InodeKind::BlockDevice | InodeKind::Fifo | InodeKind::Socket => {
                 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
                 let (major, minor) = inode.rdev();
@@ -158,13 +187,13 @@ fn write_tree(image: &NaiadImage, root: &Path) -> Result<()> {
                 mknod(&full, flag, Mode::from_bits_truncate(0o600), dev).map_err(|e| ConvertError::Io { path: full.clone(), source: e.into() })?;
             }
         }
-        apply_meta(&full, inode, &b.xattrs(ino)?)?;
+        apply_meta(&full, inode, &b.xattrs(ino)?, options)?;
         first_path.insert(ino, full.clone());
         Ok(())
     })?;
     // Directories last and deepest first, so adding entries does not undo their mtimes.
     for (path, ino) in dirs.iter().rev() {
-        apply_meta(path, &b.inode(*ino)?, &b.xattrs(*ino)?)?;
+        apply_meta(path, &b.inode(*ino)?, &b.xattrs(*ino)?, options)?;
     }
     Ok(())
 }
