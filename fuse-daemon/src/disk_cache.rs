@@ -43,7 +43,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -289,7 +289,8 @@ impl Shared {
             let open = || -> io::Result<(File, File)> {
                 // .data first: an index never names a data file that is not there yet.
                 let data_path = self.data_path(blob);
-                let rw = || OpenOptions::new().read(true).write(true).clone();
+                // Never through a link planted in the cache directory.
+                let rw = || OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).clone();
                 let (data, created) = match rw().open(&data_path) {
                     Ok(f) => (f, false),
                     Err(e) if e.kind() == ErrorKind::NotFound && create => match rw().create_new(true).open(&data_path) {
@@ -299,7 +300,7 @@ impl Shared {
                     },
                     Err(e) => return Err(e),
                 };
-                let idx = OpenOptions::new().read(true).append(true).create(create).open(self.index_path(blob))?;
+                let idx = OpenOptions::new().read(true).append(true).create(create).custom_flags(libc::O_NOFOLLOW).open(self.index_path(blob))?;
                 if created && idx.metadata()?.len() > 0 {
                     // Records left without their data file name nothing.
                     idx.set_len(0)?;
@@ -365,6 +366,12 @@ impl Shared {
             let mut index = lock(&self.index);
             if index.get(blob).is_some_and(|b| b.chunks.get(&offset) == Some(&size)) {
                 return;
+            }
+            // Files another daemon evicted (unlinked) would take space no
+            // cap counts until closed: forget them, and write new ones.
+            if index.get(blob).and_then(|b| b.files.as_ref()).is_some_and(|f| f.data.metadata().map(|m| m.nlink() == 0).unwrap_or(true)) {
+                tracing::debug!("disk cache: blob {} was evicted by another daemon; starting its files again", hex(blob));
+                index.remove(blob);
             }
             if !self.make_room(&mut index, Some(blob), size as u64) {
                 tracing::debug!("disk cache: blob {} alone fills the cache; not caching more of it", hex(blob));
@@ -810,6 +817,40 @@ mod tests {
         cache.flush();
         assert_eq!(*cache.get(&A, &a[1].0).unwrap(), a[1].2);
         assert_eq!(cache.usage().1, 7);
+    }
+
+    #[test]
+    fn writes_after_another_daemon_evicted_go_to_new_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = blob_chunks(6, 3, 0);
+        let first = DiskCache::open(dir.path(), 1 << 20, Arc::new(Counters::default())).unwrap();
+        put(&first, A, &a[0]);
+        first.flush();
+        // Another daemon evicts the blob: both files unlinked.
+        let data = first.shared.data_path(&A);
+        fs::remove_file(&data).unwrap();
+        fs::remove_file(first.shared.index_path(&A)).unwrap();
+        put(&first, A, &a[1]);
+        first.flush();
+        // The write went to a new, linked file, which a new cache sees.
+        assert!(data.exists(), "written into the unlinked file");
+        let second = DiskCache::open(dir.path(), 1 << 20, Arc::new(Counters::default())).unwrap();
+        assert_eq!(*second.get(&A, &a[1].0).unwrap(), a[1].2);
+    }
+
+    #[test]
+    fn links_planted_in_the_cache_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let a = blob_chunks(7, 1, 0);
+        let cache = DiskCache::open(dir.path(), 1 << 20, Arc::new(Counters::default())).unwrap();
+        fs::create_dir_all(&cache.shared.blobs_dir).unwrap();
+        std::os::unix::fs::symlink(&victim, cache.shared.data_path(&A)).unwrap();
+        put(&cache, A, &a[0]);
+        cache.flush();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep", "the cache wrote through a symlink");
     }
 
     #[test]
