@@ -341,3 +341,47 @@ fn sigterm_unmounts_and_the_daemon_exits() {
     let e = fs::File::open(m.path(gen_paths::PRECISE_MTIME)).expect_err("file visible after unmount");
     assert_eq!(e.kind(), ErrorKind::NotFound);
 }
+
+/// A tmpfs of `size` at `path`, unmounted when dropped.
+struct SmallTmpfs(std::path::PathBuf);
+
+impl SmallTmpfs {
+    fn mount(path: &Path, size: &str) -> Self {
+        fs::create_dir_all(path).unwrap();
+        let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path).status().expect("mount tmpfs");
+        assert!(st.success(), "mounting a tmpfs on {}", path.display());
+        SmallTmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_cache_only_costs_the_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let debian = debian_image();
+    let tmp = tempdir();
+    let image = convert(&debian.layout, "latest", &tmp.path().join("naiad"));
+    // 256 KiB of disk for a cache capped at 2 GiB: writes fail with ENOSPC.
+    let cache = SmallTmpfs::mount(&tmp.path().join("cache"), "256k");
+    let m = MountGuard::mount(&image, tmp.path(), &cache.0);
+    let want = regular_files(&debian.reference_rootfs).into_iter().filter(|(p, _)| p.starts_with("usr/lib/python3.11/json")).collect::<Vec<_>>();
+    assert!(!want.is_empty());
+    for (rel, _) in &want {
+        let got = fs::read(m.mountpoint.join(rel)).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        assert_eq!(sha256_hex(&got), sha256_file(&debian.reference_rootfs.join(rel)).unwrap(), "{}", rel.display());
+    }
+    let big = fs::read(m.path("usr/bin/python3.11")).expect("a file larger than the cache disk reads from the store");
+    assert_eq!(sha256_hex(&big), sha256_file(&debian.reference_rootfs.join("usr/bin/python3.11")).unwrap());
+    let s = m.stats();
+    assert_eq!(s["counters"]["read_errors"], 0, "{s}");
+    m.umount();
+    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default();
+    assert!(log.contains("disk cache") && log.to_lowercase().contains("no space"), "the daemon says why it cannot cache:\n{log}");
+}
