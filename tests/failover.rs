@@ -122,7 +122,7 @@ fn a_killed_supervisor_leaves_the_mount_served_until_umount() {
     let run_dir = m.run_dir.clone();
     m.umount();
     assert!(wait_until(Duration::from_secs(5), || gone(daemon)), "daemon {daemon} still running after naiad umount");
-    let left: Vec<_> = fs::read_dir(&run_dir).map(|d| d.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().ends_with(".log")).collect()).unwrap_or_default();
+    let left = run_dir_leftovers(&run_dir);
     assert!(left.is_empty(), "files left in the run directory: {left:?}");
 }
 

@@ -204,7 +204,7 @@ fn a_stop_signal_during_setup_leaves_nothing_behind() {
         let out = child.wait_with_output().expect("wait for naiad run");
         assert!(!out.status.success(), "naiad run was stopped, yet exited {}", out.status);
         assert_cleaned_up(Path::new(&format!("/tmp/naiad-run-{pid}-")));
-        let left: Vec<_> = std::fs::read_dir(&run_dir).map(|d| d.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().ends_with(".log")).collect()).unwrap_or_default();
+        let left = run_dir_leftovers(&run_dir);
         assert!(left.is_empty(), "files left in the run directory after SIGTERM {delay_ms} ms into the setup: {left:?}");
     }
 }

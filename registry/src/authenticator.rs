@@ -65,6 +65,18 @@ fn read_token_body(resp: reqwest::blocking::Response) -> std::result::Result<Vec
     Ok(body)
 }
 
+/// A token server's answer: the token and how long it may be used (the
+/// server's `expires_in`, bounded by [`MAX_TOKEN_LIFETIME`]).
+pub fn parse_token_answer(body: &[u8]) -> std::result::Result<(String, Duration), &'static str> {
+    let answer: TokenAnswer = serde_json::from_slice(body).map_err(|_| "token server's answer is not JSON")?;
+    let token = answer.token.filter(|t| !t.is_empty()).or(answer.access_token.filter(|t| !t.is_empty())).ok_or("token server's answer has no token")?;
+    let lifetime = match answer.expires_in {
+        Some(s) if s > 0 => Duration::from_secs(s as u64).min(MAX_TOKEN_LIFETIME),
+        _ => DEFAULT_TOKEN_LIFETIME,
+    };
+    Ok((token, lifetime))
+}
+
 #[derive(Deserialize)]
 struct TokenAnswer {
     #[serde(default)]
@@ -241,21 +253,11 @@ impl Authenticator {
                         let body = read_token_body(resp).map_err(|reason| RegistryError::Network { host: token_host.clone(), what: what.clone(), reason });
                         match body {
                             Ok(body) => {
-                                let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| RegistryError::BadResponse {
+                                let (token, lifetime) = parse_token_answer(&body).map_err(|reason| RegistryError::BadResponse {
                                     host: token_host.clone(),
                                     what: what.clone(),
-                                    reason: "token server's answer is not JSON".into(),
+                                    reason: reason.into(),
                                 })?;
-                                let token = answer.token.filter(|t| !t.is_empty()).or(answer.access_token.filter(|t| !t.is_empty()));
-                                let token = token.ok_or_else(|| RegistryError::BadResponse {
-                                    host: token_host.clone(),
-                                    what: what.clone(),
-                                    reason: "token server's answer has no token".into(),
-                                })?;
-                                let lifetime = match answer.expires_in {
-                                    Some(s) if s > 0 => Duration::from_secs(s as u64).min(MAX_TOKEN_LIFETIME),
-                                    _ => DEFAULT_TOKEN_LIFETIME,
-                                };
                                 self.tokens_fetched.fetch_add(1, Ordering::Relaxed);
                                 tracing::debug!("registry {host}: got a bearer token for {:?} valid {lifetime:?}", scopes);
                                 return Ok((token, lifetime));

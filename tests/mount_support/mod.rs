@@ -203,6 +203,12 @@ impl Drop for MountGuard {
     }
 }
 
+/// What is left in a run directory besides logs: a mount's socket, pid
+/// file, control socket or counters that nobody removed.
+pub fn run_dir_leftovers(run_dir: &Path) -> Vec<std::ffi::OsString> {
+    fs::read_dir(run_dir).map(|d| d.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().ends_with(".log")).collect()).unwrap_or_default()
+}
+
 /// Inode number, link count, mode and rdev of a path (lstat).
 pub fn lstat(p: &Path) -> fs::Metadata {
     fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
