@@ -385,3 +385,33 @@ fn a_full_disk_under_the_cache_only_costs_the_cache() {
     let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default();
     assert!(log.contains("disk cache") && log.to_lowercase().contains("no space"), "the daemon says why it cannot cache:\n{log}");
 }
+
+#[test]
+fn an_api_socket_path_that_is_a_file_is_refused_and_kept() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, _) = converted_generated(tmp.path());
+    let precious = tmp.path().join("precious");
+    fs::write(&precious, b"keep me").unwrap();
+    let mountpoint = tmp.path().join("mnt");
+    fs::create_dir_all(&mountpoint).unwrap();
+    let out = output(
+        naiad()
+            .arg("mount")
+            .arg("--cache-dir")
+            .arg(tmp.path().join("cache"))
+            .arg("--run-dir")
+            .arg(tmp.path().join("run"))
+            .arg("--api-socket")
+            .arg(&precious)
+            .arg(&image)
+            .arg(&mountpoint),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not a socket") && stderr.contains(&precious.display().to_string()), "{stderr}");
+    assert_eq!(fs::read(&precious).unwrap(), b"keep me");
+    assert!(!is_naiad_mount(&mountpoint), "a mount was left behind");
+}

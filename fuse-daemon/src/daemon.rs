@@ -168,15 +168,27 @@ pub fn run_daemon(channel: OwnedFd) -> Result<(), FuseError> {
 struct StartedDaemon {
     session: fuser::Session<NaiadFs>,
     config: ServeConfig,
-    image: Arc<NaiadImage>,
     chunks: Arc<ChunkCache>,
     recorder: Option<Arc<TraceRecorder>>,
-    counters: Arc<Counters>,
+    prefetcher: Option<Prefetcher>,
+    stats: StatsServer,
+    api: Option<MetricsServer>,
     start: Instant,
-    supervisor_pid: u32,
-    generation: u64,
 }
 
+/// Removes the socket at `path` so that this daemon can listen there: the
+/// predecessor's is dead, or (upgrade) about to be stopped. Anything but a
+/// socket stays, and binding then fails with a clear error.
+fn take_over_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Everything that can fail happens here, before the daemon tells its
+/// supervisor it is ready: a daemon that cannot start is never counted as
+/// serving (and the first one's error reaches the user).
 fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<StartedDaemon, FuseError> {
     let config = &handoff.config.serve;
     let mp = &config.mountpoint;
@@ -209,6 +221,23 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     let pool = Arc::new(ReadPool::new(READ_POOL_THREADS).map_err(|source| FuseError::Io { path: mp.clone(), source })?);
     let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone()).with_read_pool(pool);
 
+    let report = stats_report(config, &image, &chunks, &counters, start, handoff.supervisor_pid, handoff.generation);
+    take_over_socket(&config.runtime.socket);
+    let stats = {
+        let report = report.clone();
+        StatsServer::start(&config.runtime.socket, move || report())?
+    };
+    let api = match &config.api_socket {
+        Some(path) => {
+            let report = report.clone();
+            if handoff.generation > 1 {
+                take_over_socket(path);
+            }
+            Some(MetricsServer::start(path, move || report())?)
+        }
+        None => None,
+    };
+
     let fuse_err = |source: std::io::Error| FuseError::Mount { path: mp.clone(), source };
     let first = handoff.init_request.is_none();
     let init = match &handoff.init_request {
@@ -220,6 +249,9 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     if first {
         fuse_device::write_reply(fuse, &reply).map_err(fuse_err)?;
     }
+    // The prefetch starts with the session: chunks the disk cache holds
+    // count as done at once.
+    let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start)?;
     handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[])
         .map_err(|source| FuseError::Io { path: "supervisor channel".into(), source })?;
     match handoff.cause {
@@ -236,61 +268,50 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
             tracing::info!("serving {} as the upgraded daemon ({})", mp.display(), std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default());
         }
     }
-    Ok(StartedDaemon { session, config: config.clone(), image, chunks, recorder, counters, start, supervisor_pid: handoff.supervisor_pid, generation: handoff.generation })
+    Ok(StartedDaemon { session, config: config.clone(), chunks, recorder, prefetcher, stats, api, start })
+}
+
+/// What `naiad stats` and the API socket report, computed on each request.
+fn stats_report(
+    config: &ServeConfig,
+    image: &NaiadImage,
+    chunks: &Arc<ChunkCache>,
+    counters: &Arc<Counters>,
+    start: Instant,
+    supervisor_pid: u32,
+    generation: u64,
+) -> Arc<dyn Fn() -> StatsReport + Send + Sync> {
+    let blob_bytes: u64 = image.bootstrap.blobs().map(|b| b.iter().map(|b| b.size).sum()).unwrap_or(0);
+    let (chunks, counters, mountpoint, source) = (chunks.clone(), counters.clone(), config.mountpoint.display().to_string(), config.source.clone());
+    let trace_file = config.record_trace.as_ref().map(|p| p.display().to_string());
+    Arc::new(move || StatsReport {
+        mountpoint: mountpoint.clone(),
+        source: source.clone(),
+        pid: std::process::id(),
+        supervisor_pid: Some(supervisor_pid),
+        generation,
+        uptime_secs: start.elapsed().as_secs_f64(),
+        blob_bytes,
+        counters: chunks.snapshot(),
+        read_latency: counters.read_latency.snapshot(),
+        daemon_recovery: counters.daemon_recovery.snapshot(),
+        prefetch: counters.prefetch_snapshot(),
+        trace_file: trace_file.clone(),
+        memory_cache: {
+            let (bytes, entries) = chunks.memory().usage();
+            CacheUsage { bytes, entries, capacity: chunks.memory().capacity(), dir: None }
+        },
+        disk_cache: chunks.disk().map(|d| {
+            let (bytes, entries) = d.usage();
+            CacheUsage { bytes, entries, capacity: d.capacity(), dir: Some(d.dir().display().to_string()) }
+        }),
+    })
 }
 
 impl StartedDaemon {
     fn serve(self) -> Result<(), FuseError> {
-        let StartedDaemon { session, config, image, chunks, recorder, counters, start, supervisor_pid, generation } = self;
+        let StartedDaemon { session, config, chunks, recorder, prefetcher, stats, api, start } = self;
         let mp = &config.mountpoint;
-        let blob_bytes: u64 = image.bootstrap.blobs().map(|b| b.iter().map(|b| b.size).sum()).unwrap_or(0);
-        // From here on, an early return drops the session (the supervisor
-        // starts another daemon) and the prefetcher and servers, which stop.
-        let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start)?;
-        let report = {
-            let (chunks, mountpoint, source) = (chunks.clone(), mp.display().to_string(), config.source.clone());
-            let trace_file = config.record_trace.as_ref().map(|p| p.display().to_string());
-            let counters = counters.clone();
-            Arc::new(move || StatsReport {
-                mountpoint: mountpoint.clone(),
-                source: source.clone(),
-                pid: std::process::id(),
-                supervisor_pid: Some(supervisor_pid),
-                generation,
-                uptime_secs: start.elapsed().as_secs_f64(),
-                blob_bytes,
-                counters: chunks.snapshot(),
-                read_latency: counters.read_latency.snapshot(),
-                daemon_recovery: counters.daemon_recovery.snapshot(),
-                prefetch: counters.prefetch_snapshot(),
-                trace_file: trace_file.clone(),
-                memory_cache: {
-                    let (bytes, entries) = chunks.memory().usage();
-                    CacheUsage { bytes, entries, capacity: chunks.memory().capacity(), dir: None }
-                },
-                disk_cache: chunks.disk().map(|d| {
-                    let (bytes, entries) = d.usage();
-                    CacheUsage { bytes, entries, capacity: d.capacity(), dir: Some(d.dir().display().to_string()) }
-                }),
-            })
-        };
-        // A successor takes the sockets over: the predecessor is dead, or
-        // (upgrade) about to be stopped.
-        let _ = std::fs::remove_file(&config.runtime.socket);
-        let stats = {
-            let report = report.clone();
-            StatsServer::start(&config.runtime.socket, move || report())?
-        };
-        let api = match &config.api_socket {
-            Some(path) => {
-                let report = report.clone();
-                if generation > 1 {
-                    let _ = std::fs::remove_file(path);
-                }
-                Some(MetricsServer::start(path, move || report())?)
-            }
-            None => None,
-        };
         let result = session.run().map_err(|source| FuseError::Session { path: mp.clone(), source });
         if let Some(p) = prefetcher {
             p.stop();
