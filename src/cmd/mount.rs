@@ -334,7 +334,10 @@ pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration, stop: &dyn 
         // The daemon's log file gets its lifecycle at least.
         let level = tracing::level_filters::LevelFilter::current();
         let level = if level < tracing::level_filters::LevelFilter::INFO { "info".to_string() } else { level.to_string().to_lowercase() };
-        cmd.env("RUST_LOG", level);
+        // fuser logs, as errors, replies the kernel no longer wants: a
+        // request interrupted (a reader killed) or the mount gone. Nothing
+        // to act on, and `naiad run` would report them as problems.
+        cmd.env("RUST_LOG", format!("{level},fuser::reply=off"));
     }
     // Plain text in log files.
     cmd.env("NO_COLOR", "1");
