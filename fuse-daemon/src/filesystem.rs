@@ -27,7 +27,7 @@ use fuser::{
     OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use naiad_format::{Bootstrap, FileChunk, InodeKind, InodeRecord};
+use naiad_format::{Bootstrap, ChunkRecord, FileChunk, InodeKind, InodeRecord};
 use naiad_registry::NaiadImage;
 
 use crate::attr::{file_attr, file_type, BLOCK_SIZE};
@@ -58,20 +58,18 @@ struct ReadJob {
 }
 
 impl ReadJob {
-    fn all_cached(&self) -> bool {
-        self.chunks.iter().all(|c| self.cache.is_cached(&c.chunk))
+    /// The chunks neither cache holds (looked up once per read).
+    fn missing(&self) -> Vec<ChunkRecord> {
+        self.chunks.iter().map(|c| c.chunk).filter(|c| !self.cache.is_cached(c)).collect()
     }
 
-    /// Gets the chunks (several missing ones of a blob with one request
+    /// Gets the chunks (several `missing` ones of a blob with one request
     /// each) and answers the read with their bytes, or EIO.
-    fn serve(self, reply: ReplyData) {
+    fn serve(self, missing: &[ChunkRecord], reply: ReplyData) {
         let ReadJob { cache, counters, ino, offset, end, chunks } = self;
         let mut loaded = HashMap::new();
-        if chunks.len() > 1 {
-            let missing: Vec<_> = chunks.iter().map(|c| c.chunk).filter(|c| !cache.is_cached(c)).collect();
-            if missing.len() > 1 {
-                loaded = cache.load_for_read(&missing);
-            }
+        if missing.len() > 1 {
+            loaded = cache.load_for_read(missing);
         }
         let mut out: Vec<u8> = Vec::new();
         for c in &chunks {
@@ -346,17 +344,20 @@ impl Filesystem for NaiadFs {
         match self.plan_read(ino, offset, size) {
             Err(e) => reply.error(e),
             Ok(None) => reply.data(&[]),
-            // Waiting for the store happens off the FUSE worker.
-            Ok(Some(job)) if !job.all_cached() && self.pool.is_some() => {
-                if let Some(pool) = &self.pool {
-                    pool.submit(move || {
-                        job.serve(reply);
-                        count();
-                    });
+            Ok(Some(job)) => {
+                let missing = job.missing();
+                match &self.pool {
+                    // Waiting for the store happens off the FUSE worker.
+                    Some(pool) if !missing.is_empty() => {
+                        pool.submit(move || {
+                            job.serve(&missing, reply);
+                            count();
+                        });
+                        return;
+                    }
+                    _ => job.serve(&missing, reply),
                 }
-                return;
             }
-            Ok(Some(job)) => job.serve(reply),
         }
         count();
     }
