@@ -346,6 +346,17 @@ impl Bootstrap {
             .collect()
     }
 
+    /// The name of every xattr record in the image (one per inode that
+    /// has it), in table order.
+    pub fn xattr_names(&self) -> Result<Vec<&[u8]>> {
+        (0..self.xattr_count())
+            .map(|i| {
+                let x = XattrRecord::decode(self.record(Table::Xattrs, i)?);
+                self.string(x.name_offset, x.name_len as u64)
+            })
+            .collect()
+    }
+
     /// Number of chunks of regular file `ino`.
     pub fn file_chunk_len(&self, ino: u32) -> Result<u32> {
         let inode = self.inode(ino)?;

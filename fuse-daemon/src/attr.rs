@@ -1,6 +1,12 @@
-//! Bootstrap inode records as the attributes FUSE reports: inode numbers
-//! are the bootstrap's (root 1 is FUSE's root), times have nanoseconds,
-//! devices carry their number, and `blocks` is `ceil(size / 512)`.
+//! Bootstrap inode records as the attributes FUSE reports, matching what a
+//! local filesystem reports for the same tree:
+//!
+//! - inode numbers are the bootstrap's (root 1 is FUSE's root);
+//! - times have nanoseconds; devices carry their number;
+//! - symlinks have mode 0777, as on every Linux filesystem (the bootstrap
+//!   keeps the tar header's bits, which Linux ignores for links);
+//! - a directory's size follows ext4's linear layout ([`dir_size`]);
+//! - `blocks` is `ceil(size / 512)`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,7 +46,29 @@ pub fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
-/// The attributes of inode `ino`, whose record is `r` and kind `kind`.
+/// Bytes of a directory block, the unit of [`dir_size`].
+pub const DIR_BLOCK: u64 = 4096;
+
+/// The size of a directory whose entries (without `.` and `..`) have names
+/// of `name_lens` bytes, as ext4 lays out a directory without an index:
+/// each entry takes `8 + name_len` bytes rounded up to 4, `.` and `..`
+/// included, packed into 4 KiB blocks (an entry never straddles two).
+pub fn dir_size(name_lens: impl Iterator<Item = usize>) -> u64 {
+    let rec_len = |n: usize| (8 + n as u64).div_ceil(4) * 4;
+    let (mut blocks, mut used) = (1u64, rec_len(1) + rec_len(2));
+    for n in name_lens {
+        let r = rec_len(n);
+        if used + r > DIR_BLOCK {
+            blocks += 1;
+            used = 0;
+        }
+        used += r;
+    }
+    blocks * DIR_BLOCK
+}
+
+/// The attributes of inode `ino`, whose record is `r` and kind `kind`; a
+/// directory's size is the caller's to set ([`dir_size`]).
 pub fn file_attr(ino: u32, r: &InodeRecord, kind: InodeKind) -> FileAttr {
     let t = timestamp(r.mtime_sec, r.mtime_nsec);
     let rdev = match kind {
@@ -59,7 +87,7 @@ pub fn file_attr(ino: u32, r: &InodeRecord, kind: InodeKind) -> FileAttr {
         ctime: t,
         crtime: t,
         kind: file_type(kind),
-        perm: (r.mode & 0o7777) as u16,
+        perm: if kind == InodeKind::Symlink { 0o777 } else { (r.mode & 0o7777) as u16 },
         nlink: r.nlink,
         uid: r.uid,
         gid: r.gid,
@@ -85,6 +113,22 @@ mod tests {
     fn timestamps_with_nanoseconds_and_before_epoch() {
         assert_eq!(timestamp(1, 5).duration_since(UNIX_EPOCH).unwrap(), Duration::new(1, 5));
         assert_eq!(UNIX_EPOCH.duration_since(timestamp(-2, 500_000_000)).unwrap(), Duration::new(1, 500_000_000));
+    }
+
+    #[test]
+    fn directory_sizes_follow_ext4() {
+        // An empty directory and a small one take one block.
+        assert_eq!(dir_size(std::iter::empty()), 4096);
+        assert_eq!(dir_size([3usize, 10, 200].into_iter()), 4096);
+        // 340 entries of 4-byte names take 12 bytes each: 24 + 4080 = 4104 > 4096.
+        assert_eq!(dir_size(std::iter::repeat_n(4usize, 339)), 4096);
+        assert_eq!(dir_size(std::iter::repeat_n(4usize, 340)), 8192);
+    }
+
+    #[test]
+    fn symlinks_are_0777() {
+        let r = InodeRecord { mode: 0o120644, size: 3, nlink: 1, ..Default::default() };
+        assert_eq!(file_attr(2, &r, InodeKind::Symlink).perm, 0o777);
     }
 
     #[test]

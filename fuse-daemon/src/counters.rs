@@ -13,15 +13,14 @@
 //! counters stay monotonic across restarts and upgrades.
 
 use std::ops::Deref;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{FuseError, IoContext};
+use crate::error::FuseError;
+use crate::shared_mapping::SharedMapping;
 
 use crate::histogram::Histogram;
 use crate::size::format_size;
@@ -103,6 +102,14 @@ pub struct CounterBlock {
     pub daemon_restarts: AtomicU64,
     /// Of those, live upgrades (`naiad daemon upgrade`).
     pub daemon_upgrades: AtomicU64,
+    /// Opens answered with kernel passthrough to a backing file.
+    pub passthrough_opens: AtomicU64,
+    /// Backing files written (whole files assembled from verified chunks).
+    pub backing_writes: AtomicU64,
+    /// Backing files that failed verification and were removed.
+    pub backing_corrupt: AtomicU64,
+    /// Backing files evicted to stay under the disk cache's cap.
+    pub backing_evictions: AtomicU64,
     /// Time the FUSE read handler took, per request.
     pub read_latency: Histogram,
     /// Time from a daemon's death until its successor served the mount.
@@ -191,6 +198,10 @@ pub struct CounterSnapshot {
     pub trace_records: u64,
     pub daemon_restarts: u64,
     pub daemon_upgrades: u64,
+    pub passthrough_opens: u64,
+    pub backing_writes: u64,
+    pub backing_corrupt: u64,
+    pub backing_evictions: u64,
 }
 
 /// Bytes read from the store per byte the workload read.
@@ -246,8 +257,8 @@ pub(crate) fn get(c: &AtomicU64) -> u64 {
 /// ([`Counters::open_shared`]). Dereferences to the block.
 pub struct Counters {
     block: NonNull<CounterBlock>,
-    /// `Some((base, len))` of the mapping when the block lives in a file.
-    mapping: Option<(NonNull<libc::c_void>, usize)>,
+    /// The mapping the block lives in, when it lives in a file.
+    mapping: Option<SharedMapping>,
 }
 
 // SAFETY: the block holds only atomics and stays valid (heap allocation or
@@ -278,21 +289,15 @@ impl std::fmt::Debug for Counters {
 
 impl Drop for Counters {
     fn drop(&mut self) {
-        match self.mapping {
-            // SAFETY: the mapping we made in open_shared, unmapped once.
-            Some((base, len)) => unsafe {
-                libc::munmap(base.as_ptr(), len);
-            },
+        if self.mapping.is_none() {
             // SAFETY: the box leaked in default(), freed once.
-            None => unsafe { drop(Box::from_raw(self.block.as_ptr())) },
+            unsafe { drop(Box::from_raw(self.block.as_ptr())) }
         }
     }
 }
 
 /// "naiadcnt": the first word of a shared counters file.
 const SHARED_MAGIC: u64 = u64::from_le_bytes(*b"naiadcnt");
-/// Bytes before the block: magic, layout, padding to a cache line.
-const SHARED_HEADER: usize = 64;
 
 impl Counters {
     /// Maps the shared counters file at `path`, creating it (zeroed) when it
@@ -300,36 +305,11 @@ impl Counters {
     /// another counter layout is reset to zero, with a warning.
     pub fn open_shared(path: &Path) -> Result<Counters, FuseError> {
         let block_len = std::mem::size_of::<CounterBlock>();
-        let len = SHARED_HEADER + block_len;
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).at(path)?;
-        if file.metadata().at(path)?.len() != len as u64 {
-            file.set_len(0).and_then(|_| file.set_len(len as u64)).at(path)?;
-        }
-        // SAFETY: a fresh shared mapping of `len` bytes of a file we hold
-        // open; the kernel keeps it after the file is closed.
-        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0) };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).at(path);
-        }
-        let base = NonNull::new(base).ok_or_else(|| std::io::Error::other("mmap returned NULL")).at(path)?;
-        // SAFETY: page-aligned mapping of at least SHARED_HEADER + block_len
-        // bytes; AtomicU64 and CounterBlock (atomics only) are valid for any
-        // bit pattern, zeroes included.
-        let (header, block) = unsafe { (&*(base.as_ptr() as *const [AtomicU64; 2]), NonNull::new_unchecked(base.as_ptr().cast::<u8>().add(SHARED_HEADER).cast::<CounterBlock>())) };
-        let counters = Counters { block, mapping: Some((base.cast(), len)) };
-        let layout = block_len as u64;
-        let (magic, found) = (get(&header[0]), get(&header[1]));
-        if magic != SHARED_MAGIC || found != layout {
-            if magic != 0 {
-                tracing::warn!("{}: counters of another layout ({found} bytes, expected {layout}); starting them from zero", path.display());
-            }
-            // SAFETY: our writable mapping of block_len bytes; zero is a
-            // valid CounterBlock.
-            unsafe { std::ptr::write_bytes(block.as_ptr().cast::<u8>(), 0, block_len) };
-            set(&header[1], layout);
-            set(&header[0], SHARED_MAGIC);
-        }
-        Ok(counters)
+        let (mapping, _) = SharedMapping::open(path, block_len, SHARED_MAGIC, block_len as u64)?;
+        // The body is 8-byte aligned and CounterBlock (atomics only) is
+        // valid for any bit pattern, zeroes included.
+        let block = mapping.body().cast::<CounterBlock>();
+        Ok(Counters { block, mapping: Some(mapping) })
     }
 
     /// Zeroes the prefetch progress gauges, which a new daemon generation
@@ -397,6 +377,10 @@ impl Counters {
             trace_records: g(&self.trace_records),
             daemon_restarts: g(&self.daemon_restarts),
             daemon_upgrades: g(&self.daemon_upgrades),
+            passthrough_opens: g(&self.passthrough_opens),
+            backing_writes: g(&self.backing_writes),
+            backing_corrupt: g(&self.backing_corrupt),
+            backing_evictions: g(&self.backing_evictions),
         }
     }
 
@@ -458,6 +442,10 @@ impl CounterSnapshot {
             ("trace_records", "records written to the access trace", self.trace_records),
             ("daemon_restarts", "daemons started on this mount after the first (restarts and upgrades)", self.daemon_restarts),
             ("daemon_upgrades", "live upgrades of this mount's daemon", self.daemon_upgrades),
+            ("passthrough_opens", "opens served by kernel passthrough to a backing file", self.passthrough_opens),
+            ("backing_writes", "backing files assembled from verified chunks", self.backing_writes),
+            ("backing_corrupt", "backing files that failed verification and were removed", self.backing_corrupt),
+            ("backing_evictions", "backing files evicted from the disk cache", self.backing_evictions),
         ]
     }
 

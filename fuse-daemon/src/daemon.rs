@@ -29,6 +29,7 @@ use naiad_registry::{ImageRef, NaiadImage};
 use nix::mount::MntFlags;
 use serde::{Deserialize, Serialize};
 
+use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
 use crate::counters::Counters;
 use crate::disk_cache::DiskCache;
@@ -39,6 +40,7 @@ use crate::fuse_device;
 use crate::handoff::{self, DaemonMessage, Handoff, StartCause};
 use crate::memory_cache::MemoryCache;
 use crate::metrics_server::MetricsServer;
+use crate::passthrough::Passthrough;
 use crate::prefetcher::{PrefetchConfig, Prefetcher};
 use crate::read_pool::ReadPool;
 use crate::runtime_paths::RuntimePaths;
@@ -219,7 +221,17 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         None => None,
     };
     let pool = Arc::new(ReadPool::new(READ_POOL_THREADS).map_err(|source| FuseError::Io { path: mp.clone(), source })?);
-    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone()).with_read_pool(pool);
+    // Passthrough needs a disk cache for its backing files, and is off
+    // while recording a trace (every read must reach the recorder).
+    let backing = if recorder.is_none() { BackingFiles::start(image.clone(), chunks.clone()).map_err(|source| FuseError::Io { path: mp.clone(), source })? } else { None };
+    let passthrough = match backing {
+        Some(files) => {
+            let fuse_dup = fuse.try_clone().map_err(|source| FuseError::Io { path: "/dev/fuse".into(), source })?;
+            Some(Arc::new(Passthrough::new(files, &config.runtime.opens, image.bootstrap.inode_count(), fuse_dup, counters.clone())?))
+        }
+        None => None,
+    };
+    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone()).with_read_pool(pool).with_passthrough(passthrough.clone());
 
     let report = stats_report(config, &image, &chunks, &counters, start, handoff.supervisor_pid, handoff.generation);
     take_over_socket(&config.runtime.socket);
@@ -251,7 +263,9 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     }
     // The prefetch starts with the session: chunks the disk cache holds
     // count as done at once.
-    let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start)?;
+    // Files the prefetch completed get their backing files.
+    let on_done = passthrough.map(|pt| Box::new(move || pt.backing_files().offer_all()) as Box<dyn Fn() + Send + Sync>);
+    let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start, on_done)?;
     handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[])
         .map_err(|source| FuseError::Io { path: "supervisor channel".into(), source })?;
     match handoff.cause {

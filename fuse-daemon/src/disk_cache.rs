@@ -38,6 +38,10 @@
 //! A blob evicted while another daemon uses it keeps working for that
 //! daemon (its open files stay readable).
 //!
+//! Backing files (`<dir>/files/<hex>`, see [`crate::backing_files`]) count
+//! toward the same cap and are evicted with the blobs, least recently used
+//! first; this module keeps their sizes and recency, not their contents.
+//!
 //! An old per-chunk cache (`<dir>/chunks/`) is deleted in the background.
 
 use std::collections::HashMap;
@@ -74,6 +78,8 @@ const ORPHAN_AGE: Duration = Duration::from_secs(600);
 /// An index file larger than this is not one this code wrote.
 const MAX_INDEX_BYTES: u64 = 256 << 20;
 const BLOBS_DIR: &str = "blobs";
+/// Where the backing files of passthrough live.
+pub const FILES_DIR: &str = "files";
 const OLD_CHUNKS_DIR: &str = "chunks";
 
 /// One index record: a chunk's stored bytes are in `.data` at `offset`.
@@ -216,6 +222,13 @@ impl CachedBlob {
     }
 }
 
+/// A backing file this daemon knows is in `<dir>/files`.
+#[derive(Debug, Clone, Copy)]
+struct CachedFile {
+    bytes: u64,
+    last_use: SystemTime,
+}
+
 /// A chunk waiting for the writer, served from here until it is on disk.
 struct QueuedChunk {
     digest: ChunkDigest,
@@ -237,6 +250,10 @@ struct Shared {
     /// Queued bytes beyond which `put` waits ([`WRITE_QUEUE_BYTES`]).
     queue_limit: u64,
     index: Mutex<HashMap<BlobSha256, CachedBlob>>,
+    /// `<dir>/files`.
+    files_dir: PathBuf,
+    /// The backing files, by key. Locked after `index` when both are.
+    files: Mutex<HashMap<BlobSha256, CachedFile>>,
     counters: Arc<Counters>,
     queue: Mutex<WriteQueue>,
     /// Signalled whenever the writer takes a chunk off the queue.
@@ -336,26 +353,87 @@ impl Shared {
         Ok(index.get_mut(blob))
     }
 
-    /// Evicts least recently used blobs other than `keep` until `need`
-    /// more bytes fit under the cap; false if they cannot.
+    /// Evicts least recently used blobs (other than `keep`) and backing
+    /// files until `need` more bytes fit under the cap; false if they cannot.
     fn make_room(&self, index: &mut HashMap<BlobSha256, CachedBlob>, keep: Option<&BlobSha256>, need: u64) -> bool {
+        let mut files = lock(&self.files);
         loop {
-            let total: u64 = index.values().map(|b| b.bytes).sum();
+            let total: u64 = index.values().map(|b| b.bytes).sum::<u64>() + files.values().map(|f| f.bytes).sum::<u64>();
             if total.saturating_add(need) <= self.capacity {
                 return true;
             }
-            let victim = index.iter().filter(|(k, b)| Some(*k) != keep && b.bytes > 0).min_by_key(|(k, b)| (b.last_use, **k)).map(|(k, _)| *k);
-            let Some(victim) = victim else { return false };
-            if let Some(gone) = index.remove(&victim) {
-                // Removed under the index lock, so no lookup reopens them
-                // in between; whoever has them open keeps reading them.
-                // The index first: data without an index is merely unused.
-                remove_if_present(&self.index_path(&victim));
-                remove_if_present(&self.data_path(&victim));
-                add(&self.counters.disk_evictions, gone.chunks.len() as u64);
-                tracing::debug!("disk cache: evicted blob {} ({} chunks, {} bytes)", hex(&victim), gone.chunks.len(), gone.bytes);
+            let blob = index.iter().filter(|(k, b)| Some(*k) != keep && b.bytes > 0).min_by_key(|(k, b)| (b.last_use, **k)).map(|(k, b)| (*k, b.last_use));
+            let file = files.iter().min_by_key(|(k, f)| (f.last_use, **k)).map(|(k, f)| (*k, f.last_use));
+            match (blob, file) {
+                (None, None) => return false,
+                (Some((_, b)), Some((key, f))) if f <= b => self.evict_file(&mut files, &key),
+                (None, Some((key, _))) => self.evict_file(&mut files, &key),
+                (Some((victim, _)), _) => {
+                    if let Some(gone) = index.remove(&victim) {
+                        // Removed under the index lock, so no lookup reopens them
+                        // in between; whoever has them open keeps reading them.
+                        // The index first: data without an index is merely unused.
+                        remove_if_present(&self.index_path(&victim));
+                        remove_if_present(&self.data_path(&victim));
+                        add(&self.counters.disk_evictions, gone.chunks.len() as u64);
+                        tracing::debug!("disk cache: evicted blob {} ({} chunks, {} bytes)", hex(&victim), gone.chunks.len(), gone.bytes);
+                    }
+                }
             }
         }
+    }
+
+    fn file_path(&self, key: &BlobSha256) -> PathBuf {
+        self.files_dir.join(hex(key))
+    }
+
+    /// Removes a backing file and its marker (open descriptors and the
+    /// kernel's passthrough references keep working).
+    fn evict_file(&self, files: &mut HashMap<BlobSha256, CachedFile>, key: &BlobSha256) {
+        if let Some(gone) = files.remove(key) {
+            let path = self.file_path(key);
+            remove_if_present(&crate::backing_files::marker_path(&path));
+            remove_if_present(&path);
+            inc(&self.counters.backing_evictions);
+            tracing::debug!("disk cache: evicted backing file {} ({} bytes)", hex(key), gone.bytes);
+        }
+    }
+
+    /// Indexes the backing files on disk; removes temporary files and
+    /// markers left by crashed writers.
+    fn scan_files(&self) -> io::Result<HashMap<BlobSha256, CachedFile>> {
+        let mut found = HashMap::new();
+        let entries = match fs::read_dir(&self.files_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e),
+        };
+        let now = SystemTime::now();
+        let mut markers = Vec::new();
+        for e in entries {
+            let e = e?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Ok(meta) = e.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            match parse_blob_file_name(&format!("{name}.file")) {
+                Some((key, "file")) => {
+                    found.insert(key, CachedFile { bytes: meta.len(), last_use: mtime(&meta) });
+                }
+                _ if name.ends_with(crate::backing_files::MARKER_SUFFIX) => markers.push(e.path()),
+                _ if now.duration_since(mtime(&meta)).unwrap_or_default() > ORPHAN_AGE => remove_if_present(&e.path()),
+                _ => {}
+            }
+        }
+        for m in markers {
+            let data = m.with_extension("");
+            if !data.exists() {
+                remove_if_present(&m);
+            }
+        }
+        Ok(found)
     }
 
     /// Writes one chunk's stored bytes and its index record.
@@ -472,8 +550,10 @@ impl Shared {
                 remove_if_present(&self.data_path(&blob));
             }
         }
+        let files = self.scan_files().at(&self.files_dir)?;
         let mut index = lock(&self.index);
         *index = found;
+        *lock(&self.files) = files;
         self.make_room(&mut index, None, 0);
         Ok(())
     }
@@ -559,6 +639,8 @@ impl DiskCache {
             capacity,
             queue_limit,
             index: Mutex::new(HashMap::new()),
+            files_dir: dir.join(FILES_DIR),
+            files: Mutex::new(HashMap::new()),
             counters,
             queue: Mutex::new(WriteQueue::default()),
             queue_drained: Condvar::new(),
@@ -677,10 +759,68 @@ impl DiskCache {
         }
     }
 
-    /// (stored bytes held, chunks held) as this daemon knows them.
+    /// (bytes held, chunks held) as this daemon knows them; the bytes are
+    /// the chunks' stored bytes plus the backing files'.
     pub fn usage(&self) -> (u64, u64) {
         let index = lock(&self.shared.index);
-        index.values().fold((0, 0), |(bytes, chunks), b| (bytes + b.bytes, chunks + b.chunks.len() as u64))
+        let (bytes, chunks) = index.values().fold((0, 0), |(bytes, chunks), b| (bytes + b.bytes, chunks + b.chunks.len() as u64));
+        (bytes + lock(&self.shared.files).values().map(|f| f.bytes).sum::<u64>(), chunks)
+    }
+
+    /// The directory of the backing files (`<dir>/files`), created if needed.
+    pub fn files_dir(&self) -> io::Result<&Path> {
+        fs::create_dir_all(&self.shared.files_dir)?;
+        Ok(&self.shared.files_dir)
+    }
+
+    /// The path backing file `key` has (or would have).
+    pub fn backing_file_path(&self, key: &BlobSha256) -> PathBuf {
+        self.shared.file_path(key)
+    }
+
+    /// Whether backing file `key` is known, or was written by another
+    /// daemon since this one looked (then it is indexed now).
+    pub fn has_backing_file(&self, key: &BlobSha256) -> bool {
+        if lock(&self.shared.files).contains_key(key) {
+            return true;
+        }
+        match fs::symlink_metadata(self.shared.file_path(key)) {
+            Ok(meta) if meta.is_file() => {
+                lock(&self.shared.files).insert(*key, CachedFile { bytes: meta.len(), last_use: SystemTime::now() });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Makes room for a new backing file of `bytes` and counts it; false
+    /// (nothing counted) if it cannot fit under the cap.
+    pub fn admit_backing_file(&self, key: &BlobSha256, bytes: u64) -> bool {
+        let s = &self.shared;
+        let mut index = lock(&s.index);
+        if lock(&s.files).contains_key(key) {
+            return true;
+        }
+        if bytes > s.capacity || !s.make_room(&mut index, None, bytes) {
+            return false;
+        }
+        lock(&s.files).insert(*key, CachedFile { bytes, last_use: SystemTime::now() });
+        true
+    }
+
+    /// Marks backing file `key` used now.
+    pub fn touch_backing_file(&self, key: &BlobSha256) {
+        if let Some(f) = lock(&self.shared.files).get_mut(key) {
+            f.last_use = SystemTime::now();
+        }
+    }
+
+    /// Removes backing file `key` (it failed verification, or its write did).
+    pub fn remove_backing_file(&self, key: &BlobSha256) {
+        lock(&self.shared.files).remove(key);
+        let path = self.shared.file_path(key);
+        remove_if_present(&crate::backing_files::marker_path(&path));
+        remove_if_present(&path);
     }
 
     pub fn capacity(&self) -> u64 {

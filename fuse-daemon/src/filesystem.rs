@@ -30,14 +30,40 @@ use fuser::{
 use naiad_format::{Bootstrap, ChunkRecord, FileChunk, InodeKind, InodeRecord};
 use naiad_registry::NaiadImage;
 
-use crate::attr::{file_attr, file_type, BLOCK_SIZE};
+use crate::attr::{dir_size, file_attr, file_type, BLOCK_SIZE};
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters};
+use crate::passthrough::{Opened, Passthrough, FH_CACHED};
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
 
 /// Largest read and write the kernel is asked to send (it may cap lower).
 pub const MAX_IO_SIZE: u32 = 1 << 20;
+
+/// What the image's xattrs are, computed once: which namespaces
+/// (`user`, `security`, `trusted`, `system`) hold any, and whether any is
+/// a POSIX ACL.
+#[derive(Debug, Default)]
+struct XattrSummary {
+    namespaces: std::collections::HashSet<Vec<u8>>,
+    acls: bool,
+}
+
+impl XattrSummary {
+    fn of(b: &Bootstrap) -> Self {
+        let mut s = XattrSummary::default();
+        for name in b.xattr_names().unwrap_or_default() {
+            s.acls |= name.starts_with(b"system.posix_acl_");
+            s.namespaces.insert(namespace(name).to_vec());
+        }
+        s
+    }
+}
+
+/// The namespace of an xattr name: what precedes its first dot.
+fn namespace(name: &[u8]) -> &[u8] {
+    name.split(|&c| c == b'.').next().unwrap_or(name)
+}
 
 /// Totals reported by statfs, computed once.
 #[derive(Debug, Clone, Copy)]
@@ -119,6 +145,9 @@ pub struct NaiadFs {
     /// Where reads that wait for the store are served; `None`: on the FUSE
     /// worker itself.
     pool: Option<Arc<ReadPool>>,
+    /// Opens served by the kernel from backing files; `None`: none are.
+    passthrough: Option<Arc<Passthrough>>,
+    xattrs: XattrSummary,
 }
 
 /// An inode number from the kernel as a bootstrap inode number.
@@ -141,7 +170,8 @@ impl NaiadFs {
         }
         let totals = FsTotals { bytes, inodes: b.inode_count() as u64 };
         let counters = chunks.counters().clone();
-        NaiadFs { image, chunks, counters, ttl, totals, recorder: None, pool: None }
+        let xattrs = XattrSummary::of(b);
+        NaiadFs { image, chunks, counters, ttl, totals, recorder: None, pool: None, passthrough: None, xattrs }
     }
 
     /// Reports every read to `recorder` (`--record-trace`).
@@ -153,6 +183,12 @@ impl NaiadFs {
     /// Serves reads that must wait for the store on `pool`.
     pub fn with_read_pool(mut self, pool: Arc<ReadPool>) -> Self {
         self.pool = Some(pool);
+        self
+    }
+
+    /// Serves opens of files that have a backing file by passthrough.
+    pub fn with_passthrough(mut self, passthrough: Option<Arc<Passthrough>>) -> Self {
+        self.passthrough = passthrough;
         self
     }
 
@@ -171,7 +207,18 @@ impl NaiadFs {
 
     fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
         let (i, r, kind) = self.inode(ino)?;
-        Ok(file_attr(i, &r, kind))
+        self.attr_of(i, &r, kind)
+    }
+
+    /// The attributes of inode `i` (record `r`), directory sizes included.
+    fn attr_of(&self, i: u32, r: &InodeRecord, kind: InodeKind) -> Result<FileAttr, Errno> {
+        let mut a = file_attr(i, r, kind);
+        if kind == InodeKind::Directory {
+            let entries = self.bootstrap().dir_entries(i).map_err(|_| Errno::EIO)?;
+            a.size = dir_size(entries.iter().map(|e| e.name.len()));
+            a.blocks = a.size / 512;
+        }
+        Ok(a)
     }
 
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<Option<FileAttr>, Errno> {
@@ -188,7 +235,7 @@ impl NaiadFs {
                 if let Some(rec) = self.recorder.as_ref().filter(|_| kind == InodeKind::RegularFile && r.nlink > 1) {
                     rec.note_lookup(p, name.as_bytes(), i);
                 }
-                Ok(Some(file_attr(i, &r, kind)))
+                Ok(Some(self.attr_of(i, &r, kind)?))
             }
             None => Ok(None),
         }
@@ -283,6 +330,20 @@ impl Filesystem for NaiadFs {
         for flag in [InitFlags::FUSE_DO_READDIRPLUS, InitFlags::FUSE_READDIRPLUS_AUTO, InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_MAX_PAGES] {
             let _ = config.add_capabilities(flag);
         }
+        if self.xattrs.acls {
+            // The kernel enforces the image's ACLs and caches them (also
+            // their absence), asking once per inode.
+            let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
+        }
+        if let Some(pt) = &self.passthrough {
+            // Depth 1: backing files on a plain filesystem, and the mount
+            // itself usable as an overlayfs lower layer.
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            if !granted {
+                tracing::info!("the kernel offers no FUSE passthrough: files are read through the daemon");
+                pt.disable();
+            }
+        }
         Ok(())
     }
 
@@ -328,8 +389,29 @@ impl Filesystem for NaiadFs {
         }
         match self.inode(ino) {
             Ok((_, _, InodeKind::Directory)) => reply.error(Errno::EISDIR),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((i, _, InodeKind::RegularFile)) => {
+                let reply = match &self.passthrough {
+                    Some(pt) => match pt.open(i, reply) {
+                        Opened::Done => return,
+                        Opened::Declined(reply) => reply,
+                    },
+                    None => reply,
+                };
+                reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Ok(_) => reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        reply.ok();
+        if let (Some(pt), Some(i)) = (&self.passthrough, ino32(ino)) {
+            pt.release(i, fh.0);
+            if fh.0 == FH_CACHED {
+                // Read through the daemon: maybe all local now.
+                pt.backing_files().offer(i);
+            }
         }
     }
 
@@ -405,10 +487,21 @@ impl Filesystem for NaiadFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if self.bootstrap().xattr_count() == 0 {
+            // An image without xattrs: ENOSYS tells the kernel never to ask
+            // again (it answers "not supported" itself from then on).
+            return reply.error(Errno::ENOSYS);
+        }
         let Some(i) = ino32(ino) else { return reply.error(Errno::ENOENT) };
         match self.bootstrap().xattrs(i) {
             Ok(list) => match list.iter().find(|(n, _)| *n == name.as_bytes()) {
                 Some((_, v)) => Self::xattr_reply(v, size, reply),
+                // No xattr of this namespace anywhere in the image: "not
+                // supported", which tools such as ls and cp remember per
+                // filesystem (ls asks every file for security.selinux and
+                // its ACL otherwise). ACL names get "no data" when the
+                // image has ACLs: the kernel then caches their absence.
+                None if !self.xattrs.namespaces.contains(namespace(name.as_bytes())) => reply.error(Errno::EOPNOTSUPP),
                 None => reply.error(Errno::NO_XATTR),
             },
             Err(_) => reply.error(Errno::ENOENT),
@@ -416,6 +509,10 @@ impl Filesystem for NaiadFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if self.bootstrap().xattr_count() == 0 {
+            // As in getxattr: the kernel stops asking.
+            return reply.error(Errno::ENOSYS);
+        }
         let Some(i) = ino32(ino) else { return reply.error(Errno::ENOENT) };
         match self.bootstrap().xattrs(i) {
             Ok(list) => {

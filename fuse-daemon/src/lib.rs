@@ -16,6 +16,9 @@
 //!   store: a local layout or a registry), and [`StoreChunkFetcher`].
 //! - [`memory_cache`], [`disk_cache`] (per-blob cache files), [`inflight`]:
 //!   the tiers and the single-flight map the chunk cache is made of.
+//! - [`passthrough`], [`backing_files`]: opens the kernel serves itself
+//!   from whole-file backing files in the cache (FUSE passthrough).
+//! - [`shared_mapping`]: files of atomics every daemon generation maps.
 //! - [`read_pool`]: [`read_pool::ReadPool`], the threads that serve reads
 //!   waiting for the store, so FUSE workers stay free for metadata.
 //! - [`prefetcher`]: [`Prefetcher`], the startup set fetched at mount, and
@@ -36,6 +39,7 @@
 //! - [`size`]: parsing and printing byte sizes ("2G").
 
 pub mod attr;
+pub mod backing_files;
 pub mod chunk_cache;
 pub mod counters;
 pub mod daemon;
@@ -51,9 +55,11 @@ pub mod inflight;
 pub mod memory_cache;
 pub mod metrics_server;
 pub mod mountinfo;
+pub mod passthrough;
 pub mod prefetcher;
 pub mod read_pool;
 pub mod runtime_paths;
+pub mod shared_mapping;
 pub mod size;
 pub mod socket_server;
 pub mod stats_server;

@@ -108,14 +108,16 @@ struct Job {
     stop: Arc<AtomicBool>,
     limiter: Option<RateLimiter>,
     mounted: Instant,
+    on_done: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Prefetcher {
     /// Starts prefetching `image` into `chunks`; `mounted` is when the mount
     /// started (progress reports the time since). Returns `None` when there
     /// is nothing to do (prefetch disabled or no prefetch table, and no
-    /// `fetch_all`).
-    pub fn start(image: Arc<NaiadImage>, chunks: Arc<ChunkCache>, config: PrefetchConfig, mounted: Instant) -> Result<Option<Prefetcher>, FuseError> {
+    /// `fetch_all`). `on_done` runs once everything was fetched (not when
+    /// stopped before).
+    pub fn start(image: Arc<NaiadImage>, chunks: Arc<ChunkCache>, config: PrefetchConfig, mounted: Instant, on_done: Option<Box<dyn Fn() + Send + Sync>>) -> Result<Option<Prefetcher>, FuseError> {
         // The set is known (and its progress published) before this returns.
         let set_chunks = if config.enabled { prefetch_set(&image) } else { Vec::new() };
         if set_chunks.is_empty() && !config.fetch_all {
@@ -129,7 +131,7 @@ impl Prefetcher {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let limiter = config.rate.filter(|&r| r > 0).map(|rate| RateLimiter { rate, next: Mutex::new(Instant::now()) });
-        let job = Job { image, chunks, config, stop: stop.clone(), limiter, mounted };
+        let job = Job { image, chunks, config, stop: stop.clone(), limiter, mounted, on_done };
         let thread = std::thread::Builder::new()
             .name("naiad-prefetch".into())
             .spawn(move || job.run(set_chunks))
@@ -199,6 +201,9 @@ impl Job {
                 }
             }
             self.fetch_rest(&rest);
+        }
+        if let Some(done) = self.on_done.as_ref().filter(|_| !self.stopped()) {
+            done();
         }
     }
 

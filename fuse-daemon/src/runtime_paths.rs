@@ -21,6 +21,8 @@ pub struct RuntimePaths {
     pub control: PathBuf,
     /// The counters every daemon generation maps.
     pub counters: PathBuf,
+    /// The passthrough open table every daemon generation maps.
+    pub opens: PathBuf,
 }
 
 /// 16 hex digits of the blake3 of the canonical mountpoint.
@@ -39,6 +41,7 @@ impl RuntimePaths {
             log_file: run_dir.join(format!("{id}.log")),
             control: run_dir.join(format!("{id}.ctl")),
             counters: run_dir.join(format!("{id}.counters")),
+            opens: run_dir.join(format!("{id}.opens")),
         }
     }
 

@@ -126,8 +126,9 @@ pub fn supervise(config: DaemonConfig, options: SupervisorOptions, on_ready: imp
     if let Some(dir) = rt.pid_file.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
     }
-    // A fresh mount counts from zero.
+    // A fresh mount counts from zero and has nothing open.
     let _ = std::fs::remove_file(&rt.counters);
+    let _ = std::fs::remove_file(&rt.opens);
     let fuse = fuse_device::mount(&mp, &config.serve.mount)?;
     tracing::info!("mounted {} on {} (supervisor {})", config.source, mp.display(), std::process::id());
     std::fs::write(&rt.pid_file, format!("{}\n", std::process::id())).at(&rt.pid_file)?;
@@ -170,7 +171,7 @@ pub fn supervise(config: DaemonConfig, options: SupervisorOptions, on_ready: imp
     let result = s.run(rx, on_ready);
     control.stop();
     s.kill_all();
-    for path in [&rt.pid_file, &rt.counters] {
+    for path in [&rt.pid_file, &rt.counters, &rt.opens] {
         let _ = std::fs::remove_file(path);
     }
     result

@@ -487,7 +487,7 @@ pub fn umount(a: UmountArgs) -> Result<i32> {
         }
     }
     // What a supervisor that was killed could not remove itself.
-    for path in [&paths.pid_file, &paths.control, &paths.counters, &paths.socket] {
+    for path in [&paths.pid_file, &paths.control, &paths.counters, &paths.opens, &paths.socket] {
         let _ = std::fs::remove_file(path);
     }
     Ok(0)

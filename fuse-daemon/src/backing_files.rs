@@ -1,0 +1,303 @@
+//! [`BackingFiles`]: whole files, uncompressed, for FUSE passthrough.
+//!
+//! Once every chunk of a regular file is local (memory or disk cache), the
+//! file is assembled once from those verified chunks into
+//! `<cache>/files/<key>`, where `key` is [`file_key`]: the blake3 of the
+//! file's size and chunk list. Identical files of any image share one
+//! backing file. [`crate::passthrough`] then answers opens of the file with
+//! that backing file, and the kernel serves reads and mmap from it without
+//! asking the daemon.
+//!
+//! A backing file is written to a temporary name, fsync'd, renamed into
+//! place, and only then given its *marker* (`<key>.ok`, also written
+//! atomically): the key, and the inode number, size and ctime the data
+//! file had after the rename. A later open trusts the file only if its
+//! marker matches what `fstat` says now. Anything that wrote to the file
+//! since (or replaced it) changed its ctime, so the file is verified again
+//! chunk by chunk against the bootstrap's digests; one that fails is
+//! counted in `backing_corrupt`, removed, and assembled again from the
+//! chunk cache (which refetches what it lacks). A file whose write did not
+//! finish has no marker and is never used.
+//!
+//! Assembly happens on one background thread: [`BackingFiles::offer`]
+//! queues a file (after a read of it, or when the prefetch finished), and
+//! the thread writes it if all its chunks are cached. Backing files count
+//! toward the disk cache's cap and are evicted with it
+//! ([`crate::disk_cache`]).
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use naiad_format::bootstrap::hex;
+use naiad_format::{FileChunk, InodeKind};
+use naiad_registry::NaiadImage;
+
+use crate::chunk_cache::ChunkCache;
+use crate::counters::inc;
+
+/// The content address of a backing file.
+pub type FileKey = [u8; 32];
+
+/// What a marker file's name adds to its data file's.
+pub const MARKER_SUFFIX: &str = ".ok";
+/// First word of a marker.
+const MARKER_MAGIC: &str = "naiad-backing-v1";
+/// Files smaller than this are not worth a backing file (and an inode in
+/// the cache directory): the kernel's page cache serves them after one read.
+pub const MIN_BACKING_SIZE: u64 = 1;
+
+/// The marker of the backing file at `data`.
+pub fn marker_path(data: &Path) -> PathBuf {
+    let mut name = data.as_os_str().to_owned();
+    name.push(MARKER_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// The key of a file of `size` bytes made of `chunks`: blake3 over the
+/// size and each chunk's offset, length and digest, in order.
+pub fn file_key(size: u64, chunks: &[FileChunk]) -> FileKey {
+    let mut h = blake3::Hasher::new();
+    h.update(b"naiad backing file\0");
+    h.update(&size.to_le_bytes());
+    for c in chunks {
+        h.update(&c.file_offset.to_le_bytes());
+        h.update(&c.chunk.uncompressed_size.to_le_bytes());
+        h.update(&c.chunk.digest);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What a marker records of its data file.
+fn marker_text(key: &FileKey, meta: &fs::Metadata) -> String {
+    format!("{MARKER_MAGIC} {} {} {} {} {}\n", hex(key), meta.ino(), meta.len(), meta.ctime(), meta.ctime_nsec())
+}
+
+/// Whether the chunks of `file` (opened backing file) match their digests.
+fn verify_content(file: &File, size: u64, chunks: &[FileChunk]) -> Result<(), String> {
+    let mut buf = Vec::new();
+    let mut end = 0;
+    for c in chunks {
+        buf.resize(c.chunk.uncompressed_size as usize, 0);
+        file.read_exact_at(&mut buf, c.file_offset).map_err(|e| format!("reading {} bytes at {}: {e}", buf.len(), c.file_offset))?;
+        if blake3::hash(&buf).as_bytes() != &c.chunk.digest {
+            return Err(format!("the bytes at {} do not match chunk {}", c.file_offset, hex(&c.chunk.digest)));
+        }
+        end = c.file_offset + buf.len() as u64;
+    }
+    if end != size {
+        return Err(format!("the chunks end at {end}, the file at {size}"));
+    }
+    Ok(())
+}
+
+struct Inner {
+    image: Arc<NaiadImage>,
+    chunks: Arc<ChunkCache>,
+    /// Inodes queued or being written.
+    pending: Mutex<HashSet<u32>>,
+    /// Names temporary files uniquely within this process.
+    temp_seq: AtomicU64,
+    /// Set by [`BackingFiles::stop`]: the writer skips what is queued.
+    stopping: AtomicBool,
+}
+
+/// The backing files of one mount (see the module comment).
+pub struct BackingFiles {
+    inner: Arc<Inner>,
+    queue: Mutex<Option<Sender<u32>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// The size and chunks of regular file `ino`, if it is one worth a
+    /// backing file.
+    fn file(&self, ino: u32) -> Option<(u64, Vec<FileChunk>)> {
+        let b = &self.image.bootstrap;
+        let r = b.inode(ino).ok()?;
+        if r.kind() != Some(InodeKind::RegularFile) || r.size < MIN_BACKING_SIZE {
+            return None;
+        }
+        Some((r.size, b.file_chunks(ino).ok()?))
+    }
+
+    fn open(&self, ino: u32) -> Option<(File, FileKey)> {
+        let disk = self.chunks.disk()?;
+        let (size, chunks) = self.file(ino)?;
+        let key = file_key(size, &chunks);
+        if !disk.has_backing_file(&key) {
+            return None;
+        }
+        let path = disk.backing_file_path(&key);
+        let file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!("backing file {}: {e}", path.display());
+                return None;
+            }
+        };
+        let meta = file.metadata().ok()?;
+        let marker = fs::read_to_string(marker_path(&path)).unwrap_or_default();
+        if meta.is_file() && meta.len() == size && marker == marker_text(&key, &meta) {
+            disk.touch_backing_file(&key);
+            return Some((file, key));
+        }
+        if marker.is_empty() {
+            // Not finished (or its marker was lost): never used unmarked.
+            return None;
+        }
+        // Changed since it was marked: verify it again.
+        match verify_content(&file, size, &chunks).and_then(|()| self.write_marker(&path, &key).map_err(|e| format!("writing its marker: {e}"))) {
+            Ok(()) => Some((file, key)),
+            Err(e) => {
+                tracing::warn!("backing file {} of inode {ino}: {e}; removing it", path.display());
+                inc(&self.chunks.counters().backing_corrupt);
+                disk.remove_backing_file(&key);
+                None
+            }
+        }
+    }
+
+    fn write_marker(&self, data: &Path, key: &FileKey) -> io::Result<()> {
+        let meta = fs::symlink_metadata(data)?;
+        let marker = marker_path(data);
+        let tmp = self.temp_path(data.parent().unwrap_or(Path::new(".")));
+        let mut f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+        let written = f.write_all(marker_text(key, &meta).as_bytes()).and_then(|()| f.sync_data()).and_then(|()| fs::rename(&tmp, &marker));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    fn temp_path(&self, dir: &Path) -> PathBuf {
+        dir.join(format!(".tmp-{}-{}", std::process::id(), self.temp_seq.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// Writes the backing file of `ino` if all its chunks are cached and
+    /// there is none yet.
+    fn assemble(&self, ino: u32) -> Result<(), String> {
+        let Some(disk) = self.chunks.disk() else { return Ok(()) };
+        let Some((size, chunks)) = self.file(ino) else { return Ok(()) };
+        let key = file_key(size, &chunks);
+        if disk.has_backing_file(&key) || !chunks.iter().all(|c| self.chunks.is_cached(&c.chunk)) {
+            return Ok(());
+        }
+        let dir = disk.files_dir().map_err(|e| format!("creating the backing file directory: {e}"))?.to_path_buf();
+        let tmp = self.temp_path(&dir);
+        let path = disk.backing_file_path(&key);
+        let write = || -> Result<(), String> {
+            let file = OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp).map_err(|e| e.to_string())?;
+            for c in &chunks {
+                // Verified by the chunk cache (memory, or disk re-verified).
+                let data = self.chunks.get(&c.chunk).map_err(|e| e.to_string())?;
+                file.write_all_at(&data, c.file_offset).map_err(|e| e.to_string())?;
+            }
+            file.set_len(size).map_err(|e| e.to_string())?;
+            file.sync_all().map_err(|e| e.to_string())?;
+            if !disk.admit_backing_file(&key, size) {
+                return Err("it does not fit under the cache's cap".into());
+            }
+            fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+            self.write_marker(&path, &key).map_err(|e| format!("writing its marker: {e}"))
+        };
+        match write() {
+            Ok(()) => {
+                inc(&self.chunks.counters().backing_writes);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                if fs::symlink_metadata(&path).is_ok() && fs::symlink_metadata(marker_path(&path)).is_err() {
+                    disk.remove_backing_file(&key);
+                }
+                Err(format!("backing file {} of inode {ino}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+fn writer_loop(inner: Arc<Inner>, jobs: Receiver<u32>) {
+    for ino in jobs {
+        if inner.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        if let Err(e) = inner.assemble(ino) {
+            tracing::debug!("{e}");
+        }
+        lock(&inner.pending).remove(&ino);
+    }
+}
+
+impl BackingFiles {
+    /// The backing files of a mount reading through `chunks`; `None` when
+    /// there is no disk cache to keep them in.
+    pub fn start(image: Arc<NaiadImage>, chunks: Arc<ChunkCache>) -> io::Result<Option<Self>> {
+        if chunks.disk().is_none() {
+            return Ok(None);
+        }
+        let inner = Arc::new(Inner { image, chunks, pending: Mutex::new(HashSet::new()), temp_seq: AtomicU64::new(0), stopping: AtomicBool::new(false) });
+        let (tx, rx) = mpsc::channel();
+        let i = inner.clone();
+        let writer = std::thread::Builder::new().name("naiad-backing".into()).spawn(move || writer_loop(i, rx))?;
+        Ok(Some(BackingFiles { inner, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) }))
+    }
+
+    /// The verified backing file of inode `ino` and its key, if there is one.
+    pub fn open(&self, ino: u32) -> Option<(File, FileKey)> {
+        self.inner.open(ino)
+    }
+
+    /// Queues `ino` to get a backing file once its chunks are all cached.
+    pub fn offer(&self, ino: u32) {
+        if !lock(&self.inner.pending).insert(ino) {
+            return;
+        }
+        let sent = lock(&self.queue).as_ref().is_some_and(|q| q.send(ino).is_ok());
+        if !sent {
+            lock(&self.inner.pending).remove(&ino);
+        }
+    }
+
+    /// Offers every regular file of the image (the prefetch or
+    /// `--fetch-all` finished).
+    pub fn offer_all(&self) {
+        for ino in 1..=self.inner.image.bootstrap.inode_count() {
+            if self.inner.file(ino).is_some() {
+                self.offer(ino);
+            }
+        }
+    }
+
+    /// Writes the backing file of `ino` now, on this thread (tests).
+    pub fn assemble_now(&self, ino: u32) -> Result<(), String> {
+        self.inner.assemble(ino)
+    }
+
+    /// Stops the writer after the file it is writing.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        lock(&self.queue).take();
+        lock(&self.inner.pending).clear();
+        if let Some(t) = lock(&self.writer).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for BackingFiles {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
