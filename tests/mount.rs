@@ -36,6 +36,130 @@ fn read_all(p: &Path) -> std::io::Result<Vec<u8>> {
     fs::read(p)
 }
 
+/// Every path under `root` (not following symlinks).
+fn walkdir_all(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Waits until counter `name` of `m` reaches `at_least` (a background
+/// thread moves it), for at most 20 s.
+fn wait_for_counter(m: &MountGuard, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = m.counter(name);
+        if v >= at_least || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The backing files in `cache` (data files, not markers).
+fn backing_files(cache: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(rd) = fs::read_dir(cache.join("files")) else { return Vec::new() };
+    rd.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.len() == 64)).collect()
+}
+
+#[test]
+fn fully_cached_files_are_served_by_passthrough_and_a_corrupt_backing_file_never() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, reference_layout) = converted_generated(tmp.path());
+    let expected_dir = tmp.path().join("expected");
+    umoci_unpack(&reference_layout, GENERATED_TAG, &expected_dir);
+    let expected = fs::read(expected_dir.join(gen_paths::BIG)).unwrap();
+    let cache = tmp.path().join("cache");
+
+    // A first read goes through the daemon and leaves a backing file.
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
+    assert_eq!(m.counter("passthrough_opens"), 0);
+    assert!(wait_for_counter(&m, "backing_writes", 1) >= 1, "no backing file was written: {}", m.stats());
+    assert_eq!(backing_files(&cache).len(), 1);
+    // Later opens are passthrough: the kernel reads the backing file, the
+    // daemon sees no reads.
+    let reads = m.counter("reads");
+    assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
+    let f = fs::File::open(m.path(gen_paths::BIG)).unwrap();
+    let mut buf = vec![0u8; 100_000];
+    use std::os::unix::fs::FileExt;
+    let n = f.read_at(&mut buf, (1 << 20) - 77).unwrap();
+    assert_eq!(&buf[..n], &expected[(1 << 20) - 77..(1 << 20) - 77 + n]);
+    // mmap of a passthrough file maps the backing file's pages.
+    let len = expected.len();
+    // SAFETY: a private read-only mapping of an open file, unmapped below.
+    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, std::os::fd::AsRawFd::as_raw_fd(&f), 0) };
+    assert_ne!(map, libc::MAP_FAILED);
+    // SAFETY: the mapping is `len` readable bytes.
+    let mapped = unsafe { std::slice::from_raw_parts(map as *const u8, len) }.to_vec();
+    unsafe { libc::munmap(map, len) };
+    assert!(mapped == expected, "mmap of a passthrough file differs");
+    drop(f);
+    assert!(m.counter("passthrough_opens") >= 2, "{}", m.stats());
+    assert_eq!(m.counter("reads"), reads, "passthrough reads reached the daemon");
+    m.umount();
+
+    // A backing file changed on disk is detected, removed and rebuilt from
+    // the chunk cache, and its bytes are never served.
+    let backing = backing_files(&cache).pop().unwrap();
+    let mut bytes = fs::read(&backing).unwrap();
+    bytes[12345] ^= 0xff;
+    fs::OpenOptions::new().write(true).open(&backing).unwrap().write_all_at(&bytes[12345..12346], 12345).unwrap();
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
+    let s = m.stats();
+    assert_eq!(s["counters"]["backing_corrupt"], 1, "{s}");
+    assert_eq!(s["counters"]["passthrough_opens"], 0, "{s}");
+    assert!(wait_for_counter(&m, "backing_writes", 1) >= 1, "the backing file was not rebuilt: {}", m.stats());
+    assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
+    assert_eq!(m.counter("passthrough_opens"), 1);
+    assert_eq!(m.counter("store_chunks"), 0, "rebuilt from the chunk cache, not the store");
+    m.umount();
+}
+
+#[test]
+fn backing_files_count_toward_the_cache_cap() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, _) = converted_generated(tmp.path());
+    let cache = tmp.path().join("cache");
+    // 6 MiB: the chunks (compressed) and backing files (whole) of the big
+    // files cannot all stay.
+    let cap: u64 = 6 << 20;
+    let m = MountGuard::mount_with(&image, tmp.path(), &cache, &["--cache-size".as_ref(), "6M".as_ref()]);
+    let files = [gen_paths::BIG, gen_paths::DUP1, gen_paths::EXACT_CHUNK];
+    for (i, f) in files.iter().enumerate() {
+        fs::read(m.path(f)).unwrap();
+        wait_for_counter(&m, "backing_writes", i as u64 + 1);
+    }
+    let s = m.stats();
+    let on_disk: u64 = backing_files(&cache).iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+    let held = s["disk_cache"]["bytes"].as_u64().unwrap();
+    assert!(held <= cap, "the cache holds {held} bytes, over its {cap}-byte cap: {s}");
+    assert!(on_disk <= held, "backing files on disk ({on_disk} bytes) are not all counted ({held}): {s}");
+    assert!(s["counters"]["backing_evictions"].as_u64().unwrap() + s["counters"]["disk_evictions"].as_u64().unwrap() > 0, "nothing was evicted: {s}");
+    // What stays is still served right.
+    for f in files {
+        assert!(!fs::read(m.path(f)).unwrap().is_empty());
+    }
+    m.umount();
+}
+
 #[test]
 fn generated_image_mounts_like_its_reference_unpack() {
     if !fuse_available() {
@@ -71,6 +195,26 @@ fn generated_image_mounts_like_its_reference_unpack() {
     assert_eq!((precise.mtime(), precise.mtime_nsec()), (1_700_000_000, 123_456_789));
     let big = lstat(&m.path(gen_paths::BIG));
     assert_eq!(big.blocks(), big.len().div_ceil(512));
+    // Attributes as a local filesystem reports them: sparse files count
+    // only their data chunks (8 MiB with one byte of data: one chunk of at
+    // most 256 KiB, the largest CDC chunk),
+    // directories have ext4's block-sized sizes, symlinks mode 0777.
+    let sparse = lstat(&m.path(gen_paths::SPARSE_SIMPLE));
+    assert_eq!(sparse.len(), 8 << 20);
+    assert!(sparse.blocks() > 0 && sparse.blocks() <= (256 << 10) / 512, "a sparse file's holes take no blocks: {} blocks", sparse.blocks());
+    for dir in ["", "data", gen_paths::OPAQUE_DIR] {
+        let d = lstat(&m.path(dir));
+        assert!(d.len() >= 4096 && d.len() % 4096 == 0 && d.blocks() == d.len() / 512, "{dir:?}: size {} blocks {}", d.len(), d.blocks());
+    }
+    let mut links = 0;
+    for e in walkdir_all(&m.mountpoint) {
+        let md = lstat(&e);
+        if md.file_type().is_symlink() {
+            assert_eq!(md.mode() & 0o7777, 0o777, "{}", e.display());
+            links += 1;
+        }
+    }
+    assert!(links > 0, "the generated image has symlinks");
     // xattrs.
     assert_eq!(xattr::get(m.path(gen_paths::XATTR_FILE), "user.binary").unwrap(), Some(vec![0, 1, 0xfe, 0xff]));
     assert_eq!(xattr::get(m.path(gen_paths::XATTR_FILE), "user.missing").unwrap(), None);
@@ -220,7 +364,9 @@ fn restarted_daemon_serves_from_the_disk_cache() {
     let s = m.stats();
     assert_eq!(s["counters"]["store_chunks"], 0, "the store was read: {s}");
     assert_eq!(s["counters"]["store_bytes"], 0);
-    assert!(s["counters"]["disk_hits"].as_u64().unwrap() > 0);
+    // From cached chunks, or the files completed before from their
+    // backing files (passthrough).
+    assert!(s["counters"]["disk_hits"].as_u64().unwrap() + s["counters"]["passthrough_opens"].as_u64().unwrap() > 0, "{s}");
 
     // Damaged cached chunks are detected, dropped and refetched, never
     // served. The cache keeps, per blob, `<sha256>.data` (stored bytes at
@@ -246,6 +392,8 @@ fn restarted_daemon_serves_from_the_disk_cache() {
     }
     assert!(damaged > 0);
     assert!(!cache.join("chunks").exists(), "the old per-chunk layout is not used");
+    // Without the backing files, reads need the damaged chunks.
+    fs::remove_dir_all(cache.join("files")).unwrap();
     let m = MountGuard::mount(&image, tmp.path(), &cache);
     let third: Vec<Vec<u8>> = files.iter().map(|f| fs::read(m.path(f)).unwrap()).collect();
     assert_eq!(first, third);

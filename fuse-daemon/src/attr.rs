@@ -6,7 +6,9 @@
 //! - symlinks have mode 0777, as on every Linux filesystem (the bootstrap
 //!   keeps the tar header's bits, which Linux ignores for links);
 //! - a directory's size follows ext4's linear layout ([`dir_size`]);
-//! - `blocks` is `ceil(size / 512)`.
+//! - `blocks` is `ceil(size / 512)`; for a regular file of several chunks
+//!   the chunks that are all zeros (holes) do not count (see
+//!   `NaiadFs::allocated_blocks`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

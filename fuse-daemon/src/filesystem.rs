@@ -148,6 +148,8 @@ pub struct NaiadFs {
     /// Opens served by the kernel from backing files; `None`: none are.
     passthrough: Option<Arc<Passthrough>>,
     xattrs: XattrSummary,
+    /// blake3 of `n` zero bytes, by `n`, for the chunks that may be holes.
+    zero_digests: std::sync::Mutex<HashMap<u32, naiad_format::ChunkDigest>>,
 }
 
 /// An inode number from the kernel as a bootstrap inode number.
@@ -171,7 +173,7 @@ impl NaiadFs {
         let totals = FsTotals { bytes, inodes: b.inode_count() as u64 };
         let counters = chunks.counters().clone();
         let xattrs = XattrSummary::of(b);
-        NaiadFs { image, chunks, counters, ttl, totals, recorder: None, pool: None, passthrough: None, xattrs }
+        NaiadFs { image, chunks, counters, ttl, totals, recorder: None, pool: None, passthrough: None, xattrs, zero_digests: Default::default() }
     }
 
     /// Reports every read to `recorder` (`--record-trace`).
@@ -217,8 +219,31 @@ impl NaiadFs {
             let entries = self.bootstrap().dir_entries(i).map_err(|_| Errno::EIO)?;
             a.size = dir_size(entries.iter().map(|e| e.name.len()));
             a.blocks = a.size / 512;
+        } else if kind == InodeKind::RegularFile && r.data_count > 1 {
+            a.blocks = self.allocated_blocks(i, r)?;
         }
         Ok(a)
+    }
+
+    /// `st_blocks` of a regular file: its chunks that are not all zeros
+    /// (holes of a sparse file, or zeros a writer stored), in 512-byte
+    /// units. A chunk can only be zeros if it compresses to almost nothing;
+    /// only those are compared with the digest of that many zeros.
+    fn allocated_blocks(&self, i: u32, r: &InodeRecord) -> Result<u64, Errno> {
+        let chunks = self.bootstrap().file_chunks(i).map_err(|_| Errno::EIO)?;
+        let mut data = 0u64;
+        for c in &chunks {
+            let len = c.chunk.uncompressed_size;
+            let maybe_zeros = c.chunk.is_zstd() && (c.chunk.compressed_size as u64) * 256 < len as u64;
+            let zeros = maybe_zeros && {
+                let mut known = self.zero_digests.lock().unwrap_or_else(|p| p.into_inner());
+                *known.entry(len).or_insert_with(|| *blake3::hash(&vec![0u8; len as usize]).as_bytes()) == c.chunk.digest
+            };
+            if !zeros {
+                data += len as u64;
+            }
+        }
+        Ok(data.min(r.size).div_ceil(512))
     }
 
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<Option<FileAttr>, Errno> {
