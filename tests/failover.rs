@@ -205,3 +205,39 @@ fn naiad_run_survives_daemon_kills() {
         assert!(wait_until(Duration::from_secs(5), || gone(p)), "process {p} of this naiad run is still running");
     }
 }
+
+#[test]
+fn passthrough_opens_survive_a_daemon_kill() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let img = generate_image(&tmp.path().join("src"), Compression::Gzip);
+    let image = convert(&img.layout, img.tag, &tmp.path().join("naiad"));
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let big = m.path(gen_paths::BIG);
+    let expected = fs::read(&big).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || m.counter("backing_writes") >= 1), "no backing file: {}", m.stats());
+    // An open the kernel serves by passthrough, held across the kill: the
+    // next daemon must answer new opens of the same file with the same
+    // backing file, or the kernel refuses them.
+    let held = fs::File::open(&big).unwrap();
+    assert_eq!(m.counter("passthrough_opens"), 1);
+    let old = serving_pid(&m);
+    // SAFETY: kill(2) of the daemon this test's mount runs.
+    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGKILL) }, 0);
+    wait_for_new_daemon(&m, old);
+    let again = fs::read(&big).expect("a new open of a file held open by passthrough across a restart");
+    assert_eq!(again, expected);
+    let mut from_held = Vec::new();
+    std::io::Read::read_to_end(&mut &held, &mut from_held).unwrap();
+    assert_eq!(from_held, expected);
+    assert_eq!(m.counter("passthrough_opens"), 2);
+    drop(held);
+    // Released by the new daemon: the next open registers a new backing
+    // file and reads right.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(fs::read(&big).unwrap(), expected);
+    assert_eq!(m.counter("passthrough_opens"), 3);
+    m.umount();
+}
