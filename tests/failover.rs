@@ -214,7 +214,7 @@ fn passthrough_opens_survive_a_daemon_kill() {
     let tmp = tempdir();
     let img = generate_image(&tmp.path().join("src"), Compression::Gzip);
     let image = convert(&img.layout, img.tag, &tmp.path().join("naiad"));
-    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let m = MountGuard::mount_with(&image, tmp.path(), &tmp.path().join("cache"), &["--passthrough".as_ref()]);
     let big = m.path(gen_paths::BIG);
     let expected = fs::read(&big).unwrap();
     assert!(wait_until(Duration::from_secs(20), || m.counter("backing_writes") >= 1), "no backing file: {}", m.stats());

@@ -72,7 +72,19 @@ fn backing_files(cache: &Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+fn fully_cached_files_are_served_from_backing_files_and_a_corrupt_one_never() {
+    backing_file_round_trip(false);
+}
+
+#[test]
 fn fully_cached_files_are_served_by_passthrough_and_a_corrupt_backing_file_never() {
+    backing_file_round_trip(true);
+}
+
+/// A file read once gets a backing file; later reads come from it (by the
+/// kernel with `--passthrough`, else by the daemon); a backing file changed
+/// on disk is detected, removed and rebuilt, never served.
+fn backing_file_round_trip(passthrough: bool) {
     if !fuse_available() {
         return;
     }
@@ -82,15 +94,20 @@ fn fully_cached_files_are_served_by_passthrough_and_a_corrupt_backing_file_never
     umoci_unpack(&reference_layout, GENERATED_TAG, &expected_dir);
     let expected = fs::read(expected_dir.join(gen_paths::BIG)).unwrap();
     let cache = tmp.path().join("cache");
+    let extra: &[&std::ffi::OsStr] = if passthrough { &["--passthrough".as_ref()] } else { &[] };
+    // What serves a file from its backing file in this mode.
+    let served = if passthrough { "passthrough_opens" } else { "backing_reads" };
 
-    // A first read goes through the daemon and leaves a backing file.
-    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    // A first read goes through the chunks and leaves a backing file.
+    let m = MountGuard::mount_with(&image, tmp.path(), &cache, extra);
     assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
-    assert_eq!(m.counter("passthrough_opens"), 0);
+    assert_eq!(m.counter(served), 0);
     assert!(wait_for_counter(&m, "backing_writes", 1) >= 1, "no backing file was written: {}", m.stats());
     assert_eq!(backing_files(&cache).len(), 1);
-    // Later opens are passthrough: the kernel reads the backing file, the
-    // daemon sees no reads.
+    m.umount();
+
+    // A new daemon (empty page cache) reads it from the backing file.
+    let m = MountGuard::mount_with(&image, tmp.path(), &cache, extra);
     let reads = m.counter("reads");
     assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
     let f = fs::File::open(m.path(gen_paths::BIG)).unwrap();
@@ -98,7 +115,7 @@ fn fully_cached_files_are_served_by_passthrough_and_a_corrupt_backing_file_never
     use std::os::unix::fs::FileExt;
     let n = f.read_at(&mut buf, (1 << 20) - 77).unwrap();
     assert_eq!(&buf[..n], &expected[(1 << 20) - 77..(1 << 20) - 77 + n]);
-    // mmap of a passthrough file maps the backing file's pages.
+    // mmap maps the same bytes.
     let len = expected.len();
     // SAFETY: a private read-only mapping of an open file, unmapped below.
     let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, std::os::fd::AsRawFd::as_raw_fd(&f), 0) };
@@ -106,10 +123,15 @@ fn fully_cached_files_are_served_by_passthrough_and_a_corrupt_backing_file_never
     // SAFETY: the mapping is `len` readable bytes.
     let mapped = unsafe { std::slice::from_raw_parts(map as *const u8, len) }.to_vec();
     unsafe { libc::munmap(map, len) };
-    assert!(mapped == expected, "mmap of a passthrough file differs");
+    assert!(mapped == expected, "mmap of a file with a backing file differs");
     drop(f);
-    assert!(m.counter("passthrough_opens") >= 2, "{}", m.stats());
-    assert_eq!(m.counter("reads"), reads, "passthrough reads reached the daemon");
+    let s = m.stats();
+    assert!(s["counters"][served].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(s["counters"]["disk_hits"], 0, "read its chunks instead: {s}");
+    assert_eq!(s["counters"]["store_chunks"], 0, "{s}");
+    if passthrough {
+        assert_eq!(m.counter("reads"), reads, "passthrough reads reached the daemon");
+    }
     m.umount();
 
     // A backing file changed on disk is detected, removed and rebuilt from
@@ -118,15 +140,18 @@ fn fully_cached_files_are_served_by_passthrough_and_a_corrupt_backing_file_never
     let mut bytes = fs::read(&backing).unwrap();
     bytes[12345] ^= 0xff;
     fs::OpenOptions::new().write(true).open(&backing).unwrap().write_all_at(&bytes[12345..12346], 12345).unwrap();
-    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    let m = MountGuard::mount_with(&image, tmp.path(), &cache, extra);
     assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
     let s = m.stats();
     assert_eq!(s["counters"]["backing_corrupt"], 1, "{s}");
-    assert_eq!(s["counters"]["passthrough_opens"], 0, "{s}");
+    assert_eq!(s["counters"][served], 0, "{s}");
     assert!(wait_for_counter(&m, "backing_writes", 1) >= 1, "the backing file was not rebuilt: {}", m.stats());
-    assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
-    assert_eq!(m.counter("passthrough_opens"), 1);
     assert_eq!(m.counter("store_chunks"), 0, "rebuilt from the chunk cache, not the store");
+    m.umount();
+    let m = MountGuard::mount_with(&image, tmp.path(), &cache, extra);
+    assert_eq!(fs::read(m.path(gen_paths::BIG)).unwrap(), expected);
+    assert!(m.counter(served) >= 1, "{}", m.stats());
+    assert_eq!(m.counter("backing_corrupt"), 0);
     m.umount();
 }
 
@@ -366,7 +391,7 @@ fn restarted_daemon_serves_from_the_disk_cache() {
     assert_eq!(s["counters"]["store_bytes"], 0);
     // From cached chunks, or the files completed before from their
     // backing files (passthrough).
-    assert!(s["counters"]["disk_hits"].as_u64().unwrap() + s["counters"]["passthrough_opens"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["counters"]["disk_hits"].as_u64().unwrap() + s["counters"]["backing_reads"].as_u64().unwrap() > 0, "{s}");
 
     // Damaged cached chunks are detected, dropped and refetched, never
     // served. The cache keeps, per blob, `<sha256>.data` (stored bytes at

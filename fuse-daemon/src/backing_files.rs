@@ -19,6 +19,12 @@
 //! chunk cache (which refetches what it lacks). A file whose write did not
 //! finish has no marker and is never used.
 //!
+//! Reads of a file that has a backing file are served from it
+//! ([`BackingFiles::reader`]: an open descriptor per inode, kept in a
+//! bounded LRU along with "has none" answers), with no decompression and
+//! no verification beyond the marker check at first use; with
+//! `--passthrough` the kernel reads it itself.
+//!
 //! Assembly happens on one background thread: [`BackingFiles::offer`]
 //! queues a file (after a read of it, or when the prefetch finished), and
 //! the thread writes it if all its chunks are cached. Backing files count
@@ -106,7 +112,13 @@ struct Inner {
     temp_seq: AtomicU64,
     /// Set by [`BackingFiles::stop`]: the writer skips what is queued.
     stopping: AtomicBool,
+    /// Per inode: its open backing file, or `None` (has none, as of the
+    /// last look).
+    readers: Mutex<lru::LruCache<u32, Option<Arc<File>>>>,
 }
+
+/// Inodes whose backing-file answer [`BackingFiles::reader`] remembers.
+const READERS: usize = 4096;
 
 /// The backing files of one mount (see the module comment).
 pub struct BackingFiles {
@@ -215,6 +227,8 @@ impl Inner {
         match write() {
             Ok(()) => {
                 inc(&self.chunks.counters().backing_writes);
+                // Inodes that remembered "none" look again.
+                lock(&self.readers).pop(&ino);
                 Ok(())
             }
             Err(e) => {
@@ -247,16 +261,34 @@ impl BackingFiles {
         if chunks.disk().is_none() {
             return Ok(None);
         }
-        let inner = Arc::new(Inner { image, chunks, pending: Mutex::new(HashSet::new()), temp_seq: AtomicU64::new(0), stopping: AtomicBool::new(false) });
+        let inner = Arc::new(Inner { image, chunks, pending: Mutex::new(HashSet::new()), temp_seq: AtomicU64::new(0), stopping: AtomicBool::new(false), readers: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(READERS).unwrap_or(std::num::NonZeroUsize::MIN))) });
         let (tx, rx) = mpsc::channel();
         let i = inner.clone();
         let writer = std::thread::Builder::new().name("naiad-backing".into()).spawn(move || writer_loop(i, rx))?;
         Ok(Some(BackingFiles { inner, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) }))
     }
 
-    /// The verified backing file of inode `ino` and its key, if there is one.
-    pub fn open(&self, ino: u32) -> Option<(File, FileKey)> {
+    /// The verified backing file of inode `ino` and its key, if there is
+    /// one (opened anew: for passthrough, which hands it to the kernel).
+    pub fn open_verified(&self, ino: u32) -> Option<(File, FileKey)> {
         self.inner.open(ino)
+    }
+
+    /// The backing file to read inode `ino` from, if it has one; the answer
+    /// (also "none") is remembered until a backing file is written for it.
+    pub fn reader(&self, ino: u32) -> Option<Arc<File>> {
+        if let Some(known) = lock(&self.inner.readers).get(&ino) {
+            return known.clone();
+        }
+        let file = self.inner.open(ino).map(|(f, _)| Arc::new(f));
+        lock(&self.inner.readers).put(ino, file.clone());
+        file
+    }
+
+    /// Forgets the backing file of `ino` that failed a read (the next read
+    /// goes through the chunks and looks again).
+    pub fn forget_reader(&self, ino: u32) {
+        lock(&self.inner.readers).pop(&ino);
     }
 
     /// Queues `ino` to get a backing file once its chunks are all cached.

@@ -106,6 +106,8 @@ pub struct CounterBlock {
     pub passthrough_opens: AtomicU64,
     /// Backing files written (whole files assembled from verified chunks).
     pub backing_writes: AtomicU64,
+    /// FUSE reads served from a backing file.
+    pub backing_reads: AtomicU64,
     /// Backing files that failed verification and were removed.
     pub backing_corrupt: AtomicU64,
     /// Backing files evicted to stay under the disk cache's cap.
@@ -200,6 +202,7 @@ pub struct CounterSnapshot {
     pub daemon_upgrades: u64,
     pub passthrough_opens: u64,
     pub backing_writes: u64,
+    pub backing_reads: u64,
     pub backing_corrupt: u64,
     pub backing_evictions: u64,
 }
@@ -379,6 +382,7 @@ impl Counters {
             daemon_upgrades: g(&self.daemon_upgrades),
             passthrough_opens: g(&self.passthrough_opens),
             backing_writes: g(&self.backing_writes),
+            backing_reads: g(&self.backing_reads),
             backing_corrupt: g(&self.backing_corrupt),
             backing_evictions: g(&self.backing_evictions),
         }
@@ -444,6 +448,7 @@ impl CounterSnapshot {
             ("daemon_upgrades", "live upgrades of this mount's daemon", self.daemon_upgrades),
             ("passthrough_opens", "opens served by kernel passthrough to a backing file", self.passthrough_opens),
             ("backing_writes", "backing files assembled from verified chunks", self.backing_writes),
+            ("backing_reads", "FUSE reads served from a backing file", self.backing_reads),
             ("backing_corrupt", "backing files that failed verification and were removed", self.backing_corrupt),
             ("backing_evictions", "backing files evicted from the disk cache", self.backing_evictions),
         ]

@@ -64,11 +64,16 @@ pub struct MountConfig {
     pub suid: bool,
     /// Allow device nodes to be opened as devices (off by default: `nodev`).
     pub dev: bool,
+    /// Serve opens of files with a backing file by kernel passthrough
+    /// (`--passthrough`); otherwise opens are zero-message and the daemon
+    /// reads backing files itself.
+    #[serde(default)]
+    pub passthrough: bool,
 }
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { threads: 4, ttl: Duration::from_secs(86400), allow_other: true, suid: false, dev: false }
+        MountConfig { threads: 4, ttl: Duration::from_secs(86400), allow_other: true, suid: false, dev: false, passthrough: false }
     }
 }
 
@@ -221,17 +226,18 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         None => None,
     };
     let pool = Arc::new(ReadPool::new(READ_POOL_THREADS).map_err(|source| FuseError::Io { path: mp.clone(), source })?);
-    // Passthrough needs a disk cache for its backing files, and is off
-    // while recording a trace (every read must reach the recorder).
-    let backing = if recorder.is_none() { BackingFiles::start(image.clone(), chunks.clone()).map_err(|source| FuseError::Io { path: mp.clone(), source })? } else { None };
-    let passthrough = match backing {
-        Some(files) => {
+    // Backing files need a disk cache to live in.
+    let backing = BackingFiles::start(image.clone(), chunks.clone()).map_err(|source| FuseError::Io { path: mp.clone(), source })?.map(Arc::new);
+    // Kernel passthrough is off while recording a trace: every read must
+    // reach the recorder.
+    let passthrough = match &backing {
+        Some(files) if config.mount.passthrough && recorder.is_none() => {
             let fuse_dup = fuse.try_clone().map_err(|source| FuseError::Io { path: "/dev/fuse".into(), source })?;
-            Some(Arc::new(Passthrough::new(files, &config.runtime.opens, image.bootstrap.inode_count(), fuse_dup, counters.clone())?))
+            Some(Arc::new(Passthrough::new(files.clone(), &config.runtime.opens, image.bootstrap.inode_count(), fuse_dup, counters.clone())?))
         }
-        None => None,
+        _ => None,
     };
-    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone()).with_read_pool(pool).with_passthrough(passthrough.clone());
+    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone()).with_read_pool(pool).with_backing_files(backing.clone(), passthrough);
 
     let report = stats_report(config, &image, &chunks, &counters, start, handoff.supervisor_pid, handoff.generation);
     take_over_socket(&config.runtime.socket);
@@ -264,7 +270,7 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     // The prefetch starts with the session: chunks the disk cache holds
     // count as done at once.
     // Files the prefetch completed get their backing files.
-    let on_done = passthrough.map(|pt| Box::new(move || pt.backing_files().offer_all()) as Box<dyn Fn() + Send + Sync>);
+    let on_done = backing.map(|b| Box::new(move || b.offer_all()) as Box<dyn Fn() + Send + Sync>);
     let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start, on_done)?;
     handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[])
         .map_err(|source| FuseError::Io { path: "supervisor channel".into(), source })?;

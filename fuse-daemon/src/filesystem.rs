@@ -33,6 +33,7 @@ use naiad_registry::NaiadImage;
 use crate::attr::{dir_size, file_attr, file_type, BLOCK_SIZE};
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters};
+use crate::backing_files::BackingFiles;
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
@@ -81,6 +82,8 @@ struct ReadJob {
     offset: u64,
     end: u64,
     chunks: Vec<FileChunk>,
+    /// The read covers the file's last byte.
+    reaches_end: bool,
 }
 
 impl ReadJob {
@@ -92,7 +95,7 @@ impl ReadJob {
     /// Gets the chunks (several `missing` ones of a blob with one request
     /// each) and answers the read with their bytes, or EIO.
     fn serve(self, missing: &[ChunkRecord], reply: ReplyData) {
-        let ReadJob { cache, counters, ino, offset, end, chunks } = self;
+        let ReadJob { cache, counters, ino, offset, end, chunks, .. } = self;
         let mut loaded = HashMap::new();
         if missing.len() > 1 {
             loaded = cache.load_for_read(missing);
@@ -145,7 +148,11 @@ pub struct NaiadFs {
     /// Where reads that wait for the store are served; `None`: on the FUSE
     /// worker itself.
     pool: Option<Arc<ReadPool>>,
-    /// Opens served by the kernel from backing files; `None`: none are.
+    /// Whole files in the cache that reads are served from; `None`: no
+    /// disk cache.
+    backing: Option<Arc<BackingFiles>>,
+    /// Opens served by the kernel from backing files (`--passthrough`);
+    /// `None`: opens are zero-message.
     passthrough: Option<Arc<Passthrough>>,
     xattrs: XattrSummary,
     /// blake3 of `n` zero bytes, by `n`, for the chunks that may be holes.
@@ -173,7 +180,7 @@ impl NaiadFs {
         let totals = FsTotals { bytes, inodes: b.inode_count() as u64 };
         let counters = chunks.counters().clone();
         let xattrs = XattrSummary::of(b);
-        NaiadFs { image, chunks, counters, ttl, totals, recorder: None, pool: None, passthrough: None, xattrs, zero_digests: Default::default() }
+        NaiadFs { image, chunks, counters, ttl, totals, recorder: None, pool: None, backing: None, passthrough: None, xattrs, zero_digests: Default::default() }
     }
 
     /// Reports every read to `recorder` (`--record-trace`).
@@ -188,8 +195,10 @@ impl NaiadFs {
         self
     }
 
-    /// Serves opens of files that have a backing file by passthrough.
-    pub fn with_passthrough(mut self, passthrough: Option<Arc<Passthrough>>) -> Self {
+    /// Serves reads from `backing` files, and opens of files that have
+    /// one by kernel `passthrough` when given.
+    pub fn with_backing_files(mut self, backing: Option<Arc<BackingFiles>>, passthrough: Option<Arc<Passthrough>>) -> Self {
+        self.backing = backing;
         self.passthrough = passthrough;
         self
     }
@@ -330,7 +339,69 @@ impl NaiadFs {
             inc(&self.counters.read_errors);
             Errno::EIO
         })?;
-        Ok(Some(ReadJob { cache: self.chunks.clone(), counters: self.counters.clone(), ino: i, offset, end, chunks }))
+        Ok(Some(ReadJob { cache: self.chunks.clone(), counters: self.counters.clone(), ino: i, offset, end, chunks, reaches_end: end == r.size }))
+    }
+
+    /// Serves a read from the backing file of `ino` if it has one; gives
+    /// the reply back otherwise (or if the backing file failed the read).
+    fn read_backing(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) -> Option<ReplyData> {
+        let (Some(backing), Some(i)) = (&self.backing, ino32(ino)) else { return Some(reply) };
+        let Some(file) = backing.reader(i) else { return Some(reply) };
+        let mut buf = vec![0u8; size as usize];
+        let mut have = 0;
+        while have < buf.len() {
+            match std::os::unix::fs::FileExt::read_at(&*file, &mut buf[have..], offset + have as u64) {
+                Ok(0) => break,
+                Ok(n) => have += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("inode {i}: reading its backing file: {e}; reading its chunks instead");
+                    backing.forget_reader(i);
+                    return Some(reply);
+                }
+            }
+        }
+        inc(&self.counters.backing_reads);
+        add(&self.counters.read_bytes, have as u64);
+        reply.data(&buf[..have]);
+        None
+    }
+
+    /// Serves a read from the chunks covering it: on the FUSE worker when
+    /// they are all cached, else on the read pool. `count` runs when the
+    /// read is answered.
+    fn read_chunks(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData, count: impl FnOnce() + Send + 'static) {
+        match self.plan_read(ino, offset, size) {
+            Err(e) => reply.error(e),
+            Ok(None) => reply.data(&[]),
+            Ok(Some(job)) => {
+                // Read to its end: maybe all local now (no RELEASE comes
+                // with zero-message opens). Offered once answered.
+                let offer = self.backing.clone().filter(|_| job.reaches_end).map(|b| (b, job.ino));
+                let offer = move || {
+                    if let Some((b, ino)) = offer {
+                        b.offer(ino);
+                    }
+                };
+                let missing = job.missing();
+                match &self.pool {
+                    // Waiting for the store happens off the FUSE worker.
+                    Some(pool) if !missing.is_empty() => {
+                        pool.submit(move || {
+                            job.serve(&missing, reply);
+                            count();
+                            offer();
+                        });
+                        return;
+                    }
+                    _ => {
+                        job.serve(&missing, reply);
+                        offer();
+                    }
+                }
+            }
+        }
+        count();
     }
 
     fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
@@ -408,7 +479,14 @@ impl Filesystem for NaiadFs {
         }
     }
 
+    /// Without passthrough, opens are zero-message: ENOSYS makes the kernel
+    /// stop sending OPEN and RELEASE, and it then keeps file pages cached
+    /// as FOPEN_KEEP_CACHE would. Write opens still fail: the mount is
+    /// read-only (EROFS from the VFS).
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.passthrough.is_none() {
+            return reply.error(Errno::ENOSYS);
+        }
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) != 0 {
             return reply.error(Errno::EROFS);
         }
@@ -433,9 +511,9 @@ impl Filesystem for NaiadFs {
         reply.ok();
         if let (Some(pt), Some(i)) = (&self.passthrough, ino32(ino)) {
             pt.release(i, fh.0);
-            if fh.0 == FH_CACHED {
+            if let Some(b) = self.backing.as_ref().filter(|_| fh.0 == FH_CACHED) {
                 // Read through the daemon: maybe all local now.
-                pt.backing_files().offer(i);
+                b.offer(i);
             }
         }
     }
@@ -448,43 +526,33 @@ impl Filesystem for NaiadFs {
             counters.read_latency.observe(start.elapsed());
             inc(&counters.reads);
         };
-        match self.plan_read(ino, offset, size) {
-            Err(e) => reply.error(e),
-            Ok(None) => reply.data(&[]),
-            Ok(Some(job)) => {
-                let missing = job.missing();
-                match &self.pool {
-                    // Waiting for the store happens off the FUSE worker.
-                    Some(pool) if !missing.is_empty() => {
-                        pool.submit(move || {
-                            job.serve(&missing, reply);
-                            count();
-                        });
-                        return;
-                    }
-                    _ => job.serve(&missing, reply),
-                }
+        if self.recorder.is_none() {
+            if let Some(reply) = self.read_backing(ino, offset, size, reply) {
+                // Not served from a backing file: through the chunks.
+                return self.read_chunks(ino, offset, size, reply, count);
             }
+            return count();
         }
-        count();
+        self.read_chunks(ino, offset, size, reply, count)
     }
 
+
+    /// Nothing to flush: ENOSYS makes the kernel stop sending FLUSH (one
+    /// round trip per close()).
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok()
+        reply.error(Errno::ENOSYS)
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         reply.ok()
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        match self.open_dir(ino) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
-            Err(e) => reply.error(e),
-        }
+    /// Zero-message opendir: ENOSYS makes the kernel stop sending OPENDIR
+    /// and RELEASEDIR, and then it caches every directory's listing as
+    /// FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR would (the VFS opens only
+    /// directories as directories, read-only).
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS)
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

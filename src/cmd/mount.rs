@@ -84,6 +84,11 @@ pub struct DaemonOptions {
     /// Serve HTTP on this unix socket: GET /metrics (Prometheus text), GET /stats (JSON).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Kernel FUSE passthrough: opens of files whose backing file is in
+    /// the cache are served by the kernel from it (each open then costs a
+    /// round trip to the daemon; without this flag opens cost none).
+    #[arg(long)]
+    pub passthrough: bool,
 }
 
 impl DaemonOptions {
@@ -118,7 +123,7 @@ impl DaemonOptions {
             serve: ServeConfig {
                 mountpoint: mountpoint.to_path_buf(),
                 source,
-                mount: MountConfig { threads: self.threads as usize, ttl: Duration::from_secs(self.attr_timeout), ..mount },
+                mount: MountConfig { threads: self.threads as usize, ttl: Duration::from_secs(self.attr_timeout), passthrough: self.passthrough, ..mount },
                 cache: CacheConfig { memory_bytes: self.memory_cache, disk_dir: (self.cache_size > 0).then(|| abs(&self.cache_dir)), disk_bytes: self.cache_size },
                 runtime,
                 prefetch: self.prefetch_config(),

@@ -843,6 +843,36 @@ fn write_layout(layout: &Path, tars: Vec<(&'static str, Vec<u8>)>, compression: 
     (manifest_digest, config_digest, layers)
 }
 
+/// An image of `count` small files (dirs of 1000 files, `d0000/f000`, each
+/// a few bytes) as one gzip layer at `dir/layout` (tag `latest`); returns
+/// the layout and the layer's tar (for a reference tree: `tar -x`).
+pub fn many_files_image(dir: &Path, count: usize) -> (PathBuf, Vec<u8>) {
+    let mut b = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    };
+    for i in 0..count {
+        if i % 1000 == 0 {
+            let mut h = header(tar::EntryType::Directory, 0o755, 0);
+            b.append_data(&mut h, format!("d{:04}/", i / 1000), &[][..]).expect("tar dir");
+        }
+        let body = format!("file {i}\n");
+        let mut h = header(tar::EntryType::Regular, 0o644, body.len() as u64);
+        b.append_data(&mut h, format!("d{:04}/f{:03}", i / 1000, i % 1000), body.as_bytes()).expect("tar file");
+    }
+    let tar = b.into_inner().expect("tar");
+    let layout = dir.join("layout");
+    write_layout(&layout, vec![("many small files", tar.clone())], Compression::Gzip);
+    (layout, tar)
+}
+
 /// SHA-256 of `data` as lowercase hex (no `sha256:` prefix).
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
