@@ -449,8 +449,8 @@ impl Bootstrap {
         }
         for c in 0..n_chunks {
             let rec = self.chunk(c)?;
-            let digest = hex(&rec.digest);
-            let bad = |detail: String| FormatError::BadChunk { digest: digest.clone(), detail };
+            // The digest is spelled out only for an error.
+            let bad = |detail: String| FormatError::BadChunk { digest: hex(&rec.digest), detail };
             let blob = self.blob(rec.blob_index).map_err(|e| bad(e.to_string()))?;
             if rec.uncompressed_size == 0 || rec.uncompressed_size > MAX_CHUNK_SIZE {
                 return Err(bad(format!("uncompressed size {} out of bounds", rec.uncompressed_size)));

@@ -35,8 +35,26 @@ pub fn decode_chunk(stored: &[u8], chunk: &ChunkRecord) -> Result<Vec<u8>> {
     if stored.len() != chunk.compressed_size as usize {
         return Err(bad(format!("read {} stored bytes, expected {}", stored.len(), chunk.compressed_size)));
     }
-    let data =
-        if chunk.flags & CHUNK_FLAG_ZSTD != 0 { zstd::bulk::decompress(stored, chunk.uncompressed_size as usize).map_err(|e| bad(format!("zstd: {e}")))? } else { stored.to_vec() };
+    let data = if chunk.flags & CHUNK_FLAG_ZSTD != 0 {
+        // One decompression context per thread, not one per chunk.
+        thread_local! {
+            static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+        }
+        DECOMPRESSOR
+            .with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                match d.as_mut() {
+                    Some(d) => d.decompress(stored, chunk.uncompressed_size as usize),
+                    None => Err(std::io::Error::other("no zstd decompressor")),
+                }
+            })
+            .map_err(|e| bad(format!("zstd: {e}")))?
+    } else {
+        stored.to_vec()
+    };
     if data.len() != chunk.uncompressed_size as usize {
         return Err(bad(format!("decoded to {} bytes, expected {}", data.len(), chunk.uncompressed_size)));
     }
