@@ -229,7 +229,7 @@ fn generated_image_mounts_like_its_reference_unpack() {
     assert!(sparse.blocks() > 0 && sparse.blocks() <= (256 << 10) / 512, "a sparse file's holes take no blocks: {} blocks", sparse.blocks());
     for dir in ["", "data", gen_paths::OPAQUE_DIR] {
         let d = lstat(&m.path(dir));
-        assert!(d.len() >= 4096 && d.len() % 4096 == 0 && d.blocks() == d.len() / 512, "{dir:?}: size {} blocks {}", d.len(), d.blocks());
+        assert!(d.len() >= 4096 && d.len().is_multiple_of(4096) && d.blocks() == d.len() / 512, "{dir:?}: size {} blocks {}", d.len(), d.blocks());
     }
     let mut links = 0;
     for e in walkdir_all(&m.mountpoint) {

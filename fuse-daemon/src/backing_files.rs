@@ -269,7 +269,14 @@ impl BackingFiles {
         if chunks.disk().is_none() {
             return Ok(None);
         }
-        let inner = Arc::new(Inner { image, chunks, pending: Mutex::new(HashSet::new()), temp_seq: AtomicU64::new(0), stopping: AtomicBool::new(false), readers: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(READERS).unwrap_or(std::num::NonZeroUsize::MIN))) });
+        let inner = Arc::new(Inner {
+            image,
+            chunks,
+            pending: Mutex::new(HashSet::new()),
+            temp_seq: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            readers: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(READERS).unwrap_or(std::num::NonZeroUsize::MIN))),
+        });
         let (tx, rx) = mpsc::channel();
         let i = inner.clone();
         let writer = std::thread::Builder::new().name("naiad-backing".into()).spawn(move || writer_loop(i, rx))?;

@@ -31,9 +31,9 @@ use naiad_format::{Bootstrap, ChunkRecord, FileChunk, InodeKind, InodeRecord};
 use naiad_registry::NaiadImage;
 
 use crate::attr::{dir_size, file_attr, file_type, BLOCK_SIZE};
+use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters};
-use crate::backing_files::BackingFiles;
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
@@ -535,7 +535,6 @@ impl Filesystem for NaiadFs {
         }
         self.read_chunks(ino, offset, size, reply, count)
     }
-
 
     /// Nothing to flush: ENOSYS makes the kernel stop sending FLUSH (one
     /// round trip per close()).

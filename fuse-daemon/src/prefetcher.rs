@@ -117,7 +117,13 @@ impl Prefetcher {
     /// is nothing to do (prefetch disabled or no prefetch table, and no
     /// `fetch_all`). `on_done` runs once everything was fetched (not when
     /// stopped before).
-    pub fn start(image: Arc<NaiadImage>, chunks: Arc<ChunkCache>, config: PrefetchConfig, mounted: Instant, on_done: Option<Box<dyn Fn() + Send + Sync>>) -> Result<Option<Prefetcher>, FuseError> {
+    pub fn start(
+        image: Arc<NaiadImage>,
+        chunks: Arc<ChunkCache>,
+        config: PrefetchConfig,
+        mounted: Instant,
+        on_done: Option<Box<dyn Fn() + Send + Sync>>,
+    ) -> Result<Option<Prefetcher>, FuseError> {
         // The set is known (and its progress published) before this returns.
         let set_chunks = if config.enabled { prefetch_set(&image) } else { Vec::new() };
         if set_chunks.is_empty() && !config.fetch_all {
