@@ -8,7 +8,8 @@
 //! of 5, bootstrap local); reading every file with 4 parallel readers
 //! (cold: empty caches; disk-warm: a new daemon on the filled disk cache,
 //! which by then holds the backing files passthrough serves; page-warm: the
-//! same mount again); `ls -lR` on a fresh mount and warm. Each row is the
+//! same mount again), also with `--passthrough`; `ls -lR` on a fresh mount
+//! and warm. Each row is the
 //! median of 3 rounds, each round on a fresh cache; ratios are to tmpfs.
 
 #[path = "../tests/common/mod.rs"]
@@ -86,8 +87,13 @@ struct Mounts<'a> {
 
 impl Mounts<'_> {
     fn mount(&self, cache: &str) {
+        self.mount_with(cache, &[]);
+    }
+    fn mount_with(&self, cache: &str, extra: &[&str]) {
         let cache = self.dir.join(cache);
-        naiad(&["mount", &self.image, self.mnt.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap(), "--run-dir", self.run_dir.to_str().unwrap()]);
+        let mut args = vec!["mount", &self.image, self.mnt.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap(), "--run-dir", self.run_dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        naiad(&args);
     }
     fn umount(&self) {
         naiad(&["umount", self.mnt.to_str().unwrap(), "--run-dir", self.run_dir.to_str().unwrap()]);
@@ -137,6 +143,7 @@ fn bench(title: &str, source: &str, fill_tmpfs: impl FnOnce(&Path)) {
     ready.sort_by(f64::total_cmp);
 
     let (mut tmpfs_read, mut tmpfs_ls, mut cold, mut disk, mut page, mut fresh_ls, mut warm_ls) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut pt_disk, mut pt_page) = (vec![], vec![]);
     let mut bytes = 0;
     let mut passthrough = 0;
     for round in 0..ROUNDS {
@@ -158,6 +165,12 @@ fn bench(title: &str, source: &str, fill_tmpfs: impl FnOnce(&Path)) {
 
         m.mount(&cache);
         disk.push(timed(|| read_all(&mnt)).0);
+        m.umount();
+
+        // The same with kernel passthrough (`--passthrough`).
+        m.mount_with(&cache, &["--passthrough"]);
+        pt_disk.push(timed(|| read_all(&mnt)).0);
+        pt_page.push(timed(|| read_all(&mnt)).0);
         passthrough = m.counter("passthrough_opens");
         m.umount();
     }
@@ -168,7 +181,7 @@ fn bench(title: &str, source: &str, fill_tmpfs: impl FnOnce(&Path)) {
     println!("naiad mount benchmark: {title}, {:.1} MB in regular files (medians of {ROUNDS} rounds)", bytes as f64 / 1e6);
     let _ = files;
     println!("mount ready (median of {MOUNT_RUNS}): {:.1} ms (min {:.1}, max {:.1})", ready[MOUNT_RUNS / 2] * 1e3, ready[0] * 1e3, ready[MOUNT_RUNS - 1] * 1e3);
-    println!("disk-warm round: {passthrough} opens served by passthrough");
+    println!("--passthrough rounds: {passthrough} opens served by passthrough in the last");
     println!("{:<58} {:>9} {:>9} {:>9}", "operation", "seconds", "MB/s", "vs tmpfs");
     let (tr, tl) = (median(tmpfs_read), median(tmpfs_ls));
     let row = |name: &str, secs: f64, base: f64, mb: bool| {
@@ -179,6 +192,8 @@ fn bench(title: &str, source: &str, fill_tmpfs: impl FnOnce(&Path)) {
     row("read every file, naiad cold (empty caches, local layout)", median(cold), tr, true);
     row("read every file, naiad disk cache warm, new daemon", median(disk), tr, true);
     row("read every file, naiad page cache warm", median(page), tr, true);
+    row("  with --passthrough: disk cache warm, new daemon", median(pt_disk), tr, true);
+    row("  with --passthrough: page cache warm", median(pt_page), tr, true);
     row("ls -lR, tmpfs", tl, tl, false);
     row("ls -lR, naiad fresh mount", median(fresh_ls), tl, false);
     row("ls -lR, naiad warm", median(warm_ls), tl, false);

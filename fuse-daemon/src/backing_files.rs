@@ -332,14 +332,15 @@ impl BackingFiles {
         self.inner.assemble(ino)
     }
 
-    /// Stops the writer after the file it is writing.
+    /// Stops the writer after the file it is writing, without waiting for
+    /// it: at idle priority it may wait long for the CPU, and a daemon must
+    /// exit promptly (an upgrade waits for that). A write cut short by the
+    /// exit leaves only a temporary file, removed by a later scan.
     pub fn stop(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
         lock(&self.queue).take();
         lock(&self.inner.pending).clear();
-        if let Some(t) = lock(&self.writer).take() {
-            let _ = t.join();
-        }
+        lock(&self.writer).take();
     }
 }
 
