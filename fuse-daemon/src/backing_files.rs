@@ -214,8 +214,9 @@ impl Inner {
         let write = || -> Result<(), String> {
             let file = OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp).map_err(|e| e.to_string())?;
             for c in &chunks {
-                // Verified by the chunk cache (memory, or disk re-verified).
-                let data = self.chunks.get(&c.chunk).map_err(|e| e.to_string())?;
+                // Verified (memory, or disk re-verified); one evicted
+                // meanwhile ends this attempt, a later read offers again.
+                let data = self.chunks.cached_copy(&c.chunk).ok_or_else(|| format!("chunk {} is no longer cached", hex(&c.chunk.digest)))?;
                 file.write_all_at(&data, c.file_offset).map_err(|e| e.to_string())?;
             }
             file.set_len(size).map_err(|e| e.to_string())?;

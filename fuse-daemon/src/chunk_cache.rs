@@ -342,6 +342,17 @@ impl ChunkCache {
         self.demand_active.load(Ordering::SeqCst) > 0
     }
 
+    /// The verified bytes of `chunk` if a cache holds them, without counting
+    /// a hit (background work such as assembling backing files, which is
+    /// not a reader's lookup) and without keeping a disk copy in memory.
+    pub fn cached_copy(&self, chunk: &ChunkRecord) -> Option<Arc<Vec<u8>>> {
+        if let Some(data) = self.memory.get(&chunk.digest) {
+            return Some(data);
+        }
+        let (disk, blob) = self.disk_for(chunk)?;
+        disk.get(&blob, chunk)
+    }
+
     /// Whether the chunk is in memory or on disk (as far as this daemon knows).
     pub fn is_cached(&self, chunk: &ChunkRecord) -> bool {
         self.memory.contains(&chunk.digest) || self.disk_contains(chunk)
