@@ -592,3 +592,43 @@ fn an_api_socket_path_that_is_a_file_is_refused_and_kept() {
     assert_eq!(fs::read(&precious).unwrap(), b"keep me");
     assert!(!is_naiad_mount(&mountpoint), "a mount was left behind");
 }
+
+#[test]
+fn a_remount_maps_its_bootstrap_from_the_cache_and_a_changed_one_is_not_trusted() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (image, reference_layout) = converted_generated(tmp.path());
+    let expected = tmp.path().join("expected");
+    umoci_unpack(&reference_layout, GENERATED_TAG, &expected);
+    let cache = tmp.path().join("cache");
+    let opened_from_cache = |m: &MountGuard| fs::read_to_string(&m.log_file).unwrap().contains("its bootstrap mapped from the cache");
+
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    assert!(!opened_from_cache(&m), "a first mount decodes its bootstrap");
+    m.umount();
+    let stored: Vec<_> = fs::read_dir(cache.join("bootstraps")).unwrap().flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().len() == 64).collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+
+    let _ = fs::remove_file(tmp.path().join("daemon.log"));
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    assert!(opened_from_cache(&m), "the remount decoded its bootstrap again");
+    let diffs = compare_trees(&expected, &m.mountpoint, &generated_compare_options());
+    assert!(diffs.is_empty(), "mounted from the cached bootstrap, the tree differs:\n{}", diffs.join("\n"));
+    m.umount();
+
+    // A cached bootstrap written to since it was marked is not trusted:
+    // decoded from the image again (and the tree is right).
+    let mut bytes = fs::read(&stored[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    use std::os::unix::fs::FileExt;
+    fs::OpenOptions::new().write(true).open(&stored[0]).unwrap().write_all_at(&bytes[mid..mid + 1], mid as u64).unwrap();
+    let _ = fs::remove_file(tmp.path().join("daemon.log"));
+    let m = MountGuard::mount(&image, tmp.path(), &cache);
+    assert!(!opened_from_cache(&m), "a changed cached bootstrap was used");
+    let diffs = compare_trees(&expected, &m.mountpoint, &generated_compare_options());
+    assert!(diffs.is_empty(), "the tree differs after the cached bootstrap changed:\n{}", diffs.join("\n"));
+    m.umount();
+}

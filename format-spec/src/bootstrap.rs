@@ -10,6 +10,7 @@
 
 use crate::error::{FormatError, Result};
 use crate::records::*;
+use std::sync::Arc;
 
 /// Magic bytes at offset 0 of every bootstrap.
 pub const MAGIC: [u8; 8] = *b"NAIADBS\0";
@@ -72,12 +73,22 @@ pub struct FileChunk {
     pub chunk: ChunkRecord,
 }
 
+/// The bytes of a bootstrap: owned, or anything else that holds them for
+/// as long as the bootstrap lives (a reader's read-only file mapping).
+pub type BootstrapBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// A bootstrap file held in memory, with its header and table bounds checked.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Bootstrap {
-    data: Vec<u8>,
+    data: BootstrapBytes,
     sections: [Section; 8],
     chunking: Option<ChunkingParams>,
+}
+
+impl std::fmt::Debug for Bootstrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bootstrap").field("len", &self.as_bytes().len()).field("sections", &self.sections).field("chunking", &self.chunking).finish()
+    }
 }
 
 fn read_u16(b: &[u8], at: usize) -> u16 {
@@ -104,6 +115,16 @@ pub(crate) fn checksum(data: &[u8]) -> [u8; 32] {
 impl Bootstrap {
     /// Checks header, checksum and table bounds of `data`.
     pub fn from_bytes(data: Vec<u8>) -> Result<Self> {
+        Self::from_shared(Arc::new(data), true)
+    }
+
+    /// [`Bootstrap::from_bytes`] over bytes held elsewhere. Without
+    /// `verify_checksum` the checksum is not computed: for bytes this
+    /// reader checked and validated before and kept unchanged (a cache of
+    /// its own); header and table bounds are checked all the same, so no
+    /// access can go out of bounds whatever the bytes are.
+    pub fn from_shared(bytes: BootstrapBytes, verify_checksum: bool) -> Result<Self> {
+        let data: &[u8] = (*bytes).as_ref();
         if data.len() < HEADER_SIZE {
             if data.len() < 8 || data[..8] != MAGIC {
                 return Err(FormatError::BadMagic);
@@ -113,22 +134,22 @@ impl Bootstrap {
         if data[..8] != MAGIC {
             return Err(FormatError::BadMagic);
         }
-        let (major, minor) = (read_u16(&data, 8), read_u16(&data, 10));
+        let (major, minor) = (read_u16(data, 8), read_u16(data, 10));
         if major != VERSION_MAJOR {
             return Err(FormatError::UnsupportedVersion { major, minor, supported: VERSION_MAJOR });
         }
-        let total = read_u64(&data, 16);
+        let total = read_u64(data, 16);
         if total != data.len() as u64 {
             return Err(FormatError::Truncated { expected: total, actual: data.len() as u64 });
         }
-        if data[CHECKSUM_RANGE] != checksum(&data) {
+        if verify_checksum && data[CHECKSUM_RANGE] != checksum(data) {
             return Err(FormatError::ChecksumMismatch);
         }
         let mut sections = [Section::default(); 8];
         let mut prev_end = HEADER_SIZE as u64;
         for (i, (_, name, rec)) in TABLES.iter().enumerate() {
-            let off = read_u64(&data, 56 + i * 16);
-            let len = read_u64(&data, 64 + i * 16);
+            let off = read_u64(data, 56 + i * 16);
+            let len = read_u64(data, 64 + i * 16);
             let bad = |detail: String| FormatError::BadTable { table: name, detail };
             if off < prev_end || !off.is_multiple_of(8) {
                 return Err(bad(format!("offset {off} overlaps the previous table or is unaligned")));
@@ -146,10 +167,10 @@ impl Bootstrap {
         if sections[Table::Inodes as usize].len / InodeRecord::SIZE > u32::MAX as usize - 1 {
             return Err(FormatError::TooLarge("more than 2^32-2 inodes".into()));
         }
-        let chunking = match read_u32(&data, 184) {
+        let chunking = match read_u32(data, 184) {
             0 => None,
-            1 => Some(ChunkingParams::Fixed { size: read_u32(&data, 196) }),
-            2 => Some(ChunkingParams::ContentDefined { min: read_u32(&data, 188), avg: read_u32(&data, 192), max: read_u32(&data, 196) }),
+            1 => Some(ChunkingParams::Fixed { size: read_u32(data, 196) }),
+            2 => Some(ChunkingParams::ContentDefined { min: read_u32(data, 188), avg: read_u32(data, 192), max: read_u32(data, 196) }),
             m => return Err(FormatError::BadHeader(format!("unknown chunking mode {m}"))),
         };
         match chunking {
@@ -161,7 +182,7 @@ impl Bootstrap {
             }
             _ => {}
         }
-        let b = Bootstrap { data, sections, chunking };
+        let b = Bootstrap { data: bytes.clone(), sections, chunking };
         let root = b.inode(ROOT_INO)?;
         if root.kind() != Some(InodeKind::Directory) {
             return Err(FormatError::BadInode { ino: ROOT_INO, detail: "root is not a directory".into() });
@@ -171,7 +192,7 @@ impl Bootstrap {
 
     /// The raw bytes of the file.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.data
+        (*self.data).as_ref()
     }
 
     /// The chunking parameters recorded by the converter, if any.
@@ -181,7 +202,7 @@ impl Bootstrap {
 
     fn table(&self, t: Table) -> &[u8] {
         let s = self.sections[t as usize];
-        &self.data[s.offset..s.offset + s.len]
+        &self.as_bytes()[s.offset..s.offset + s.len]
     }
 
     fn count(&self, t: Table) -> u64 {

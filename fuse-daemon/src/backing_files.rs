@@ -9,9 +9,9 @@
 //! asking the daemon.
 //!
 //! A backing file is written to a temporary name, fsync'd, renamed into
-//! place, and only then given its *marker* (`<key>.ok`, also written
-//! atomically): the key, and the inode number, size and ctime the data
-//! file had after the rename. A later open trusts the file only if its
+//! place, and only then given its *marker* (`<key>.ok`, see
+//! [`naiad_registry::verified_file`]): the key, and the inode number, size
+//! and ctime the data file had after the rename. A later open trusts the file only if its
 //! marker matches what `fstat` says now. Anything that wrote to the file
 //! since (or replaced it) changed its ctime, so the file is verified again
 //! chunk by chunk against the bootstrap's digests; one that fails is
@@ -33,16 +33,17 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, ErrorKind, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use naiad_format::bootstrap::hex;
 use naiad_format::{FileChunk, InodeKind};
+use naiad_registry::verified_file::{self, MarkerState};
 use naiad_registry::NaiadImage;
 
 use crate::chunk_cache::ChunkCache;
@@ -51,22 +52,11 @@ use crate::counters::inc;
 /// The content address of a backing file.
 pub type FileKey = [u8; 32];
 
-/// What a marker file's name adds to its data file's.
-pub const MARKER_SUFFIX: &str = ".ok";
-/// First word of a marker.
-const MARKER_MAGIC: &str = "naiad-backing-v1";
 /// Files smaller than this get no backing file: creating two files in the
 /// cache directory costs more than decoding their one or two chunks from the
 /// chunk cache (measured: on a tree of small files, file creation took half
 /// the daemon's time during a cold read).
 pub const MIN_BACKING_SIZE: u64 = 64 << 10;
-
-/// The marker of the backing file at `data`.
-pub fn marker_path(data: &Path) -> PathBuf {
-    let mut name = data.as_os_str().to_owned();
-    name.push(MARKER_SUFFIX);
-    PathBuf::from(name)
-}
 
 /// The key of a file of `size` bytes made of `chunks`: blake3 over the
 /// size and each chunk's offset, length and digest, in order.
@@ -80,11 +70,6 @@ pub fn file_key(size: u64, chunks: &[FileChunk]) -> FileKey {
         h.update(&c.chunk.digest);
     }
     *h.finalize().as_bytes()
-}
-
-/// What a marker records of its data file.
-fn marker_text(key: &FileKey, meta: &fs::Metadata) -> String {
-    format!("{MARKER_MAGIC} {} {} {} {} {}\n", hex(key), meta.ino(), meta.len(), meta.ctime(), meta.ctime_nsec())
 }
 
 /// Whether the chunks of `file` (opened backing file) match their digests.
@@ -110,8 +95,6 @@ struct Inner {
     chunks: Arc<ChunkCache>,
     /// Inodes queued or being written.
     pending: Mutex<HashSet<u32>>,
-    /// Names temporary files uniquely within this process.
-    temp_seq: AtomicU64,
     /// Set by [`BackingFiles::stop`]: the writer skips what is queued.
     stopping: AtomicBool,
     /// Per inode: its open backing file, or `None` (has none, as of the
@@ -161,18 +144,22 @@ impl Inner {
                 return None;
             }
         };
-        let meta = file.metadata().ok()?;
-        let marker = fs::read_to_string(marker_path(&path)).unwrap_or_default();
-        if meta.is_file() && meta.len() == size && marker == marker_text(&key, &meta) {
-            disk.touch_backing_file(&key);
-            return Some((file, key));
-        }
-        if marker.is_empty() {
+        let tag = hex(&key);
+        match verified_file::check(&path, &file, &tag) {
+            Ok(MarkerState::Valid) if file.metadata().is_ok_and(|m| m.len() == size) => {
+                disk.touch_backing_file(&key);
+                return Some((file, key));
+            }
             // Not finished (or its marker was lost): never used unmarked.
-            return None;
+            Ok(MarkerState::Missing) => return None,
+            Err(e) => {
+                tracing::debug!("backing file {}: {e}", path.display());
+                return None;
+            }
+            // Changed since it was marked: verify it again.
+            Ok(_) => {}
         }
-        // Changed since it was marked: verify it again.
-        match verify_content(&file, size, &chunks).and_then(|()| self.write_marker(&path, &key).map_err(|e| format!("writing its marker: {e}"))) {
+        match verify_content(&file, size, &chunks).and_then(|()| verified_file::mark(&path, &tag).map_err(|e| format!("writing its marker: {e}"))) {
             Ok(()) => Some((file, key)),
             Err(e) => {
                 tracing::warn!("backing file {} of inode {ino}: {e}; removing it", path.display());
@@ -181,22 +168,6 @@ impl Inner {
                 None
             }
         }
-    }
-
-    fn write_marker(&self, data: &Path, key: &FileKey) -> io::Result<()> {
-        let meta = fs::symlink_metadata(data)?;
-        let marker = marker_path(data);
-        let tmp = self.temp_path(data.parent().unwrap_or(Path::new(".")));
-        let mut f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
-        let written = f.write_all(marker_text(key, &meta).as_bytes()).and_then(|()| f.sync_data()).and_then(|()| fs::rename(&tmp, &marker));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written
-    }
-
-    fn temp_path(&self, dir: &Path) -> PathBuf {
-        dir.join(format!(".tmp-{}-{}", std::process::id(), self.temp_seq.fetch_add(1, Ordering::Relaxed)))
     }
 
     /// Writes the backing file of `ino` if all its chunks are cached and
@@ -209,7 +180,7 @@ impl Inner {
             return Ok(());
         }
         let dir = disk.files_dir().map_err(|e| format!("creating the backing file directory: {e}"))?.to_path_buf();
-        let tmp = self.temp_path(&dir);
+        let tmp = verified_file::temp_path(&dir);
         let path = disk.backing_file_path(&key);
         let write = || -> Result<(), String> {
             let file = OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp).map_err(|e| e.to_string())?;
@@ -225,7 +196,7 @@ impl Inner {
                 return Err("it does not fit under the cache's cap".into());
             }
             fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
-            self.write_marker(&path, &key).map_err(|e| format!("writing its marker: {e}"))
+            verified_file::mark(&path, &hex(&key)).map_err(|e| format!("writing its marker: {e}"))
         };
         match write() {
             Ok(()) => {
@@ -236,7 +207,7 @@ impl Inner {
             }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                if fs::symlink_metadata(&path).is_ok() && fs::symlink_metadata(marker_path(&path)).is_err() {
+                if fs::symlink_metadata(&path).is_ok() && fs::symlink_metadata(verified_file::marker_path(&path)).is_err() {
                     disk.remove_backing_file(&key);
                 }
                 Err(format!("backing file {} of inode {ino}: {e}", path.display()))
@@ -274,7 +245,6 @@ impl BackingFiles {
             image,
             chunks,
             pending: Mutex::new(HashSet::new()),
-            temp_seq: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             readers: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(READERS).unwrap_or(std::num::NonZeroUsize::MIN))),
         });

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use std::os::fd::OwnedFd;
 
 use fuser::{Config, SessionACL};
-use naiad_registry::{ImageRef, NaiadImage};
+use naiad_registry::{BootstrapCache, ImageRef, NaiadImage};
 use nix::mount::MntFlags;
 use serde::{Deserialize, Serialize};
 
@@ -202,14 +202,18 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     let start = Instant::now();
     let source = &handoff.config.source;
     let reference = ImageRef::parse(source).map_err(|e| FuseError::Image(format!("image {source}: {e}")))?;
-    let image = NaiadImage::open_with(&reference, &handoff.config.registry).map_err(|e| FuseError::Image(format!("opening image {source}: {e}")))?;
+    // The decoded bootstrap is kept with the disk cache: a remount or a
+    // restarted daemon maps it instead of decoding it again.
+    let bootstraps = config.cache.disk_dir.as_ref().filter(|_| config.cache.disk_bytes > 0).map(|d| BootstrapCache::new(&d.join("bootstraps")));
+    let image = NaiadImage::open_cached(&reference, &handoff.config.registry, bootstraps.as_ref()).map_err(|e| FuseError::Image(format!("opening image {source}: {e}")))?;
     tracing::info!(
-        "daemon {} (generation {}) opened {source} ({} inodes, {} chunks) in {:?}",
+        "daemon {} (generation {}) opened {source} ({} inodes, {} chunks) in {:?}{}",
         std::process::id(),
         handoff.generation,
         image.bootstrap.inode_count(),
         image.bootstrap.chunk_count(),
-        start.elapsed()
+        start.elapsed(),
+        if image.bootstrap_cached { ", its bootstrap mapped from the cache" } else { "" }
     );
 
     let counters = Arc::new(Counters::open_shared(&config.runtime.counters)?);

@@ -392,7 +392,7 @@ impl Shared {
     fn evict_file(&self, files: &mut HashMap<BlobSha256, CachedFile>, key: &BlobSha256) {
         if let Some(gone) = files.remove(key) {
             let path = self.file_path(key);
-            remove_if_present(&crate::backing_files::marker_path(&path));
+            remove_if_present(&naiad_registry::verified_file::marker_path(&path));
             remove_if_present(&path);
             inc(&self.counters.backing_evictions);
             tracing::debug!("disk cache: evicted backing file {} ({} bytes)", hex(key), gone.bytes);
@@ -422,7 +422,7 @@ impl Shared {
                 Some((key, "file")) => {
                     found.insert(key, CachedFile { bytes: meta.len(), last_use: mtime(&meta) });
                 }
-                _ if name.ends_with(crate::backing_files::MARKER_SUFFIX) => markers.push(e.path()),
+                _ if name.ends_with(naiad_registry::verified_file::MARKER_SUFFIX) => markers.push(e.path()),
                 _ if now.duration_since(mtime(&meta)).unwrap_or_default() > ORPHAN_AGE => remove_if_present(&e.path()),
                 _ => {}
             }
@@ -819,7 +819,7 @@ impl DiskCache {
     pub fn remove_backing_file(&self, key: &BlobSha256) {
         lock(&self.shared.files).remove(key);
         let path = self.shared.file_path(key);
-        remove_if_present(&crate::backing_files::marker_path(&path));
+        remove_if_present(&naiad_registry::verified_file::marker_path(&path));
         remove_if_present(&path);
     }
 

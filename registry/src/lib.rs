@@ -9,7 +9,9 @@
 //!   config and layers, every blob verified against its digest.
 //! - [`store`]: [`BlobStore`], random access to blob bytes by (digest, offset,
 //!   length): what the FUSE daemon fetches chunks through.
-//! - [`naiad_image`]: a converted image opened for reading.
+//! - [`naiad_image`]: a converted image opened for reading;
+//!   [`bootstrap_cache`]: its decoded bootstrap kept on disk for the next
+//!   open; [`verified_file`]: markers vouching for such derived files.
 //!
 //! The registry (OCI distribution) client:
 //! - [`registry_options`]: [`RegistryOptions`], how registries are reached.
@@ -27,6 +29,7 @@ pub mod auth_challenge;
 pub mod authenticator;
 pub mod blob_stream;
 pub mod blob_upload;
+pub mod bootstrap_cache;
 pub mod credentials;
 pub mod digest;
 pub mod docker_archive;
@@ -47,8 +50,10 @@ pub mod retry;
 pub mod source;
 pub mod store;
 pub mod token_cache;
+pub mod verified_file;
 
 pub use blob_upload::BlobPushOutcome;
+pub use bootstrap_cache::BootstrapCache;
 pub use credentials::{CredentialStore, Credentials};
 pub use digest::{Digest, DigestReader, DigestWriter};
 pub use docker_ref::DockerReference;

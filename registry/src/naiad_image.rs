@@ -14,12 +14,13 @@ use naiad_format::oci::{ANNOTATION_BOOTSTRAP_DIGEST, ANNOTATION_FORMAT, FORMAT_V
 use naiad_format::{decode_chunk, Bootstrap, ChunkRecord};
 use serde_json::Value;
 
+use crate::bootstrap_cache::BootstrapCache;
 use crate::digest::Digest;
 use crate::error::{RegistryError, Result};
 use crate::reference::ImageRef;
 use crate::registry_client::{RegistryClient, RegistryStats};
 use crate::registry_options::RegistryOptions;
-use crate::source::open_source_with;
+use crate::source::{open_source_with, LayerBlob, SourceImage};
 use crate::store::BlobStore;
 
 /// Largest bootstrap naiad accepts, uncompressed.
@@ -64,6 +65,8 @@ pub struct NaiadImage {
     pub config: Value,
     /// Compressed size of the bootstrap layer.
     pub bootstrap_layer_size: u64,
+    /// The bootstrap was mapped from a [`BootstrapCache`], not decoded.
+    pub bootstrap_cached: bool,
     /// The registry client chunks are read through, for a `docker://` image.
     registry: Option<RegistryClient>,
 }
@@ -90,6 +93,12 @@ impl NaiadImage {
     /// [`NaiadImage::open`] with registry options (credentials, mirrors,
     /// timeouts, ...) for a `docker://` reference.
     pub fn open_with(reference: &ImageRef, options: &RegistryOptions) -> Result<Self> {
+        Self::open_cached(reference, options, None)
+    }
+
+    /// [`NaiadImage::open_with`], taking the decoded bootstrap from `cache`
+    /// when it holds the image's (and keeping it there when not).
+    pub fn open_cached(reference: &ImageRef, options: &RegistryOptions, cache: Option<&BootstrapCache>) -> Result<Self> {
         let source = open_source_with(reference, options)?;
         let bad = |reason: String| RegistryError::BadImage { reference: reference.to_string(), reason };
         let format = source.manifest.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
@@ -105,18 +114,18 @@ impl NaiadImage {
         if matches!(reference, ImageRef::DockerArchive { .. }) {
             return Err(bad("naiad images are read from an OCI layout (oci:DIR[:TAG]) or a registry (docker://...)".into()));
         }
-        // The compressed blob is checked against its digest and the
-        // manifest's size before anything is inflated.
-        let compressed = source.read_blob(&boot.digest, boot.size.min(MAX_BOOTSTRAP_SIZE))?;
-        let raw = inflate_bootstrap(&compressed).map_err(|reason| bad(format!("bootstrap layer {}: {reason}", boot.digest)))?;
-        if let Some(expected) = boot.annotations.get(ANNOTATION_BOOTSTRAP_DIGEST) {
-            let actual = Digest::of(&raw);
-            if actual.as_str() != expected {
-                return Err(bad(format!("bootstrap {}: uncompressed content does not match its digest annotation {expected}", boot.digest)));
+        let cached = cache.and_then(|c| c.load(&boot.digest));
+        let bootstrap_cached = cached.is_some();
+        let bootstrap = match cached {
+            Some(b) => b,
+            None => {
+                let b = Self::read_bootstrap(reference, &source, &boot)?;
+                if let Some(c) = cache {
+                    c.store(&boot.digest, &b);
+                }
+                b
             }
-        }
-        let bootstrap = Bootstrap::from_bytes(raw).map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
-        bootstrap.validate().map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
+        };
         let blob_digests: Vec<Digest> = bootstrap.blobs().map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?.iter().map(|b| Digest::from_sha256(&b.sha256)).collect();
         for d in &blob_digests {
             if !source.layers.iter().any(|l| &l.digest == d && l.media_type == MEDIA_TYPE_BLOB) {
@@ -131,7 +140,27 @@ impl NaiadImage {
             registry: source.registry_client().cloned(),
             config: source.config.clone(),
             bootstrap_layer_size: boot.size,
+            bootstrap_cached,
         })
+    }
+
+    /// The image's bootstrap from its layer: the compressed blob checked
+    /// against its digest and the manifest's size before anything is
+    /// inflated, the result against its digest annotation, then checked
+    /// and validated.
+    fn read_bootstrap(reference: &ImageRef, source: &SourceImage, boot: &LayerBlob) -> Result<Bootstrap> {
+        let bad = |reason: String| RegistryError::BadImage { reference: reference.to_string(), reason };
+        let compressed = source.read_blob(&boot.digest, boot.size.min(MAX_BOOTSTRAP_SIZE))?;
+        let raw = inflate_bootstrap(&compressed).map_err(|reason| bad(format!("bootstrap layer {}: {reason}", boot.digest)))?;
+        if let Some(expected) = boot.annotations.get(ANNOTATION_BOOTSTRAP_DIGEST) {
+            let actual = Digest::of(&raw);
+            if actual.as_str() != expected {
+                return Err(bad(format!("bootstrap {}: uncompressed content does not match its digest annotation {expected}", boot.digest)));
+            }
+        }
+        let bootstrap = Bootstrap::from_bytes(raw).map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
+        bootstrap.validate().map_err(|e| bad(format!("bootstrap {}: {e}", boot.digest)))?;
+        Ok(bootstrap)
     }
 
     /// Requests, retries, tokens, mirror use and bytes received so far, for

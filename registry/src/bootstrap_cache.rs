@@ -1,0 +1,154 @@
+//! [`BootstrapCache`]: decoded, validated bootstraps kept on local disk, so
+//! that a mount of an image opened before (a remount, a restarted daemon, a
+//! live upgrade) maps its bootstrap instead of fetching, checking,
+//! inflating and validating it again.
+//!
+//! A bootstrap is stored as `<dir>/<sha256 of its layer>`: the raw bytes,
+//! written to a temporary name, fsync'd and renamed, then marked
+//! ([`crate::verified_file`]) with the layer digest. Opening maps the file
+//! read-only (zero-copy) if its marker still matches; header and table
+//! bounds are checked again, the checksum and the full validation are not
+//! (the marker vouches that the bytes are those validated). Anything else
+//! (no file, no marker, a changed file) falls back to the layer, and the
+//! result is stored again. The directory keeps the [`KEEP`] most recently
+//! stored bootstraps.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use naiad_format::Bootstrap;
+
+use crate::digest::Digest;
+use crate::verified_file::{self, MarkerState};
+
+/// Bootstraps a cache directory keeps.
+pub const KEEP: usize = 32;
+
+/// A read-only shared mapping of a whole file.
+struct Mapping {
+    ptr: NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: a read-only mapping, never written through, unmapped on drop.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn of(file: &File) -> io::Result<Mapping> {
+        let len = usize::try_from(file.metadata()?.len()).map_err(io::Error::other)?;
+        if len == 0 {
+            return Err(io::Error::other("empty file"));
+        }
+        // SAFETY: a fresh read-only private mapping of `len` bytes of an open
+        // file; the kernel keeps it after the file is closed.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes, alive until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `of`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
+    }
+}
+
+/// A directory of decoded bootstraps (see the module comment).
+#[derive(Debug, Clone)]
+pub struct BootstrapCache {
+    dir: PathBuf,
+}
+
+impl BootstrapCache {
+    pub fn new(dir: &Path) -> Self {
+        BootstrapCache { dir: dir.to_path_buf() }
+    }
+
+    fn path(&self, layer: &Digest) -> PathBuf {
+        self.dir.join(layer.hex())
+    }
+
+    /// The bootstrap of `layer`, if this cache holds it unchanged.
+    pub fn load(&self, layer: &Digest) -> Option<Bootstrap> {
+        let path = self.path(layer);
+        let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME).open(&path).ok()?;
+        match verified_file::check(&path, &file, layer.as_str()) {
+            Ok(MarkerState::Valid) => {}
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::debug!("bootstrap cache: {}: {e}", path.display());
+                return None;
+            }
+        }
+        let mapping = Mapping::of(&file).map_err(|e| tracing::debug!("bootstrap cache: mapping {}: {e}", path.display())).ok()?;
+        match Bootstrap::from_shared(Arc::new(mapping), false) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!("bootstrap cache: {}: {e}; removing it", path.display());
+                let _ = fs::remove_file(verified_file::marker_path(&path));
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Keeps `bootstrap` (checked and validated) as the one of `layer`.
+    /// Failures are logged: the cache only saves time.
+    pub fn store(&self, layer: &Digest, bootstrap: &Bootstrap) {
+        if let Err(e) = self.try_store(layer, bootstrap) {
+            tracing::debug!("bootstrap cache: cannot keep {} in {}: {e}", layer, self.dir.display());
+        }
+    }
+
+    fn try_store(&self, layer: &Digest, bootstrap: &Bootstrap) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        let path = self.path(layer);
+        let tmp = verified_file::temp_path(&self.dir);
+        let written = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+            f.write_all(bootstrap.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            verified_file::mark(&path, layer.as_str())
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+            return written;
+        }
+        self.trim();
+        Ok(())
+    }
+
+    /// Removes all but the [`KEEP`] newest bootstraps (and stray files).
+    fn trim(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        let mut stored: Vec<(std::time::SystemTime, PathBuf)> =
+            entries.flatten().filter(|e| e.file_name().len() == 64).filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
+        if stored.len() <= KEEP {
+            return;
+        }
+        stored.sort();
+        for (_, p) in &stored[..stored.len() - KEEP] {
+            let _ = fs::remove_file(verified_file::marker_path(p));
+            let _ = fs::remove_file(p);
+        }
+    }
+}
