@@ -181,6 +181,7 @@ struct StartedDaemon {
     stats: StatsServer,
     api: Option<MetricsServer>,
     start: Instant,
+    bootstraps: Option<BootstrapCache>,
 }
 
 /// Removes the socket at `path` so that this daemon can listen there: the
@@ -292,7 +293,7 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
             tracing::info!("serving {} as the upgraded daemon ({})", mp.display(), std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default());
         }
     }
-    Ok(StartedDaemon { session, config: config.clone(), chunks, recorder, prefetcher, stats, api, start })
+    Ok(StartedDaemon { session, config: config.clone(), chunks, recorder, prefetcher, stats, api, start, bootstraps })
 }
 
 /// What `naiad stats` and the API socket report, computed on each request.
@@ -334,7 +335,7 @@ fn stats_report(
 
 impl StartedDaemon {
     fn serve(self) -> Result<(), FuseError> {
-        let StartedDaemon { session, config, chunks, recorder, prefetcher, stats, api, start } = self;
+        let StartedDaemon { session, config, chunks, recorder, prefetcher, stats, api, start, bootstraps } = self;
         let mp = &config.mountpoint;
         let result = session.run().map_err(|source| FuseError::Session { path: mp.clone(), source });
         if let Some(p) = prefetcher {
@@ -348,6 +349,9 @@ impl StartedDaemon {
         }
         log_summary(mp, start, &chunks);
         chunks.flush();
+        if let Some(b) = &bootstraps {
+            b.wait();
+        }
         stats.stop();
         if let Some(a) = api {
             a.stop();

@@ -75,11 +75,22 @@ impl Drop for Mapping {
 #[derive(Debug, Clone)]
 pub struct BootstrapCache {
     dir: PathBuf,
+    /// Stores still being written ([`BootstrapCache::wait`]).
+    writers: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
 impl BootstrapCache {
     pub fn new(dir: &Path) -> Self {
-        BootstrapCache { dir: dir.to_path_buf() }
+        BootstrapCache { dir: dir.to_path_buf(), writers: Arc::default() }
+    }
+
+    /// Waits for the stores still being written (a daemon calls this before
+    /// it exits, or its first mount's bootstrap would never be kept).
+    pub fn wait(&self) {
+        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in writers {
+            let _ = w.join();
+        }
     }
 
     fn path(&self, layer: &Digest) -> PathBuf {
@@ -110,11 +121,20 @@ impl BootstrapCache {
         }
     }
 
-    /// Keeps `bootstrap` (checked and validated) as the one of `layer`.
-    /// Failures are logged: the cache only saves time.
+    /// Keeps `bootstrap` (checked and validated) as the one of `layer`, on
+    /// a thread of its own: writing and fsync'ing it is no reason for a
+    /// mount to wait. Failures are logged: the cache only saves time. A
+    /// write cut short leaves a temporary file, removed by a later store.
     pub fn store(&self, layer: &Digest, bootstrap: &Bootstrap) {
-        if let Err(e) = self.try_store(layer, bootstrap) {
-            tracing::debug!("bootstrap cache: cannot keep {} in {}: {e}", layer, self.dir.display());
+        let (cache, layer, bootstrap) = (BootstrapCache::new(&self.dir), layer.clone(), bootstrap.clone());
+        let spawned = std::thread::Builder::new().name("naiad-bootstrap-cache".into()).spawn(move || {
+            if let Err(e) = cache.try_store(&layer, &bootstrap) {
+                tracing::debug!("bootstrap cache: cannot keep {} in {}: {e}", layer, cache.dir.display());
+            }
+        });
+        match spawned {
+            Ok(w) => self.writers.lock().unwrap_or_else(|p| p.into_inner()).push(w),
+            Err(e) => tracing::debug!("bootstrap cache: {e}"),
         }
     }
 
