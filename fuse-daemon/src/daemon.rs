@@ -14,8 +14,15 @@
 //! counters file.
 //!
 //! The daemon holds no state that a successor needs: inode numbers and file
-//! handles are the bootstrap's own, and the caches and counters are on
+//! handles are the bootstrap's own; the caches (chunks, backing files,
+//! decoded bootstraps), the counters and the passthrough open table are on
 //! disk. That is what lets [`crate::supervisor`] replace it at any moment.
+//!
+//! Reads: from the kernel's page cache (opens are zero-message, so nothing
+//! reaches the daemon for what it holds), else from a file's backing file
+//! ([`BackingFiles`]), else from its chunks ([`ChunkCache`]); with
+//! `--passthrough`, opens of files with a backing file go to the kernel
+//! ([`Passthrough`]).
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
