@@ -3,13 +3,13 @@
 //! Output goes to a temporary name beside the destination and is renamed
 //! into place only when complete.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use naiad_format::{FileChunk, InodeKind, InodeRecord, ROOT_INO};
+use naiad_format::{InodeKind, InodeRecord, ROOT_INO};
 use naiad_registry::NaiadImage;
 
 use crate::error::{ConvertError, Result};
@@ -18,59 +18,123 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> ConvertError + '_ {
     move |source| ConvertError::Io { path: path.to_path_buf(), source }
 }
 
-/// Uncompressed bytes of chunks fetched together while streaming a file.
-const READ_AHEAD_BYTES: u64 = 8 << 20;
+/// Stored bytes of chunks fetched together (across files): a registry's
+/// merged request spans up to this much.
+const READ_AHEAD_STORED: u64 = 8 << 20;
+/// Decoded bytes one batch may hold in memory.
+const READ_AHEAD_DECODED: u64 = 64 << 20;
 
-/// Streams a file's bytes, verifying every chunk. Chunks are fetched in
-/// batches of up to [`READ_AHEAD_BYTES`], so a registry serves a file in a
-/// few requests rather than one per chunk.
-pub struct FileReader<'a> {
+/// The decoded chunks of every regular file, in the order the unpack
+/// writes the files, read ahead in batches of up to [`READ_AHEAD_STORED`] stored bytes (and
+/// [`READ_AHEAD_DECODED`] decoded ones)
+/// across file boundaries: a batch's chunks of one blob are one call to the
+/// store, which merges near ranges into one request, so a tree of small
+/// files costs a request per few MiB rather than one per file. Each chunk's
+/// result is kept until its file takes it, so an error names the file it
+/// belongs to. Holds one batch at a time.
+pub struct ChunkStream<'a> {
     image: &'a NaiadImage,
-    chunks: std::collections::VecDeque<FileChunk>,
-    ready: std::collections::VecDeque<Vec<u8>>,
-    current: io::Cursor<Vec<u8>>,
+    /// Regular files in the order they are written, and where the next
+    /// batch starts: (file, chunk of that file).
+    files: Vec<u32>,
+    next: (usize, u32),
+    ready: VecDeque<std::result::Result<Vec<u8>, String>>,
 }
 
-impl<'a> FileReader<'a> {
-    pub fn new(image: &'a NaiadImage, ino: u32) -> Result<Self> {
-        Ok(FileReader { image, chunks: image.bootstrap.file_chunks(ino)?.into(), ready: Default::default(), current: io::Cursor::new(Vec::new()) })
+impl<'a> ChunkStream<'a> {
+    /// A stream over the chunks of `files` (inode numbers), in that order.
+    pub fn new(image: &'a NaiadImage, files: Vec<u32>) -> Self {
+        ChunkStream { image, files, next: (0, 0), ready: VecDeque::new() }
+    }
+
+    /// The regular files of the image in walk order, each once (the first
+    /// path of a hardlinked inode is the one written).
+    pub fn walk_order(image: &NaiadImage) -> Result<Vec<u32>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut files = Vec::new();
+        image.bootstrap.walk(|_, ino, inode| -> Result<()> {
+            if inode.kind() == Some(InodeKind::RegularFile) && seen.insert(ino) {
+                files.push(ino);
+            }
+            Ok(())
+        })?;
+        Ok(files)
+    }
+
+    /// The next chunk's bytes (or why it could not be read).
+    fn next_chunk(&mut self) -> io::Result<Vec<u8>> {
+        if self.ready.is_empty() {
+            self.fetch_batch()?;
+        }
+        match self.ready.pop_front() {
+            Some(Ok(d)) => Ok(d),
+            Some(Err(e)) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no more chunks in the image")),
+        }
     }
 
     fn fetch_batch(&mut self) -> io::Result<()> {
-        let mut batch = Vec::new();
-        let mut bytes = 0u64;
-        while let Some(c) = self.chunks.front() {
-            if !batch.is_empty() && bytes + c.chunk.uncompressed_size as u64 > READ_AHEAD_BYTES {
+        let b = &self.image.bootstrap;
+        let bad = |e: naiad_format::FormatError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+        let mut batch: Vec<naiad_format::ChunkRecord> = Vec::new();
+        let (mut stored, mut decoded) = (0u64, 0u64);
+        while let Some(&ino) = self.files.get(self.next.0) {
+            let count = b.file_chunk_len(ino).map_err(bad)?;
+            if self.next.1 >= count {
+                self.next = (self.next.0 + 1, 0);
+                continue;
+            }
+            let c = b.file_chunk(ino, self.next.1).map_err(bad)?.chunk;
+            if !batch.is_empty() && (stored + c.compressed_size as u64 > READ_AHEAD_STORED || decoded + c.uncompressed_size as u64 > READ_AHEAD_DECODED) {
                 break;
             }
-            bytes += c.chunk.uncompressed_size as u64;
-            batch.push(c.chunk);
-            self.chunks.pop_front();
+            stored += c.compressed_size as u64;
+            decoded += c.uncompressed_size as u64;
+            batch.push(c);
+            self.next.1 += 1;
         }
-        for r in self.image.read_chunks(&batch) {
-            self.ready.push_back(r.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?);
+        // A chunk several files share is read and decoded once per batch.
+        let mut unique: Vec<naiad_format::ChunkRecord> = Vec::new();
+        let mut index: HashMap<naiad_format::ChunkDigest, usize> = HashMap::new();
+        for c in &batch {
+            index.entry(c.digest).or_insert_with(|| {
+                unique.push(*c);
+                unique.len() - 1
+            });
+        }
+        let results: Vec<_> = self.image.read_chunks(&unique).into_iter().map(|r| r.map_err(|e| e.to_string())).collect();
+        for c in &batch {
+            self.ready.push_back(results[index[&c.digest]].clone());
         }
         Ok(())
     }
 }
 
-impl Read for FileReader<'_> {
+/// Streams one file's bytes from the [`ChunkStream`], every chunk verified.
+pub struct FileReader<'s, 'a> {
+    stream: &'s mut ChunkStream<'a>,
+    /// Chunks of this file not taken yet.
+    remaining: u32,
+    current: io::Cursor<Vec<u8>>,
+}
+
+impl<'s, 'a> FileReader<'s, 'a> {
+    /// The reader of regular file `ino`, which must be the stream's next file.
+    pub fn new(stream: &'s mut ChunkStream<'a>, ino: u32) -> Result<Self> {
+        let remaining = stream.image.bootstrap.file_chunk_len(ino)?;
+        Ok(FileReader { stream, remaining, current: io::Cursor::new(Vec::new()) })
+    }
+}
+
+impl Read for FileReader<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let n = self.current.read(buf)?;
-            if n > 0 || buf.is_empty() {
+            if n > 0 || buf.is_empty() || self.remaining == 0 {
                 return Ok(n);
             }
-            if self.ready.is_empty() {
-                if self.chunks.is_empty() {
-                    return Ok(0);
-                }
-                self.fetch_batch()?;
-            }
-            match self.ready.pop_front() {
-                Some(data) => self.current = io::Cursor::new(data),
-                None => return Ok(0),
-            }
+            self.current = io::Cursor::new(self.stream.next_chunk()?);
+            self.remaining -= 1;
         }
     }
 }
@@ -140,6 +204,7 @@ fn apply_meta(path: &Path, inode: &InodeRecord, xattrs: &[(&[u8], &[u8])], optio
 
 fn write_tree(image: &NaiadImage, root: &Path, options: UnpackOptions) -> Result<()> {
     let b = &image.bootstrap;
+    let mut stream = ChunkStream::new(image, ChunkStream::walk_order(image)?);
     let mut first_path: HashMap<u32, PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
     b.walk(|path, ino, inode| -> Result<()> {
@@ -165,7 +230,7 @@ fn write_tree(image: &NaiadImage, root: &Path, options: UnpackOptions) -> Result
                 // A new file, never one that is there already or a link.
                 let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW).open(&full).map_err(&io)?;
                 let mut out = BufWriter::with_capacity(1 << 20, file);
-                io::copy(&mut FileReader::new(image, ino)?, &mut out)
+                io::copy(&mut FileReader::new(&mut stream, ino)?, &mut out)
                     .map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
                 out.flush().map_err(&io)?;
             }
@@ -216,6 +281,7 @@ pub fn unpack_to_tar(image: &NaiadImage, dest: &Path) -> Result<()> {
 
 fn write_tar<W: Write>(image: &NaiadImage, builder: &mut tar::Builder<W>) -> Result<()> {
     let b = &image.bootstrap;
+    let mut stream = ChunkStream::new(image, ChunkStream::walk_order(image)?);
     let mut first_path: HashMap<u32, Vec<u8>> = HashMap::new();
     b.walk(|path, ino, inode| -> Result<()> {
         let io = io_at(Path::new("tar"));
@@ -255,7 +321,7 @@ fn write_tar<W: Write>(image: &NaiadImage, builder: &mut tar::Builder<W>) -> Res
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(inode.size);
                 builder
-                    .append_data(&mut h, OsStr::from_bytes(&rel), FileReader::new(image, ino)?)
+                    .append_data(&mut h, OsStr::from_bytes(&rel), FileReader::new(&mut stream, ino)?)
                     .map_err(|e| ConvertError::Check { image: image.reference.to_string(), detail: format!("{}: {e}", String::from_utf8_lossy(path)) })?;
             }
             InodeKind::Symlink => {
