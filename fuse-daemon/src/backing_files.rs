@@ -102,8 +102,10 @@ struct Inner {
     readers: Mutex<lru::LruCache<u32, Option<Arc<File>>>>,
 }
 
-/// Inodes whose backing-file answer [`BackingFiles::reader`] remembers.
-const READERS: usize = 4096;
+/// Inodes whose backing-file answer [`BackingFiles::reader`] remembers (at
+/// most this many descriptors stay open; the daemon raises its descriptor
+/// limit to the hard limit at start).
+const READERS: usize = 1024;
 
 /// The backing files of one mount (see the module comment).
 pub struct BackingFiles {

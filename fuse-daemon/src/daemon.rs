@@ -164,6 +164,7 @@ fn fuser_config(m: &MountConfig) -> (SessionACL, Config) {
 /// mount until it is unmounted, and returns. A failure before the session
 /// is up is also reported to the supervisor, which passes it on.
 pub fn run_daemon(channel: OwnedFd) -> Result<(), FuseError> {
+    raise_open_file_limit();
     let channel_err = |source: std::io::Error| FuseError::Io { path: "supervisor channel".into(), source };
     let (handoff, mut fds): (Handoff, _) = handoff::receive(&channel).map_err(channel_err)?.ok_or_else(|| channel_err(std::io::Error::other("closed before the handoff")))?;
     let Some(fuse) = fds.pop() else {
@@ -175,6 +176,22 @@ pub fn run_daemon(channel: OwnedFd) -> Result<(), FuseError> {
             let _ = handoff::send(&channel, &DaemonMessage::Failed { message: e.to_string() }, &[]);
             Err(e)
         }
+    }
+}
+
+/// Raises the soft limit of open descriptors to the hard one: the daemon
+/// keeps cache files and backing files open (a soft limit of 1024 is
+/// common).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!("cannot raise the open file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!("cannot read the open file limit: {e}"),
     }
 }
 
