@@ -39,7 +39,6 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use naiad_format::bootstrap::hex;
 use naiad_format::{FileChunk, InodeKind};
@@ -111,7 +110,6 @@ const READERS: usize = 1024;
 pub struct BackingFiles {
     inner: Arc<Inner>,
     queue: Mutex<Option<Sender<u32>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -252,8 +250,9 @@ impl BackingFiles {
         });
         let (tx, rx) = mpsc::channel();
         let i = inner.clone();
-        let writer = std::thread::Builder::new().name("naiad-backing".into()).spawn(move || writer_loop(i, rx))?;
-        Ok(Some(BackingFiles { inner, queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) }))
+        // Detached: see `stop`.
+        std::thread::Builder::new().name("naiad-backing".into()).spawn(move || writer_loop(i, rx))?;
+        Ok(Some(BackingFiles { inner, queue: Mutex::new(Some(tx)) }))
     }
 
     /// The verified backing file of inode `ino` and its key, if there is
@@ -300,11 +299,6 @@ impl BackingFiles {
         }
     }
 
-    /// Writes the backing file of `ino` now, on this thread (tests).
-    pub fn assemble_now(&self, ino: u32) -> Result<(), String> {
-        self.inner.assemble(ino)
-    }
-
     /// Stops the writer after the file it is writing, without waiting for
     /// it: at idle priority it may wait long for the CPU, and a daemon must
     /// exit promptly (an upgrade waits for that). A write cut short by the
@@ -313,7 +307,6 @@ impl BackingFiles {
         self.inner.stopping.store(true, Ordering::SeqCst);
         lock(&self.queue).take();
         lock(&self.inner.pending).clear();
-        lock(&self.writer).take();
     }
 }
 

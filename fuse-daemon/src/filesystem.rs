@@ -484,24 +484,18 @@ impl Filesystem for NaiadFs {
     /// as FOPEN_KEEP_CACHE would. Write opens still fail: the mount is
     /// read-only (EROFS from the VFS).
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.passthrough.is_none() {
+        let Some(pt) = &self.passthrough else {
             return reply.error(Errno::ENOSYS);
-        }
+        };
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) != 0 {
             return reply.error(Errno::EROFS);
         }
         match self.inode(ino) {
             Ok((_, _, InodeKind::Directory)) => reply.error(Errno::EISDIR),
-            Ok((i, _, InodeKind::RegularFile)) => {
-                let reply = match &self.passthrough {
-                    Some(pt) => match pt.open(i, reply) {
-                        Opened::Done => return,
-                        Opened::Declined(reply) => reply,
-                    },
-                    None => reply,
-                };
-                reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE)
-            }
+            Ok((i, _, InodeKind::RegularFile)) => match pt.open(i, reply) {
+                Opened::Done => {}
+                Opened::Declined(reply) => reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE),
+            },
             Ok(_) => reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
