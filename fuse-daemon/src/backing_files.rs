@@ -1,18 +1,16 @@
-//! [`BackingFiles`]: whole files, uncompressed, for FUSE passthrough.
+//! [`BackingFiles`]: whole files, uncompressed, in the cache.
 //!
-//! Once every chunk of a regular file is local (memory or disk cache), the
-//! file is assembled once from those verified chunks into
-//! `<cache>/files/<key>`, where `key` is [`file_key`]: the blake3 of the
-//! file's size and chunk list. Identical files of any image share one
-//! backing file. [`crate::passthrough`] then answers opens of the file with
-//! that backing file, and the kernel serves reads and mmap from it without
-//! asking the daemon.
+//! Once every chunk of a regular file of [`MIN_BACKING_SIZE`] or more is
+//! local (memory or disk cache), the file is assembled once from those
+//! verified chunks into `<cache>/files/<key>`, where `key` is [`file_key`]:
+//! the blake3 of the file's size and chunk list. Identical files of any
+//! image share one backing file.
 //!
 //! A backing file is written to a temporary name, fsync'd, renamed into
 //! place, and only then given its *marker* (`<key>.ok`, see
 //! [`naiad_registry::verified_file`]): the key, and the inode number, size
-//! and ctime the data file had after the rename. A later open trusts the file only if its
-//! marker matches what `fstat` says now. Anything that wrote to the file
+//! and ctime the data file had after the rename. A later open trusts the
+//! file only if its marker matches what `fstat` says now. Anything that wrote to the file
 //! since (or replaced it) changed its ctime, so the file is verified again
 //! chunk by chunk against the bootstrap's digests; one that fails is
 //! counted in `backing_corrupt`, removed, and assembled again from the

@@ -78,7 +78,7 @@ const ORPHAN_AGE: Duration = Duration::from_secs(600);
 /// An index file larger than this is not one this code wrote.
 const MAX_INDEX_BYTES: u64 = 256 << 20;
 const BLOBS_DIR: &str = "blobs";
-/// Where the backing files of passthrough live.
+/// Where the backing files (whole files, uncompressed) live.
 pub const FILES_DIR: &str = "files";
 const OLD_CHUNKS_DIR: &str = "chunks";
 
@@ -140,14 +140,27 @@ fn parse_records(buf: &[u8]) -> (Vec<IndexRecord>, usize) {
 /// A blob's name in the cache directory (`<64 lower-case hex>.<ext>`).
 fn parse_blob_file_name(name: &str) -> Option<(BlobSha256, &str)> {
     let (stem, ext) = name.split_once('.')?;
-    if stem.len() != 64 || !stem.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+    Some((parse_hex32(stem)?, ext))
+}
+
+/// 64 lower-case hex digits as 32 bytes (the names of blob and backing
+/// files).
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
         return None;
     }
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(stem.get(2 * i..2 * i + 2)?, 16).ok()?;
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
-    Some((out, ext))
+    Some(out)
+}
+
+/// Removes a file and its marker, logging what fails.
+fn remove_marked(path: &Path) {
+    if let Err(e) = naiad_registry::verified_file::remove(path) {
+        tracing::warn!("disk cache: cannot remove {}: {e}", path.display());
+    }
 }
 
 /// The open files of a blob this process uses.
@@ -391,9 +404,7 @@ impl Shared {
     /// kernel's passthrough references keep working).
     fn evict_file(&self, files: &mut HashMap<BlobSha256, CachedFile>, key: &BlobSha256) {
         if let Some(gone) = files.remove(key) {
-            let path = self.file_path(key);
-            remove_if_present(&naiad_registry::verified_file::marker_path(&path));
-            remove_if_present(&path);
+            remove_marked(&self.file_path(key));
             inc(&self.counters.backing_evictions);
             tracing::debug!("disk cache: evicted backing file {} ({} bytes)", hex(key), gone.bytes);
         }
@@ -418,8 +429,8 @@ impl Shared {
             if !meta.is_file() {
                 continue;
             }
-            match parse_blob_file_name(&format!("{name}.file")) {
-                Some((key, "file")) => {
+            match parse_hex32(name) {
+                Some(key) => {
                     found.insert(key, CachedFile { bytes: meta.len(), last_use: mtime(&meta) });
                 }
                 _ if name.ends_with(naiad_registry::verified_file::MARKER_SUFFIX) => markers.push(e.path()),
@@ -818,9 +829,7 @@ impl DiskCache {
     /// Removes backing file `key` (it failed verification, or its write did).
     pub fn remove_backing_file(&self, key: &BlobSha256) {
         lock(&self.shared.files).remove(key);
-        let path = self.shared.file_path(key);
-        remove_if_present(&naiad_registry::verified_file::marker_path(&path));
-        remove_if_present(&path);
+        remove_marked(&self.shared.file_path(key));
     }
 
     pub fn capacity(&self) -> u64 {

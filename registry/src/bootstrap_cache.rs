@@ -114,8 +114,7 @@ impl BootstrapCache {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!("bootstrap cache: {}: {e}; removing it", path.display());
-                let _ = fs::remove_file(verified_file::marker_path(&path));
-                let _ = fs::remove_file(&path);
+                let _ = verified_file::remove(&path);
                 None
             }
         }
@@ -167,8 +166,7 @@ impl BootstrapCache {
         }
         stored.sort();
         for (_, p) in &stored[..stored.len() - KEEP] {
-            let _ = fs::remove_file(verified_file::marker_path(p));
-            let _ = fs::remove_file(p);
+            let _ = verified_file::remove(p);
         }
     }
 }

@@ -74,6 +74,19 @@ pub fn mark(path: &Path, tag: &str) -> io::Result<()> {
     written
 }
 
+/// Removes the file at `path` and its marker, the marker first (so no
+/// marker is left vouching for a file that is gone or replaced). Either
+/// being absent already is not an error.
+pub fn remove(path: &Path) -> io::Result<()> {
+    for p in [marker_path(path), path.to_path_buf()] {
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +105,8 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(10));
         std::os::unix::fs::FileExt::write_all_at(&OpenOptions::new().write(true).open(&p).unwrap(), b"h", 0).unwrap();
         assert_eq!(check(&p, &open(), "t").unwrap(), MarkerState::Stale);
+        remove(&p).unwrap();
+        assert!(!p.exists() && !marker_path(&p).exists());
+        remove(&p).unwrap();
     }
 }
