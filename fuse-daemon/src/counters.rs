@@ -308,7 +308,7 @@ impl Counters {
     /// another counter layout is reset to zero, with a warning.
     pub fn open_shared(path: &Path) -> Result<Counters, FuseError> {
         let block_len = std::mem::size_of::<CounterBlock>();
-        let (mapping, _) = SharedMapping::open(path, block_len, SHARED_MAGIC, block_len as u64)?;
+        let mapping = SharedMapping::open(path, block_len, SHARED_MAGIC, block_len as u64)?;
         // The body is 8-byte aligned and CounterBlock (atomics only) is
         // valid for any bit pattern, zeroes included.
         let block = mapping.body().cast::<CounterBlock>();

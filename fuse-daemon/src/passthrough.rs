@@ -93,7 +93,7 @@ impl Passthrough {
     /// `table_path`; `fuse` is (a duplicate of) the mount's connection.
     pub fn new(files: std::sync::Arc<BackingFiles>, table_path: &Path, inodes: u32, fuse: OwnedFd, counters: std::sync::Arc<Counters>) -> Result<Self, FuseError> {
         let slots = inodes as usize + 1;
-        let (table, _) = SharedMapping::open(table_path, slots * 8, TABLE_MAGIC, inodes as u64)?;
+        let table = SharedMapping::open(table_path, slots * 8, TABLE_MAGIC, inodes as u64)?;
         Ok(Passthrough { files, table, slots, fuse, enabled: AtomicBool::new(true), counters })
     }
 

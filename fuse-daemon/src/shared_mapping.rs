@@ -32,10 +32,9 @@ unsafe impl Sync for SharedMapping {}
 
 impl SharedMapping {
     /// Maps `path` (created when missing) with a body of `body_len` bytes.
-    /// Returns the mapping and whether it was reset: a file of another
-    /// size, `magic` or `layout` has its body zeroed (with a warning when
-    /// it held something else).
-    pub fn open(path: &Path, body_len: usize, magic: u64, layout: u64) -> Result<(SharedMapping, bool), FuseError> {
+    /// A file of another size, `magic` or `layout` has its body zeroed
+    /// first (with a warning when it held something else).
+    pub fn open(path: &Path, body_len: usize, magic: u64, layout: u64) -> Result<SharedMapping, FuseError> {
         let len = HEADER + body_len;
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).at(path)?;
         if file.metadata().at(path)?.len() != len as u64 {
@@ -51,8 +50,7 @@ impl SharedMapping {
         let mapping = SharedMapping { base, len };
         let header = mapping.header();
         let (found_magic, found_layout) = (header[0].load(Ordering::SeqCst), header[1].load(Ordering::SeqCst));
-        let reset = found_magic != magic || found_layout != layout;
-        if reset {
+        if found_magic != magic || found_layout != layout {
             if found_magic != 0 {
                 tracing::warn!("{}: written with another layout; starting it from zero", path.display());
             }
@@ -61,7 +59,7 @@ impl SharedMapping {
             header[1].store(layout, Ordering::SeqCst);
             header[0].store(magic, Ordering::SeqCst);
         }
-        Ok((mapping, reset))
+        Ok(mapping)
     }
 
     fn header(&self) -> &[AtomicU64; 2] {
