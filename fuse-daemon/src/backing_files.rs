@@ -30,7 +30,7 @@
 //! ([`crate::disk_cache`]).
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
@@ -177,26 +177,21 @@ impl Inner {
         if disk.has_backing_file(&key) || !chunks.iter().all(|c| self.chunks.is_cached(&c.chunk)) {
             return Ok(());
         }
-        let dir = disk.files_dir().map_err(|e| format!("creating the backing file directory: {e}"))?.to_path_buf();
-        let tmp = verified_file::temp_path(&dir);
+        disk.files_dir().map_err(|e| format!("creating the backing file directory: {e}"))?;
         let path = disk.backing_file_path(&key);
-        let write = || -> Result<(), String> {
-            let file = OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp).map_err(|e| e.to_string())?;
+        if !disk.admit_backing_file(&key, size) {
+            return Err(format!("backing file {} of inode {ino}: it does not fit under the cache's cap", path.display()));
+        }
+        let written = verified_file::create_marked(&path, &hex(&key), |file| {
             for c in &chunks {
                 // Verified (memory, or disk re-verified); one evicted
                 // meanwhile ends this attempt, a later read offers again.
-                let data = self.chunks.cached_copy(&c.chunk).ok_or_else(|| format!("chunk {} is no longer cached", hex(&c.chunk.digest)))?;
-                file.write_all_at(&data, c.file_offset).map_err(|e| e.to_string())?;
+                let data = self.chunks.cached_copy(&c.chunk).ok_or_else(|| io::Error::other(format!("chunk {} is no longer cached", hex(&c.chunk.digest))))?;
+                file.write_all_at(&data, c.file_offset)?;
             }
-            file.set_len(size).map_err(|e| e.to_string())?;
-            file.sync_all().map_err(|e| e.to_string())?;
-            if !disk.admit_backing_file(&key, size) {
-                return Err("it does not fit under the cache's cap".into());
-            }
-            fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
-            verified_file::mark(&path, &hex(&key)).map_err(|e| format!("writing its marker: {e}"))
-        };
-        match write() {
+            file.set_len(size)
+        });
+        match written {
             Ok(()) => {
                 inc(&self.chunks.counters().backing_writes);
                 // Inodes that remembered "none" look again.
@@ -204,10 +199,8 @@ impl Inner {
                 Ok(())
             }
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                if fs::symlink_metadata(&path).is_ok() && fs::symlink_metadata(verified_file::marker_path(&path)).is_err() {
-                    disk.remove_backing_file(&key);
-                }
+                // Uncounted, and whatever was renamed into place unmarked removed.
+                disk.remove_backing_file(&key);
                 Err(format!("backing file {} of inode {ino}: {e}", path.display()))
             }
         }

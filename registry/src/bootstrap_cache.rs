@@ -139,19 +139,7 @@ impl BootstrapCache {
 
     fn try_store(&self, layer: &Digest, bootstrap: &Bootstrap) -> io::Result<()> {
         fs::create_dir_all(&self.dir)?;
-        let path = self.path(layer);
-        let tmp = verified_file::temp_path(&self.dir);
-        let written = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
-            f.write_all(bootstrap.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            verified_file::mark(&path, layer.as_str())
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-            return written;
-        }
+        verified_file::create_marked(&self.path(layer), layer.as_str(), |f| f.write_all(bootstrap.as_bytes()))?;
         self.trim();
         Ok(())
     }

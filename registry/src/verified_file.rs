@@ -74,6 +74,26 @@ pub fn mark(path: &Path, tag: &str) -> io::Result<()> {
     written
 }
 
+/// Creates the file at `path` and marks it as `tag`: `fill` writes it under
+/// a temporary name beside `path`, which is fsync'd and renamed into place
+/// before the marker is written. On failure the temporary file is gone and
+/// nothing at `path` is marked (a file renamed into place but not marked is
+/// never trusted).
+pub fn create_marked(path: &Path, tag: &str, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
+    let tmp = temp_path(path.parent().unwrap_or(Path::new(".")));
+    let written = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+        fill(&mut f)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        mark(path, tag)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// Removes the file at `path` and its marker, the marker first (so no
 /// marker is left vouching for a file that is gone or replaced). Either
 /// being absent already is not an error.
