@@ -38,13 +38,15 @@ pub struct ChunkStream<'a> {
     /// batch starts: (file, chunk of that file).
     files: Vec<u32>,
     next: (usize, u32),
+    /// How many files have taken (or are taking) their chunks.
+    taken: usize,
     ready: VecDeque<std::result::Result<Vec<u8>, String>>,
 }
 
 impl<'a> ChunkStream<'a> {
     /// A stream over the chunks of `files` (inode numbers), in that order.
     pub fn new(image: &'a NaiadImage, files: Vec<u32>) -> Self {
-        ChunkStream { image, files, next: (0, 0), ready: VecDeque::new() }
+        ChunkStream { image, files, next: (0, 0), taken: 0, ready: VecDeque::new() }
     }
 
     /// The regular files of the image in walk order, each once (the first
@@ -121,6 +123,12 @@ pub struct FileReader<'s, 'a> {
 impl<'s, 'a> FileReader<'s, 'a> {
     /// The reader of regular file `ino`, which must be the stream's next file.
     pub fn new(stream: &'s mut ChunkStream<'a>, ino: u32) -> Result<Self> {
+        // The chunks come in the stream's file order: any other order would
+        // hand this file another file's (verified) bytes.
+        if stream.files.get(stream.taken) != Some(&ino) {
+            return Err(ConvertError::Invalid(format!("unpack: inode {ino} read out of order (expected {:?})", stream.files.get(stream.taken))));
+        }
+        stream.taken += 1;
         let remaining = stream.image.bootstrap.file_chunk_len(ino)?;
         Ok(FileReader { stream, remaining, current: io::Cursor::new(Vec::new()) })
     }
