@@ -37,6 +37,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use naiad_format::bootstrap::hex;
 use naiad_format::{FileChunk, InodeKind};
@@ -169,13 +170,16 @@ impl Inner {
     }
 
     /// Writes the backing file of `ino` if all its chunks are cached and
-    /// there is none yet.
-    fn assemble(&self, ino: u32) -> Result<(), String> {
-        let Some(disk) = self.chunks.disk() else { return Ok(()) };
-        let Some((size, chunks)) = self.file(ino) else { return Ok(()) };
+    /// there is none yet. `Ok(false)`: some chunk is not cached (yet).
+    fn assemble(&self, ino: u32) -> Result<bool, String> {
+        let Some(disk) = self.chunks.disk() else { return Ok(true) };
+        let Some((size, chunks)) = self.file(ino) else { return Ok(true) };
         let key = file_key(size, &chunks);
-        if disk.has_backing_file(&key) || !chunks.iter().all(|c| self.chunks.is_cached(&c.chunk)) {
-            return Ok(());
+        if disk.has_backing_file(&key) {
+            return Ok(true);
+        }
+        if !chunks.iter().all(|c| self.chunks.is_cached(&c.chunk)) {
+            return Ok(false);
         }
         disk.files_dir().map_err(|e| format!("creating the backing file directory: {e}"))?;
         let path = disk.backing_file_path(&key);
@@ -196,7 +200,7 @@ impl Inner {
                 inc(&self.chunks.counters().backing_writes);
                 // Inodes that remembered "none" look again.
                 lock(&self.readers).pop(&ino);
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 // Uncounted, and whatever was renamed into place unmarked removed.
@@ -214,16 +218,41 @@ fn writer_loop(inner: Arc<Inner>, jobs: Receiver<u32>) {
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
         tracing::debug!("backing files: cannot lower the writer's priority: {}", io::Error::last_os_error());
     }
-    for ino in jobs {
+    // Files offered while some of their chunks were still on the way (the
+    // read of a file's end can be answered before reads of its middle):
+    // looked at again shortly, a few times.
+    let mut later: std::collections::VecDeque<(u32, Instant, u32)> = std::collections::VecDeque::new();
+    loop {
+        let due = later.front().map(|&(_, at, _)| at);
+        let next = match due {
+            Some(at) if at <= Instant::now() => later.pop_front().map(|(ino, _, tries)| (ino, tries)),
+            Some(at) => match jobs.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(ino) => Some((ino, 0)),
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            },
+            None => jobs.recv().ok().map(|ino| (ino, 0)),
+        };
+        let Some((ino, tries)) = next else { break };
         if inner.stopping.load(Ordering::SeqCst) {
             break;
         }
-        if let Err(e) = inner.assemble(ino) {
-            tracing::debug!("{e}");
+        match inner.assemble(ino) {
+            Ok(false) if tries < RETRIES => {
+                later.push_back((ino, Instant::now() + RETRY_AFTER, tries + 1));
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("{e}"),
         }
         lock(&inner.pending).remove(&ino);
     }
 }
+
+/// How often, and after how long, a file whose chunks were not all cached
+/// when offered is looked at again.
+const RETRIES: u32 = 3;
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 impl BackingFiles {
     /// The backing files of a mount reading through `chunks`; `None` when
