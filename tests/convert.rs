@@ -609,3 +609,62 @@ fn unpack_can_leave_devices_and_setuid_bits_out() {
     assert_eq!(scan(&safe), (0, 0), "devices or setuid bits left");
     assert!(safe.join("dev/fifo").exists(), "FIFOs stay");
 }
+
+/// Small files share chunk groups (SPEC 5.5): far fewer chunks than files,
+/// each file a piece of its group, identical small files stored once, large
+/// files still in chunks of their own; and the tree round-trips through
+/// `unpack` and passes `check`. `--small-files 0` gives every file its own.
+#[test]
+fn small_files_share_chunk_groups() {
+    let tmp = scratch("groups");
+    let mut files: Vec<(String, Vec<u8>)> = (0..2000).map(|i| (format!("d/f{i:04}"), format!("small file {i}\n").repeat(i % 50 + 1).into_bytes())).collect();
+    files.push(("d/same1".into(), b"identical bytes".to_vec()));
+    files.push(("e/same2".into(), b"identical bytes".to_vec()));
+    let mut x = 88172645463325252u64;
+    let noise = (0..600_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    files.push(("d/big".into(), noise));
+    let entries: Vec<(&[u8], &[u8])> = files.iter().map(|(p, d)| (p.as_bytes(), d.as_slice())).collect();
+    let layout = tmp.path().join("src");
+    write_layout(&layout, vec![("small files", layer_tar(&entries))], Compression::Gzip);
+    let small_bytes: usize = files.iter().filter(|(_, d)| d.len() < 16 << 10).map(|(_, d)| d.len()).sum();
+
+    let out = tmp.path().join("out");
+    let summary = convert(&oci(&layout, "latest"), &oci(&out, "naiad"), &[]);
+    let piece = |p: &str| -> Vec<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(&ok(&["inspect", &oci(&out, "naiad"), "--json", "--path", p])).unwrap().as_array().unwrap().clone()
+    };
+    let (a, b) = (&piece("d/f0001")[0], &piece("d/f0002")[0]);
+    assert_eq!(a["digest"], b["digest"], "neighbouring small files share a group");
+    assert_eq!(a["size"].as_u64().unwrap(), files[1].1.len() as u64);
+    assert_eq!(b["chunk_offset"].as_u64().unwrap(), a["chunk_offset"].as_u64().unwrap() + a["size"].as_u64().unwrap(), "packed back to back");
+    assert!(a["chunk_size"].as_u64().unwrap() > a["size"].as_u64().unwrap());
+    assert_eq!(piece("d/same1"), piece("e/same2"), "identical small files are stored once");
+    let big = piece("d/big");
+    assert!(big.len() > 1 && big.iter().all(|c| c["chunk_offset"] == 0 && c["size"] == c["chunk_size"]), "a large file keeps whole chunks: {big:?}");
+    // The groups: full ones of 64 KiB, and one at most partly filled
+    // (the 2,000 files fill them in order).
+    let unique = summary["unique_chunks"].as_u64().unwrap();
+    let groups = unique - big.len() as u64;
+    assert!(groups <= (small_bytes / (64 << 10)) as u64 + 2, "{groups} chunk groups for {small_bytes} bytes of small files: {summary}");
+
+    let unpacked = tmp.path().join("unpacked");
+    ok(&["unpack", &oci(&out, "naiad"), unpacked.to_str().unwrap()]);
+    for (p, data) in &files {
+        assert_eq!(&fs::read(unpacked.join(p)).unwrap(), data, "{p}");
+    }
+    ok(&["check", &oci(&out, "naiad")]);
+
+    let alone = convert(&oci(&layout, "latest"), &oci(&tmp.path().join("alone"), "naiad"), &["--small-files", "0"]);
+    assert!(alone["unique_chunks"].as_u64().unwrap() >= 2001, "{alone}");
+    assert!(alone["bootstrap_bytes"].as_u64().unwrap() > summary["bootstrap_bytes"].as_u64().unwrap());
+    let e = fails(&["convert", &oci(&layout, "latest"), &oci(&tmp.path().join("bad"), "naiad"), "--small-files", "128K", "--group-size", "64K"]);
+    assert!(e.contains("cannot be packed into chunk groups"), "{e}");
+    assert!(!tmp.path().join("bad").join("index.json").exists());
+}

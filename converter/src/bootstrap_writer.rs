@@ -42,12 +42,12 @@ pub fn write_bootstrap(tree: &Tree, sink: &ChunkSink, chunking: naiad_format::Ch
     let mut parent = vec![ROOT_INO];
     let mut refs = vec![0u32; tree.nodes.len()];
     let mut subdirs = vec![0u32; tree.nodes.len()];
-    let mut dir_span = vec![(0u64, 0u32); tree.nodes.len()];
+    let mut dir_span = vec![(0u32, 0u32); tree.nodes.len()];
     ino_of[ROOT] = ROOT_INO;
     let mut queue = VecDeque::from([ROOT]);
     while let Some(dir) = queue.pop_front() {
         let NodeKind::Dir { children } = &tree.nodes[dir].kind else { continue };
-        let first = b.dirents.len() as u64;
+        let first = u32::try_from(b.dirents.len()).map_err(|_| ConvertError::Invalid("more than 2^32 directory entries".into()))?;
         for (name, entry) in children {
             let child = entry.node;
             if ino_of[child] == 0 {
@@ -70,9 +70,10 @@ pub fn write_bootstrap(tree: &Tree, sink: &ChunkSink, chunking: naiad_format::Ch
     for (i, &id) in order.iter().enumerate() {
         let node = &tree.nodes[id];
         let m = &node.meta;
-        let xattr_first = b.xattrs.len() as u32;
+        // Inodes are visited in number order, so the xattr table comes out
+        // sorted by inode as the format requires.
         for (k, v) in &m.xattrs {
-            b.push_xattr(k, v);
+            b.push_xattr(i as u32 + 1, k, v);
         }
         let mut rec = InodeRecord {
             mode: m.mode & 0o7777,
@@ -82,8 +83,6 @@ pub fn write_bootstrap(tree: &Tree, sink: &ChunkSink, chunking: naiad_format::Ch
             mtime_sec: m.mtime_sec,
             mtime_nsec: m.mtime_nsec,
             parent: parent[i],
-            xattr_first,
-            xattr_count: m.xattrs.len() as u32,
             ..Default::default()
         };
         let kind = match &node.kind {
@@ -93,19 +92,19 @@ pub fn write_bootstrap(tree: &Tree, sink: &ChunkSink, chunking: naiad_format::Ch
                 (rec.data_first, rec.data_count) = dir_span[id];
                 InodeKind::Directory
             }
-            NodeKind::File { size, chunks } => {
+            NodeKind::File { size, pieces } => {
                 counts.files += 1;
                 counts.hardlinks += refs[id].saturating_sub(1) as u64;
                 counts.file_bytes += size;
-                counts.chunk_refs += chunks.len() as u64;
+                counts.chunk_refs += pieces.len() as u64;
                 rec.size = *size;
-                rec.data_first = b.file_chunks.len() as u64;
-                rec.data_count = chunks.len() as u32;
+                rec.data_first = u32::try_from(b.file_chunks.len()).map_err(|_| ConvertError::Invalid("more than 2^32 chunk pieces".into()))?;
+                rec.data_count = pieces.len() as u32;
                 let mut offset = 0u64;
-                for seq in chunks {
-                    let chunk_index = sink.chunk_index(*seq).ok_or_else(|| ConvertError::Invalid(format!("chunk {seq} was never flushed")))?;
-                    b.file_chunks.push(FileChunkRecord { file_offset: offset, chunk_index });
-                    offset += sink.chunks[chunk_index as usize].uncompressed_size as u64;
+                for p in pieces {
+                    let chunk_index = sink.chunk_index(p.seq).ok_or_else(|| ConvertError::Invalid(format!("chunk {} was never flushed", p.seq)))?;
+                    b.file_chunks.push(FileChunkRecord { file_offset: offset, chunk_index, chunk_offset: p.chunk_offset });
+                    offset += p.len as u64;
                 }
                 InodeKind::RegularFile
             }
@@ -119,7 +118,7 @@ pub fn write_bootstrap(tree: &Tree, sink: &ChunkSink, chunking: naiad_format::Ch
             }
             NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
                 counts.special_files += 1;
-                rec.data_first = ((*major as u64) << 32) | *minor as u64;
+                (rec.data_first, rec.data_count) = (*major, *minor);
                 if matches!(node.kind, NodeKind::CharDevice { .. }) {
                     InodeKind::CharDevice
                 } else {

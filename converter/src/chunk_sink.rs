@@ -2,6 +2,12 @@
 //! hashes and compresses them on all cores, keeps one copy of each distinct
 //! chunk (by blake3 digest) for the whole image, and appends new ones to the
 //! blob being written. Memory stays bounded by the batch size.
+//!
+//! Small files are packed together: [`ChunkSink::add_small`] appends a
+//! file's bytes to an open *chunk group* (one chunk holding several small
+//! files, each file a piece of it) until the group reaches its size, so a
+//! tree of small files compresses like a tar and costs one chunk record
+//! per group, not per file. Identical small files are stored once.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -17,6 +23,16 @@ use crate::error::{ConvertError, Result};
 /// index once its batch is flushed.
 pub type ChunkSeq = u64;
 
+/// Part of a file: `len` bytes of chunk `seq` from `chunk_offset` on. A
+/// large file's pieces are whole chunks; a small file is one piece of a
+/// chunk group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub seq: ChunkSeq,
+    pub chunk_offset: u32,
+    pub len: u32,
+}
+
 pub struct ChunkSink {
     layout: OciLayout,
     zstd_level: i32,
@@ -27,6 +43,13 @@ pub struct ChunkSink {
     /// Queued chunks, each with whether it belongs in the prefetch blob.
     pending: Vec<(Vec<u8>, bool)>,
     pending_bytes: usize,
+    /// Target size of a chunk group (uncompressed).
+    group_size: usize,
+    /// The open group of each destination (layer blob, prefetch blob): its
+    /// position in `pending`. Groups close when full and at every flush.
+    open_groups: [Option<usize>; 2],
+    /// Where each distinct small file's bytes already are.
+    small_by_digest: HashMap<ChunkDigest, Piece>,
     /// Chunk index of every flushed sequence number.
     seq_to_chunk: Vec<u32>,
     by_digest: HashMap<ChunkDigest, u32>,
@@ -45,7 +68,7 @@ pub struct ChunkSink {
 }
 
 impl ChunkSink {
-    pub fn new(layout: OciLayout, zstd_level: i32, prefetch_zstd_level: i32, batch_limit: usize) -> Self {
+    pub fn new(layout: OciLayout, zstd_level: i32, prefetch_zstd_level: i32, batch_limit: usize, group_size: usize) -> Self {
         ChunkSink {
             layout,
             zstd_level,
@@ -53,6 +76,9 @@ impl ChunkSink {
             batch_limit,
             pending: Vec::new(),
             pending_bytes: 0,
+            group_size,
+            open_groups: [None, None],
+            small_by_digest: HashMap::new(),
             seq_to_chunk: Vec::new(),
             by_digest: HashMap::new(),
             chunks: Vec::new(),
@@ -84,6 +110,36 @@ impl ChunkSink {
         Ok(seq)
     }
 
+    /// Packs a small file into the open chunk group of its destination (a
+    /// new one when it does not fit) and returns where its bytes are. A
+    /// file identical to one added before gets that file's piece.
+    pub fn add_small(&mut self, data: &[u8], prefetch: bool) -> Result<Piece> {
+        self.bytes_in += data.len() as u64;
+        let digest = *blake3::hash(data).as_bytes();
+        if let Some(&piece) = self.small_by_digest.get(&digest) {
+            return Ok(piece);
+        }
+        let slot = &mut self.open_groups[prefetch as usize];
+        let group = match *slot {
+            Some(g) if self.pending[g].0.len() + data.len() <= self.group_size => g,
+            _ => {
+                self.pending.push((Vec::with_capacity(self.group_size), prefetch));
+                *slot = Some(self.pending.len() - 1);
+                self.pending.len() - 1
+            }
+        };
+        let seq = (self.seq_to_chunk.len() + group) as ChunkSeq;
+        let bytes = &mut self.pending[group].0;
+        let piece = Piece { seq, chunk_offset: bytes.len() as u32, len: data.len() as u32 };
+        bytes.extend_from_slice(data);
+        self.small_by_digest.insert(digest, piece);
+        self.pending_bytes += data.len();
+        if self.pending_bytes >= self.batch_limit {
+            self.flush()?;
+        }
+        Ok(piece)
+    }
+
     /// The chunk index of a flushed sequence number.
     pub fn chunk_index(&self, seq: ChunkSeq) -> Option<u32> {
         self.seq_to_chunk.get(seq as usize).copied()
@@ -96,6 +152,7 @@ impl ChunkSink {
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
+        self.open_groups = [None, None];
         let digests: Vec<ChunkDigest> = pending.par_iter().map(|(d, _)| *blake3::hash(d).as_bytes()).collect();
         // Decide which chunks are new, in order; duplicates inside the batch count once.
         let mut fresh: Vec<usize> = Vec::new();
@@ -135,7 +192,6 @@ impl ChunkSink {
                 blob_index,
                 compressed_size: e.stored.len() as u32,
                 uncompressed_size: e.uncompressed_size,
-                flags: e.flags,
             });
             self.by_digest.insert(e.digest, index);
         }

@@ -21,7 +21,7 @@ use naiad_registry::{open_source_with, push_image, Digest, ImageRef, OciLayout, 
 use serde::Serialize;
 
 use crate::bootstrap_writer::{write_bootstrap, TreeCounts};
-use crate::chunk_sink::ChunkSink;
+use crate::chunk_sink::{ChunkSink, Piece};
 use crate::chunker::{Chunking, SplitError};
 use crate::error::{ConvertError, Result};
 use crate::layer::{check_media_type, decompress};
@@ -51,6 +51,12 @@ pub struct ConvertOptions {
     pub prefetch: Option<Arc<PrefetchList>>,
     /// zstd level for the chunks of the prefetch blob.
     pub prefetch_zstd_level: i32,
+    /// Regular files smaller than this many bytes are packed into shared
+    /// chunks (chunk groups) instead of getting chunks of their own; 0
+    /// turns packing off.
+    pub small_file_max: u32,
+    /// Target uncompressed size of a chunk group.
+    pub group_size: u32,
     /// How to reach registries for `docker://` sources and destinations.
     pub registry: RegistryOptions,
 }
@@ -64,6 +70,8 @@ impl Default for ConvertOptions {
             progress: None,
             prefetch: None,
             prefetch_zstd_level: 19,
+            small_file_max: 16 << 10,
+            group_size: 64 << 10,
             registry: RegistryOptions::default(),
         }
     }
@@ -101,6 +109,14 @@ pub struct ConvertSummary {
 /// Converts `source` into a naiad image at `destination` (an `oci:` layout).
 pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions) -> Result<ConvertSummary> {
     opts.chunking.validate().map_err(ConvertError::Invalid)?;
+    if opts.small_file_max > opts.group_size || opts.group_size > naiad_format::bootstrap::MAX_CHUNK_SIZE {
+        return Err(ConvertError::Invalid(format!(
+            "small files up to {} bytes cannot be packed into chunk groups of {} bytes (the group size must be at least the small-file size and at most {})",
+            opts.small_file_max,
+            opts.group_size,
+            naiad_format::bootstrap::MAX_CHUNK_SIZE
+        )));
+    }
     for level in [opts.zstd_level, opts.prefetch_zstd_level] {
         if !(1..=22).contains(&level) {
             return Err(ConvertError::Invalid(format!("zstd level {level} must be 1 to 22")));
@@ -228,7 +244,7 @@ impl Destination {
 type Failure = (ConvertError, Vec<Digest>);
 
 fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &ConvertOptions) -> std::result::Result<ConvertSummary, Failure> {
-    let mut sink = ChunkSink::new(layout.clone(), opts.zstd_level, opts.prefetch_zstd_level, opts.batch_bytes);
+    let mut sink = ChunkSink::new(layout.clone(), opts.zstd_level, opts.prefetch_zstd_level, opts.batch_bytes, opts.group_size as usize);
     let mut tree = Tree::new();
     let mut source_layer_bytes = 0;
     let fail = |e: ConvertError, sink: &ChunkSink| (e, sink.created.clone());
@@ -449,28 +465,39 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mu
         }
         T::Regular | T::Continuous | T::GNUSparse => {
             let expected = entry.size();
-            let mut chunks = Vec::new();
+            let mut pieces = Vec::new();
             // Chunks a prefetch list wants go to the prefetch blob.
             let abs_path = format!("/{}", parts.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>().join("/"));
             let prefetch = opts.prefetch.as_deref().filter(|l| l.wants_file(&abs_path));
-            let mut offset = 0u64;
-            let size = opts
-                .chunking
-                .split(&mut *entry, |data| {
-                    let len = data.len() as u64;
-                    let wanted = prefetch.is_some_and(|l| l.wants_range(&abs_path, offset, len));
-                    chunks.push(sink.add(data, wanted)?);
-                    offset += len;
-                    Ok::<(), ConvertError>(())
-                })
-                .map_err(|e| match e {
-                    SplitError::Read(io) => entry_err(format!("corrupt or truncated: {io}")),
-                    SplitError::Emit(e) => e,
-                })?;
+            let size = if expected > 0 && expected < opts.small_file_max as u64 {
+                // A small file: read whole (bounded by the limit, whatever the
+                // header claims) and packed into a chunk group.
+                let mut data = Vec::with_capacity(expected as usize);
+                (&mut *entry).take(opts.small_file_max as u64).read_to_end(&mut data).map_err(|io| entry_err(format!("corrupt or truncated: {io}")))?;
+                if !data.is_empty() {
+                    let wanted = prefetch.is_some_and(|l| l.wants_range(&abs_path, 0, data.len() as u64));
+                    pieces.push(sink.add_small(&data, wanted)?);
+                }
+                data.len() as u64
+            } else {
+                let mut offset = 0u64;
+                opts.chunking
+                    .split(&mut *entry, |data| {
+                        let len = data.len() as u32;
+                        let wanted = prefetch.is_some_and(|l| l.wants_range(&abs_path, offset, len as u64));
+                        pieces.push(Piece { seq: sink.add(data, wanted)?, chunk_offset: 0, len });
+                        offset += len as u64;
+                        Ok::<(), ConvertError>(())
+                    })
+                    .map_err(|e| match e {
+                        SplitError::Read(io) => entry_err(format!("corrupt or truncated: {io}")),
+                        SplitError::Emit(e) => e,
+                    })?
+            };
             if size != expected {
                 return Err(entry_err(format!("has {size} bytes of data, header says {expected}")));
             }
-            NodeKind::File { size, chunks }
+            NodeKind::File { size, pieces }
         }
         other => return Err(entry_err(format!("unsupported tar entry type {other:?}"))),
     };

@@ -40,11 +40,15 @@ pub struct BlobStat {
     pub size: u64,
 }
 
-/// One entry of `naiad inspect --path`.
+/// One entry of `naiad inspect --path`: `size` bytes of the file from
+/// `file_offset` are those of a chunk of `chunk_size` bytes from
+/// `chunk_offset` on (a whole chunk, or a share of a chunk group).
 #[derive(Debug, Serialize)]
 pub struct ChunkListing {
     pub file_offset: u64,
     pub size: u32,
+    pub chunk_offset: u32,
+    pub chunk_size: u32,
     pub blob_index: u32,
     pub blob_offset: u64,
     pub stored_size: u32,
@@ -102,7 +106,9 @@ pub fn file_chunks(bootstrap: &Bootstrap, path: &str) -> Result<Vec<ChunkListing
         .into_iter()
         .map(|c| ChunkListing {
             file_offset: c.file_offset,
-            size: c.chunk.uncompressed_size,
+            size: c.len,
+            chunk_offset: c.chunk_offset,
+            chunk_size: c.chunk.uncompressed_size,
             blob_index: c.chunk.blob_index,
             blob_offset: c.chunk.compressed_offset,
             stored_size: c.chunk.compressed_size,

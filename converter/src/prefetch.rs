@@ -122,11 +122,11 @@ pub fn prefetch_table(list: &PrefetchList, tree: &mut crate::tree::Tree, sink: &
     for (path, wanted) in order {
         let Ok(parts) = split_path(path.trim_start_matches('/').as_bytes()) else { continue };
         let Ok(Some(node)) = tree.lookup(&parts) else { continue };
-        let NodeKind::File { chunks, .. } = &tree.nodes[node].kind else { continue };
+        let NodeKind::File { pieces, .. } = &tree.nodes[node].kind else { continue };
         let mut offset = 0u64;
-        for &seq in chunks {
-            let Some(index) = sink.chunk_index(seq) else { continue };
-            let len = sink.chunks[index as usize].uncompressed_size as u64;
+        for p in pieces {
+            let Some(index) = sink.chunk_index(p.seq) else { continue };
+            let len = p.len as u64;
             let hit = match wanted {
                 Wanted::Whole => true,
                 Wanted::Range { offset: o, length } => offset < o + length && o < offset + len,

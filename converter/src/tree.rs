@@ -50,10 +50,11 @@ pub enum NodeKind {
     Dir {
         children: BTreeMap<Vec<u8>, Entry>,
     },
-    /// `chunks` holds chunk sequence numbers from the [`crate::chunk_sink::ChunkSink`].
+    /// `pieces` say where the file's bytes are, in file order (chunk
+    /// sequence numbers of the [`crate::chunk_sink::ChunkSink`]).
     File {
         size: u64,
-        chunks: Vec<u64>,
+        pieces: Vec<crate::chunk_sink::Piece>,
     },
     Symlink {
         target: Vec<u8>,

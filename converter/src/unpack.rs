@@ -24,7 +24,8 @@ const READ_AHEAD_STORED: u64 = 8 << 20;
 /// Decoded bytes one batch may hold in memory.
 const READ_AHEAD_DECODED: u64 = 64 << 20;
 
-/// The decoded chunks of every regular file, in the order the unpack
+/// The decoded pieces (chunks, or a small file's share of a chunk group) of
+/// every regular file, in the order the unpack
 /// writes the files, read ahead in batches of up to [`READ_AHEAD_STORED`] stored bytes (and
 /// [`READ_AHEAD_DECODED`] decoded ones)
 /// across file boundaries: a batch's chunks of one blob are one call to the
@@ -63,7 +64,7 @@ impl<'a> ChunkStream<'a> {
         Ok(files)
     }
 
-    /// The next chunk's bytes (or why it could not be read).
+    /// The next piece's bytes (or why its chunk could not be read).
     fn next_chunk(&mut self) -> io::Result<Vec<u8>> {
         if self.ready.is_empty() {
             self.fetch_batch()?;
@@ -78,7 +79,11 @@ impl<'a> ChunkStream<'a> {
     fn fetch_batch(&mut self) -> io::Result<()> {
         let b = &self.image.bootstrap;
         let bad = |e: naiad_format::FormatError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
-        let mut batch: Vec<naiad_format::ChunkRecord> = Vec::new();
+        let mut batch: Vec<naiad_format::FileChunk> = Vec::new();
+        // A chunk several files share (a chunk group) is read, decoded and
+        // counted once per batch.
+        let mut unique: Vec<naiad_format::ChunkRecord> = Vec::new();
+        let mut index: HashMap<naiad_format::ChunkDigest, usize> = HashMap::new();
         let (mut stored, mut decoded) = (0u64, 0u64);
         while let Some(&ino) = self.files.get(self.next.0) {
             let count = b.file_chunk_len(ino).map_err(bad)?;
@@ -86,27 +91,27 @@ impl<'a> ChunkStream<'a> {
                 self.next = (self.next.0 + 1, 0);
                 continue;
             }
-            let c = b.file_chunk(ino, self.next.1).map_err(bad)?.chunk;
-            if !batch.is_empty() && (stored + c.compressed_size as u64 > READ_AHEAD_STORED || decoded + c.uncompressed_size as u64 > READ_AHEAD_DECODED) {
-                break;
+            let piece = b.file_chunk(ino, self.next.1).map_err(bad)?;
+            let c = piece.chunk;
+            if let std::collections::hash_map::Entry::Vacant(slot) = index.entry(c.digest) {
+                if !batch.is_empty() && (stored + c.compressed_size as u64 > READ_AHEAD_STORED || decoded + c.uncompressed_size as u64 > READ_AHEAD_DECODED) {
+                    break;
+                }
+                stored += c.compressed_size as u64;
+                decoded += c.uncompressed_size as u64;
+                slot.insert(unique.len());
+                unique.push(c);
             }
-            stored += c.compressed_size as u64;
-            decoded += c.uncompressed_size as u64;
-            batch.push(c);
+            batch.push(piece);
             self.next.1 += 1;
         }
-        // A chunk several files share is read and decoded once per batch.
-        let mut unique: Vec<naiad_format::ChunkRecord> = Vec::new();
-        let mut index: HashMap<naiad_format::ChunkDigest, usize> = HashMap::new();
-        for c in &batch {
-            index.entry(c.digest).or_insert_with(|| {
-                unique.push(*c);
-                unique.len() - 1
-            });
-        }
         let results: Vec<_> = self.image.read_chunks(&unique).into_iter().map(|r| r.map_err(|e| e.to_string())).collect();
-        for c in &batch {
-            self.ready.push_back(results[index[&c.digest]].clone());
+        for piece in &batch {
+            let bytes = match &results[index[&piece.chunk.digest]] {
+                Ok(data) => piece.slice(data).map(<[u8]>::to_vec).ok_or_else(|| format!("chunk {} is shorter than its piece", piece.chunk_index)),
+                Err(e) => Err(e.clone()),
+            };
+            self.ready.push_back(bytes);
         }
         Ok(())
     }

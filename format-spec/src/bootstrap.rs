@@ -2,7 +2,7 @@
 //!
 //! Opening checks the header, the checksum over the whole file and the bounds
 //! of every table; after that, each accessor reads only the records it needs
-//! (an inode is one 64-byte record, a lookup is a binary search over one
+//! (an inode is one 48-byte record, a lookup is a binary search over one
 //! directory's entries), so a daemon answers the kernel without decoding the
 //! whole file. [`Bootstrap::validate`] walks everything once more for
 //! semantic consistency (sorted names, chunk lists that add up, reachable
@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 /// Magic bytes at offset 0 of every bootstrap.
 pub const MAGIC: [u8; 8] = *b"NAIADBS\0";
-pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MAJOR: u16 = 2;
 pub const VERSION_MINOR: u16 = 0;
 /// Size of the fixed header.
 pub const HEADER_SIZE: usize = 256;
@@ -65,12 +65,35 @@ pub struct DirEntry<'a> {
     pub ino: u32,
 }
 
-/// One chunk of a regular file, with where it sits in the file.
+/// One piece of a regular file: its bytes `[file_offset, file_offset + len)`
+/// are those of `chunk` from `chunk_offset` on. The accessors that return
+/// one have checked that the piece lies inside its chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileChunk {
     pub file_offset: u64,
     pub chunk_index: u32,
+    pub chunk_offset: u32,
+    pub len: u32,
     pub chunk: ChunkRecord,
+}
+
+impl FileChunk {
+    /// Where the piece ends in the file.
+    pub fn file_end(&self) -> u64 {
+        self.file_offset + self.len as u64
+    }
+
+    /// Whether the piece is its whole chunk (a large file's chunk, not a
+    /// small file's share of a chunk group).
+    pub fn is_whole_chunk(&self) -> bool {
+        self.chunk_offset == 0 && self.len == self.chunk.uncompressed_size
+    }
+
+    /// The piece's bytes out of its chunk's decoded bytes; `None` when
+    /// `chunk_data` is shorter than the chunk (not its decoded bytes).
+    pub fn slice<'a>(&self, chunk_data: &'a [u8]) -> Option<&'a [u8]> {
+        chunk_data.get(self.chunk_offset as usize..self.chunk_offset as usize + self.len as usize)
+    }
 }
 
 /// The bytes of a bootstrap: owned, or anything else that holds them for
@@ -166,6 +189,12 @@ impl Bootstrap {
         }
         if sections[Table::Inodes as usize].len / InodeRecord::SIZE > u32::MAX as usize - 1 {
             return Err(FormatError::TooLarge("more than 2^32-2 inodes".into()));
+        }
+        if sections[Table::Strings as usize].len > u32::MAX as usize {
+            return Err(FormatError::TooLarge("a string table of 4 GiB or more".into()));
+        }
+        if sections[Table::Blobs as usize].len / BlobRecord::SIZE > MAX_BLOBS as usize {
+            return Err(FormatError::TooLarge(format!("more than {MAX_BLOBS} blobs")));
         }
         let chunking = match read_u32(data, 184) {
             0 => None,
@@ -289,7 +318,7 @@ impl Bootstrap {
 
     fn dirent(&self, index: u64) -> Result<DirEntry<'_>> {
         let d = DirentRecord::decode(self.record(Table::Dirents, index)?);
-        Ok(DirEntry { name: self.string(d.name_offset, d.name_len as u64)?, ino: d.ino })
+        Ok(DirEntry { name: self.string(d.name_offset as u64, d.name_len as u64)?, ino: d.ino })
     }
 
     fn expect_kind(&self, ino: u32, inode: &InodeRecord, kind: InodeKind) -> Result<()> {
@@ -306,14 +335,14 @@ impl Bootstrap {
         if pos >= inode.data_count as u64 {
             return Ok(None);
         }
-        self.dirent(inode.data_first + pos).map(Some)
+        self.dirent(inode.data_first as u64 + pos).map(Some)
     }
 
     /// All entries of directory `dir`, sorted by name.
     pub fn dir_entries(&self, dir: u32) -> Result<Vec<DirEntry<'_>>> {
         let inode = self.inode(dir)?;
         self.expect_kind(dir, &inode, InodeKind::Directory)?;
-        (0..inode.data_count as u64).map(|i| self.dirent(inode.data_first + i)).collect()
+        (0..inode.data_count as u64).map(|i| self.dirent(inode.data_first as u64 + i)).collect()
     }
 
     /// The inode named `name` in directory `dir` (binary search).
@@ -323,7 +352,7 @@ impl Bootstrap {
         let (mut lo, mut hi) = (0u64, inode.data_count as u64);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let e = self.dirent(inode.data_first + mid)?;
+            let e = self.dirent(inode.data_first as u64 + mid)?;
             match e.name.cmp(name) {
                 std::cmp::Ordering::Equal => return Ok(Some(e.ino)),
                 std::cmp::Ordering::Less => lo = mid + 1,
@@ -353,18 +382,31 @@ impl Bootstrap {
     pub fn symlink_target(&self, ino: u32) -> Result<&[u8]> {
         let inode = self.inode(ino)?;
         self.expect_kind(ino, &inode, InodeKind::Symlink)?;
-        self.string(inode.data_first, inode.data_count as u64)
+        self.string(inode.data_first as u64, inode.data_count as u64)
     }
 
     /// The extended attributes of `ino`, as (name, value) pairs.
+    /// The table is sorted by inode: a binary search finds the first.
     pub fn xattrs(&self, ino: u32) -> Result<Vec<(&[u8], &[u8])>> {
-        let inode = self.inode(ino)?;
-        (0..inode.xattr_count as u64)
-            .map(|i| {
-                let x = XattrRecord::decode(self.record(Table::Xattrs, inode.xattr_first as u64 + i)?);
-                Ok((self.string(x.name_offset, x.name_len as u64)?, self.string(x.value_offset, x.value_len as u64)?))
-            })
-            .collect()
+        self.inode(ino)?;
+        let (mut lo, mut hi) = (0u64, self.xattr_count());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if XattrRecord::decode(self.record(Table::Xattrs, mid)?).ino < ino {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut out = Vec::new();
+        for i in lo..self.xattr_count() {
+            let x = XattrRecord::decode(self.record(Table::Xattrs, i)?);
+            if x.ino != ino {
+                break;
+            }
+            out.push((self.string(x.name_offset as u64, x.name_len as u64)?, self.string(x.value_offset as u64, x.value_len as u64)?));
+        }
+        Ok(out)
     }
 
     /// The name of every xattr record in the image (one per inode that
@@ -373,7 +415,7 @@ impl Bootstrap {
         (0..self.xattr_count())
             .map(|i| {
                 let x = XattrRecord::decode(self.record(Table::Xattrs, i)?);
-                self.string(x.name_offset, x.name_len as u64)
+                self.string(x.name_offset as u64, x.name_len as u64)
             })
             .collect()
     }
@@ -392,8 +434,17 @@ impl Bootstrap {
         if pos >= inode.data_count {
             return Err(FormatError::OutOfRange { table: "file-chunk", index: pos as u64, len: inode.data_count as u64 });
         }
-        let r = FileChunkRecord::decode(self.record(Table::FileChunks, inode.data_first + pos as u64)?);
-        Ok(FileChunk { file_offset: r.file_offset, chunk_index: r.chunk_index, chunk: self.chunk(r.chunk_index)? })
+        let first = inode.data_first as u64;
+        let r = FileChunkRecord::decode(self.record(Table::FileChunks, first + pos as u64)?);
+        let end = if pos + 1 < inode.data_count { FileChunkRecord::decode(self.record(Table::FileChunks, first + pos as u64 + 1)?).file_offset } else { inode.size };
+        let chunk = self.chunk(r.chunk_index)?;
+        let bad = |detail: String| FormatError::BadInode { ino, detail };
+        let len =
+            end.checked_sub(r.file_offset).filter(|&l| l > 0).ok_or_else(|| bad(format!("chunk piece {pos} at offset {} is empty or ends before it starts", r.file_offset)))?;
+        if r.chunk_offset as u64 + len > chunk.uncompressed_size as u64 {
+            return Err(bad(format!("chunk piece {pos} ({len} bytes from {}) lies past the end of chunk {} ({} bytes)", r.chunk_offset, r.chunk_index, chunk.uncompressed_size)));
+        }
+        Ok(FileChunk { file_offset: r.file_offset, chunk_index: r.chunk_index, chunk_offset: r.chunk_offset, len: len as u32, chunk })
     }
 
     /// All chunks of regular file `ino`, in file order.
@@ -410,7 +461,7 @@ impl Bootstrap {
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let c = self.file_chunk(ino, mid)?;
-            if c.file_offset + c.chunk.uncompressed_size as u64 <= offset {
+            if c.file_end() <= offset {
                 lo = mid + 1;
             } else {
                 hi = mid;
@@ -476,14 +527,8 @@ impl Bootstrap {
             if rec.uncompressed_size == 0 || rec.uncompressed_size > MAX_CHUNK_SIZE {
                 return Err(bad(format!("uncompressed size {} out of bounds", rec.uncompressed_size)));
             }
-            if rec.compressed_size == 0 || rec.compressed_size > MAX_CHUNK_SIZE {
-                return Err(bad(format!("stored size {} out of bounds", rec.compressed_size)));
-            }
-            if !rec.is_zstd() && rec.compressed_size != rec.uncompressed_size {
-                return Err(bad("raw chunk whose stored and uncompressed sizes differ".into()));
-            }
-            if rec.flags & !CHUNK_FLAG_ZSTD != 0 {
-                return Err(bad(format!("unknown flags {:#x}", rec.flags)));
+            if rec.compressed_size == 0 || rec.compressed_size > rec.uncompressed_size {
+                return Err(bad(format!("stored size {} is 0 or more than the uncompressed size {}", rec.compressed_size, rec.uncompressed_size)));
             }
             let end = rec.compressed_offset.checked_add(rec.compressed_size as u64);
             if end.is_none_or(|e| e > blob.size) {
@@ -492,6 +537,19 @@ impl Bootstrap {
         }
         self.prefetch()?;
         self.check_ranges_disjoint()?;
+        let mut prev_ino = 0;
+        for i in 0..self.xattr_count() {
+            let x = XattrRecord::decode(self.record(Table::Xattrs, i)?);
+            if x.ino < prev_ino || x.ino == 0 || x.ino > n_inodes {
+                return Err(FormatError::BadTable {
+                    table: "xattr",
+                    detail: format!("record {i} names inode {} (the table must be sorted by inode, within 1..={n_inodes})", x.ino),
+                });
+            }
+            prev_ino = x.ino;
+            self.string(x.name_offset as u64, x.name_len as u64)?;
+            self.string(x.value_offset as u64, x.value_len as u64)?;
+        }
 
         // Walk the tree from the root: every inode must be reached, every
         // directory exactly once, and every link count must match.
@@ -506,8 +564,8 @@ impl Bootstrap {
             }
             let inode = self.inode(dir)?;
             let bad = |detail: String| FormatError::BadInode { ino: dir, detail };
-            let end = inode.data_first.checked_add(inode.data_count as u64);
-            if end.is_none_or(|e| e > self.dirent_count()) {
+            let end = inode.data_first as u64 + inode.data_count as u64;
+            if end > self.dirent_count() {
                 return Err(bad("directory entries lie outside the dirent table".into()));
             }
             let mut prev: Option<&[u8]> = None;
@@ -547,7 +605,6 @@ impl Bootstrap {
             if inode.parent == 0 || inode.parent > n_inodes {
                 return Err(bad(format!("parent {} out of range", inode.parent)));
             }
-            self.xattrs(ino)?;
             let expected_nlink = match kind {
                 InodeKind::Directory => {
                     if !seen_dir[ino as usize] {
@@ -567,16 +624,18 @@ impl Bootstrap {
             }
             match kind {
                 InodeKind::RegularFile => {
-                    let end = inode.data_first.checked_add(inode.data_count as u64);
-                    if end.is_none_or(|e| e > self.file_chunk_count()) {
+                    if inode.data_first as u64 + inode.data_count as u64 > self.file_chunk_count() {
                         return Err(bad("chunk list lies outside the file-chunk table".into()));
                     }
+                    // Each piece ends where the next starts (file_chunk checks
+                    // it is not empty and lies in its chunk), so the pieces
+                    // cover [0, size) when the first starts at 0.
                     let mut next = 0u64;
                     for c in self.file_chunks(ino)? {
                         if c.file_offset != next {
                             return Err(bad(format!("chunk list has a gap or overlap at offset {}", c.file_offset)));
                         }
-                        next = c.file_offset.checked_add(c.chunk.uncompressed_size as u64).ok_or_else(|| bad("size overflows".into()))?;
+                        next = c.file_end();
                     }
                     if next != inode.size {
                         return Err(bad(format!("chunks cover {} bytes but the size is {}", next, inode.size)));
@@ -601,25 +660,23 @@ impl Bootstrap {
 }
 
 impl Bootstrap {
-    /// The dirent ranges of directories, the file-chunk ranges of regular
-    /// files and the xattr ranges of all inodes must not overlap within
-    /// their table (SPEC 2.x): each record belongs to one inode. That keeps
+    /// The dirent ranges of directories and the file-chunk ranges of
+    /// regular files must not overlap within their table (SPEC 2.x): each
+    /// record belongs to one inode. That keeps
     /// validation linear: walking every inode's range then reads each
     /// record once, however the ranges are crafted.
     fn check_ranges_disjoint(&self) -> Result<()> {
         let mut dirents = Vec::new();
         let mut file_chunks = Vec::new();
-        let mut xattrs = Vec::new();
         for ino in 1..=self.inode_count() {
             let inode = self.inode(ino)?;
             match inode.kind() {
-                Some(InodeKind::Directory) => dirents.push((inode.data_first, inode.data_count as u64, ino)),
-                Some(InodeKind::RegularFile) => file_chunks.push((inode.data_first, inode.data_count as u64, ino)),
+                Some(InodeKind::Directory) => dirents.push((inode.data_first as u64, inode.data_count as u64, ino)),
+                Some(InodeKind::RegularFile) => file_chunks.push((inode.data_first as u64, inode.data_count as u64, ino)),
                 _ => {}
             }
-            xattrs.push((inode.xattr_first as u64, inode.xattr_count as u64, ino));
         }
-        for (table, mut ranges) in [("dirent", dirents), ("file-chunk", file_chunks), ("xattr", xattrs)] {
+        for (table, mut ranges) in [("dirent", dirents), ("file-chunk", file_chunks)] {
             ranges.retain(|r| r.1 > 0);
             ranges.sort_unstable();
             for pair in ranges.windows(2) {

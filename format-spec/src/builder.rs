@@ -25,7 +25,7 @@ pub struct BootstrapBuilder {
     pub prefetch: Vec<u32>,
     pub chunking: Option<ChunkingParams>,
     strings: Vec<u8>,
-    interned: HashMap<Vec<u8>, u64>,
+    interned: HashMap<Vec<u8>, u32>,
 }
 
 impl BootstrapBuilder {
@@ -33,37 +33,59 @@ impl BootstrapBuilder {
         BootstrapBuilder { chunking, ..Default::default() }
     }
 
-    /// Stores `s` in the string table once and returns its offset.
-    pub fn intern(&mut self, s: &[u8]) -> u64 {
+    /// Stores `s` in the string table once and returns its offset. Offsets
+    /// are 32 bits: [`BootstrapBuilder::finish`] refuses a table that grew
+    /// to 4 GiB.
+    pub fn intern(&mut self, s: &[u8]) -> u32 {
         if let Some(&off) = self.interned.get(s) {
             return off;
         }
-        let off = self.strings.len() as u64;
+        let off = self.strings.len().min(u32::MAX as usize) as u32;
         self.strings.extend_from_slice(s);
         self.interned.insert(s.to_vec(), off);
         off
     }
 
-    /// Adds an xattr record for `name`=`value` and returns its index.
-    pub fn push_xattr(&mut self, name: &[u8], value: &[u8]) -> u32 {
+    /// Adds an xattr record `name`=`value` of inode `ino`. Inodes must come
+    /// in ascending order (the table is sorted by inode).
+    pub fn push_xattr(&mut self, ino: u32, name: &[u8], value: &[u8]) {
         let name_offset = self.intern(name);
         let value_offset = self.intern(value);
-        self.xattrs.push(XattrRecord { name_offset, value_offset, name_len: name.len() as u32, value_len: value.len() as u32 });
-        (self.xattrs.len() - 1) as u32
+        self.xattrs.push(XattrRecord { ino, name_offset, value_offset, name_len: name.len() as u32, value_len: value.len() as u32 });
     }
 
     /// Adds a directory entry record and returns its index.
-    pub fn push_dirent(&mut self, name: &[u8], ino: u32) -> u64 {
+    pub fn push_dirent(&mut self, name: &[u8], ino: u32) -> u32 {
         let name_offset = self.intern(name);
         self.dirents.push(DirentRecord { name_offset, ino, name_len: name.len().min(u16::MAX as usize) as u16 });
-        (self.dirents.len() - 1) as u64
+        (self.dirents.len() - 1) as u32
     }
 
     /// Writes the bootstrap file and checks it decodes and validates.
     pub fn finish(&self) -> Result<Vec<u8>> {
+        self.check_limits()?;
         let out = self.encode();
         Bootstrap::from_bytes(out.clone())?.validate()?;
         Ok(out)
+    }
+
+    /// What the record widths cannot hold (SPEC 2.x): refused here rather
+    /// than truncated by the encoding.
+    fn check_limits(&self) -> Result<()> {
+        let too_large = |what: String| Err(crate::FormatError::TooLarge(what));
+        if self.strings.len() > u32::MAX as usize {
+            return too_large("a string table of 4 GiB or more".into());
+        }
+        if self.dirents.len() > u32::MAX as usize || self.file_chunks.len() > u32::MAX as usize {
+            return too_large("more than 2^32 directory entries or chunk pieces".into());
+        }
+        if self.blobs.len() > MAX_BLOBS as usize {
+            return too_large(format!("more than {MAX_BLOBS} blobs"));
+        }
+        if let Some(c) = self.chunks.iter().find(|c| c.compressed_offset > MAX_BLOB_OFFSET) {
+            return too_large(format!("a chunk at blob offset {} (past 2^48)", c.compressed_offset));
+        }
+        Ok(())
     }
 
     /// Writes the bootstrap file as the records say, valid or not (sealed

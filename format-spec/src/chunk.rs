@@ -4,17 +4,16 @@
 
 use crate::bootstrap::hex;
 use crate::error::{FormatError, Result};
-use crate::records::{ChunkDigest, ChunkRecord, CHUNK_FLAG_ZSTD};
+use crate::records::{ChunkDigest, ChunkRecord};
 
 /// A chunk ready to be appended to a blob.
 #[derive(Debug, Clone)]
 pub struct EncodedChunk {
     pub digest: ChunkDigest,
     pub uncompressed_size: u32,
-    /// The bytes to store: a zstd frame, or the raw data.
+    /// The bytes to store: a zstd frame (fewer bytes than the data), or the
+    /// raw data.
     pub stored: Vec<u8>,
-    /// Value for [`ChunkRecord::flags`].
-    pub flags: u32,
 }
 
 /// Hashes and compresses `data` at zstd `level`, keeping the raw bytes when
@@ -22,11 +21,8 @@ pub struct EncodedChunk {
 pub fn encode_chunk(data: &[u8], level: i32) -> EncodedChunk {
     let digest = *blake3::hash(data).as_bytes();
     let compressed = zstd::bulk::compress(data, level).ok().filter(|c| c.len() < data.len());
-    let (stored, flags) = match compressed {
-        Some(c) => (c, CHUNK_FLAG_ZSTD),
-        None => (data.to_vec(), 0),
-    };
-    EncodedChunk { digest, uncompressed_size: data.len() as u32, stored, flags }
+    let stored = compressed.unwrap_or_else(|| data.to_vec());
+    EncodedChunk { digest, uncompressed_size: data.len() as u32, stored }
 }
 
 /// Decodes the stored bytes of `chunk` and checks size and digest.
@@ -35,7 +31,7 @@ pub fn decode_chunk(stored: &[u8], chunk: &ChunkRecord) -> Result<Vec<u8>> {
     if stored.len() != chunk.compressed_size as usize {
         return Err(bad(format!("read {} stored bytes, expected {}", stored.len(), chunk.compressed_size)));
     }
-    let data = if chunk.flags & CHUNK_FLAG_ZSTD != 0 {
+    let data = if chunk.is_zstd() {
         // One decompression context per thread, not one per chunk.
         thread_local! {
             static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };

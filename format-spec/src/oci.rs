@@ -17,4 +17,4 @@ pub const ANNOTATION_BOOTSTRAP_DIGEST: &str = "org.naiad.bootstrap.uncompressed-
 /// Annotation on the manifest: the source image's manifest digest.
 pub const ANNOTATION_SOURCE_DIGEST: &str = "org.naiad.source.digest";
 /// Value of [`ANNOTATION_FORMAT`] for this version.
-pub const FORMAT_VERSION: &str = "1";
+pub const FORMAT_VERSION: &str = "2";

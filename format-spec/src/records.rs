@@ -81,9 +81,9 @@ impl InodeKind {
     }
 }
 
-/// One inode (64 bytes). The meaning of `data_first`/`data_count` depends on
+/// One inode (48 bytes). The meaning of `data_first`/`data_count` depends on
 /// the kind: a directory's dirents, a regular file's chunk list, a symlink's
-/// target in the string table, a device's number.
+/// target in the string table, a device's major and minor number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct InodeRecord {
     /// Full `st_mode`: file type bits and permission bits (incl. setuid, setgid, sticky).
@@ -99,18 +99,15 @@ pub struct InodeRecord {
     /// Inode number of the directory holding this inode's first entry.
     pub parent: u32,
     /// Directory: first dirent index. Regular file: first file-chunk index.
-    /// Symlink: string offset of the target. Device: `major << 32 | minor`.
-    pub data_first: u64,
-    /// Directory: number of dirents. Regular file: number of chunks.
-    /// Symlink: target length. Others: 0.
+    /// Symlink: string offset of the target. Device: major number.
+    pub data_first: u32,
+    /// Directory: number of dirents. Regular file: number of chunk pieces.
+    /// Symlink: target length. Device: minor number. Others: 0.
     pub data_count: u32,
-    /// Number of xattrs, starting at xattr index `xattr_first`.
-    pub xattr_count: u32,
-    pub xattr_first: u32,
 }
 
 impl InodeRecord {
-    pub const SIZE: usize = 64;
+    pub const SIZE: usize = 48;
 
     pub fn kind(&self) -> Option<InodeKind> {
         InodeKind::from_mode(self.mode)
@@ -118,7 +115,7 @@ impl InodeRecord {
 
     /// Device major and minor numbers (meaningful for device inodes only).
     pub fn rdev(&self) -> (u32, u32) {
-        ((self.data_first >> 32) as u32, self.data_first as u32)
+        (self.data_first, self.data_count)
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -132,9 +129,6 @@ impl InodeRecord {
         out.extend_from_slice(&self.parent.to_le_bytes());
         out.extend_from_slice(&self.data_first.to_le_bytes());
         out.extend_from_slice(&self.data_count.to_le_bytes());
-        out.extend_from_slice(&self.xattr_count.to_le_bytes());
-        out.extend_from_slice(&self.xattr_first.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
     }
 
     pub fn decode(b: &[u8]) -> Self {
@@ -148,25 +142,23 @@ impl InodeRecord {
             mtime_sec: f.i64(24),
             mtime_nsec: f.u32(32),
             parent: f.u32(36),
-            data_first: f.u64(40),
-            data_count: f.u32(48),
-            xattr_count: f.u32(52),
-            xattr_first: f.u32(56),
+            data_first: f.u32(40),
+            data_count: f.u32(44),
         }
     }
 }
 
-/// One directory entry (16 bytes): a name in the string table and the inode
+/// One directory entry (12 bytes): a name in the string table and the inode
 /// it names. A directory's entries are contiguous and sorted by name bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DirentRecord {
-    pub name_offset: u64,
+    pub name_offset: u32,
     pub ino: u32,
     pub name_len: u16,
 }
 
 impl DirentRecord {
-    pub const SIZE: usize = 16;
+    pub const SIZE: usize = 12;
 
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.name_offset.to_le_bytes());
@@ -177,16 +169,20 @@ impl DirentRecord {
 
     pub fn decode(b: &[u8]) -> Self {
         let f = Fields(b);
-        DirentRecord { name_offset: f.u64(0), ino: f.u32(8), name_len: f.u16(12) }
+        DirentRecord { name_offset: f.u32(0), ino: f.u32(4), name_len: f.u16(8) }
     }
 }
 
-/// One entry of a regular file's chunk list (16 bytes): the chunk that holds
-/// the file's bytes from `file_offset` on.
+/// One piece of a regular file (16 bytes): from `file_offset` on, the file's
+/// bytes are those of chunk `chunk_index` from `chunk_offset` on. A piece
+/// ends where the next one starts (the last one at the file's size). A large
+/// file's pieces are whole chunks (`chunk_offset` 0); small files share
+/// chunks (chunk groups), each file a piece of one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FileChunkRecord {
     pub file_offset: u64,
     pub chunk_index: u32,
+    pub chunk_offset: u32,
 }
 
 impl FileChunkRecord {
@@ -195,51 +191,54 @@ impl FileChunkRecord {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.file_offset.to_le_bytes());
         out.extend_from_slice(&self.chunk_index.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.chunk_offset.to_le_bytes());
     }
 
     pub fn decode(b: &[u8]) -> Self {
         let f = Fields(b);
-        FileChunkRecord { file_offset: f.u64(0), chunk_index: f.u32(8) }
+        FileChunkRecord { file_offset: f.u64(0), chunk_index: f.u32(8), chunk_offset: f.u32(12) }
     }
 }
 
-/// Chunk flag: the stored bytes are one zstd frame (otherwise raw).
-pub const CHUNK_FLAG_ZSTD: u32 = 1;
+/// Largest blob offset a chunk record can hold (48 bits).
+pub const MAX_BLOB_OFFSET: u64 = (1 << 48) - 1;
+/// Most blobs a bootstrap can name (blob indexes are 16 bits).
+pub const MAX_BLOBS: u32 = 1 << 16;
 
-/// One unique chunk (56 bytes): where its stored bytes are and what they
-/// must decode to.
+/// One unique chunk (48 bytes): where its stored bytes are and what they
+/// must decode to. The stored bytes are one zstd frame when they are fewer
+/// than the uncompressed bytes, and the raw bytes when they are as many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ChunkRecord {
     /// blake3 of the uncompressed bytes.
     pub digest: ChunkDigest,
-    /// Offset of the stored bytes inside the blob.
+    /// Offset of the stored bytes inside the blob (at most [`MAX_BLOB_OFFSET`]).
     pub compressed_offset: u64,
+    /// Index into the blob table (below [`MAX_BLOBS`]).
     pub blob_index: u32,
     pub compressed_size: u32,
     pub uncompressed_size: u32,
-    pub flags: u32,
 }
 
 impl ChunkRecord {
-    pub const SIZE: usize = 56;
+    pub const SIZE: usize = 48;
 
+    /// Whether the stored bytes are a zstd frame (fewer than the data's).
     pub fn is_zstd(&self) -> bool {
-        self.flags & CHUNK_FLAG_ZSTD != 0
+        self.compressed_size < self.uncompressed_size
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.digest);
-        out.extend_from_slice(&self.compressed_offset.to_le_bytes());
-        out.extend_from_slice(&self.blob_index.to_le_bytes());
+        out.extend_from_slice(&self.compressed_offset.to_le_bytes()[..6]);
+        out.extend_from_slice(&(self.blob_index as u16).to_le_bytes());
         out.extend_from_slice(&self.compressed_size.to_le_bytes());
         out.extend_from_slice(&self.uncompressed_size.to_le_bytes());
-        out.extend_from_slice(&self.flags.to_le_bytes());
     }
 
     pub fn decode(b: &[u8]) -> Self {
         let f = Fields(b);
-        ChunkRecord { digest: f.bytes32(0), compressed_offset: f.u64(32), blob_index: f.u32(40), compressed_size: f.u32(44), uncompressed_size: f.u32(48), flags: f.u32(52) }
+        ChunkRecord { digest: f.bytes32(0), compressed_offset: f.u64(32) & MAX_BLOB_OFFSET, blob_index: f.u16(38) as u32, compressed_size: f.u32(40), uncompressed_size: f.u32(44) }
     }
 }
 
@@ -276,19 +275,24 @@ impl BlobRecord {
     }
 }
 
-/// One extended attribute (24 bytes): name and value in the string table.
+/// One extended attribute (20 bytes): the inode it belongs to, and its name
+/// and value in the string table. The table is sorted by inode, so an
+/// inode's xattrs are found by binary search and inodes without any cost
+/// nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct XattrRecord {
-    pub name_offset: u64,
-    pub value_offset: u64,
+    pub ino: u32,
+    pub name_offset: u32,
+    pub value_offset: u32,
     pub name_len: u32,
     pub value_len: u32,
 }
 
 impl XattrRecord {
-    pub const SIZE: usize = 24;
+    pub const SIZE: usize = 20;
 
     pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.ino.to_le_bytes());
         out.extend_from_slice(&self.name_offset.to_le_bytes());
         out.extend_from_slice(&self.value_offset.to_le_bytes());
         out.extend_from_slice(&self.name_len.to_le_bytes());
@@ -297,7 +301,7 @@ impl XattrRecord {
 
     pub fn decode(b: &[u8]) -> Self {
         let f = Fields(b);
-        XattrRecord { name_offset: f.u64(0), value_offset: f.u64(8), name_len: f.u32(16), value_len: f.u32(20) }
+        XattrRecord { ino: f.u32(0), name_offset: f.u32(4), value_offset: f.u32(8), name_len: f.u32(12), value_len: f.u32(16) }
     }
 }
 

@@ -117,14 +117,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Inner {
     /// The size and chunks of regular file `ino`, if it is one worth a
-    /// backing file.
+    /// backing file: large, and made of whole chunks (a share of a chunk
+    /// group, a small file's, could not be verified on its own).
     fn file(&self, ino: u32) -> Option<(u64, Vec<FileChunk>)> {
         let b = &self.image.bootstrap;
         let r = b.inode(ino).ok()?;
         if r.kind() != Some(InodeKind::RegularFile) || r.size < MIN_BACKING_SIZE {
             return None;
         }
-        Some((r.size, b.file_chunks(ino).ok()?))
+        let chunks = b.file_chunks(ino).ok()?;
+        chunks.iter().all(FileChunk::is_whole_chunk).then_some((r.size, chunks))
     }
 
     fn open(&self, ino: u32) -> Option<(File, FileKey)> {

@@ -500,7 +500,7 @@ mod tests {
         for i in 0..n {
             let data = vec![i as u8; 1000];
             let digest = *blake3::hash(&data).as_bytes();
-            records.push(ChunkRecord { digest, compressed_offset: i as u64 * 1000, compressed_size: 1000, uncompressed_size: 1000, blob_index: 0, flags: 0 });
+            records.push(ChunkRecord { digest, compressed_offset: i as u64 * 1000, compressed_size: 1000, uncompressed_size: 1000, blob_index: 0 });
             map.insert(digest, data);
         }
         (records, map)
@@ -578,7 +578,6 @@ mod tests {
                 compressed_offset: offset,
                 compressed_size: enc.stored.len() as u32,
                 uncompressed_size: enc.uncompressed_size,
-                flags: enc.flags,
             };
             offset += enc.stored.len() as u64;
             records.push(rec);

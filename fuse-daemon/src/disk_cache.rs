@@ -856,7 +856,6 @@ impl Drop for DiskCache {
 mod tests {
     use super::*;
     use naiad_format::encode_chunk;
-    use naiad_format::records::CHUNK_FLAG_ZSTD;
 
     /// A blob of `chunks` chunks (compressible ones stored as zstd), laid
     /// out one after another from `base`: (records, stored bytes, data).
@@ -872,7 +871,6 @@ mod tests {
                     compressed_offset: offset,
                     compressed_size: enc.stored.len() as u32,
                     uncompressed_size: enc.uncompressed_size,
-                    flags: enc.flags,
                 };
                 offset += enc.stored.len() as u64 + 7;
                 (rec, enc.stored, data)
@@ -895,7 +893,7 @@ mod tests {
         let a = blob_chunks(1, 4, 100);
         let b = blob_chunks(2, 4, 0);
         let c = blob_chunks(3, 4, 50);
-        assert!(a.iter().any(|c| c.0.flags & CHUNK_FLAG_ZSTD != 0) && a.iter().any(|c| c.0.flags & CHUNK_FLAG_ZSTD == 0));
+        assert!(a.iter().any(|c| c.0.is_zstd()) && a.iter().any(|c| !c.0.is_zstd()));
         let size = |v: &[(ChunkRecord, Vec<u8>, Vec<u8>)]| v.iter().map(|c| c.1.len() as u64).sum::<u64>();
         let cap = size(&a) + size(&b) + size(&c) - 1;
         {
@@ -1134,7 +1132,6 @@ mod tests {
                             compressed_offset: (t * count + i) * chunk_bytes,
                             compressed_size: chunk_bytes as u32,
                             uncompressed_size: chunk_bytes as u32,
-                            flags: 0,
                         };
                         cache.put(A, &rec, data.clone(), Arc::new(data));
                         assert!(lock(&cache.shared.queue).bytes <= limit);

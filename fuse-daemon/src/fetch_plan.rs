@@ -74,7 +74,7 @@ mod tests {
     use super::*;
 
     fn chunk(n: u8, blob: u32, offset: u64, size: u32) -> ChunkRecord {
-        ChunkRecord { digest: [n; 32], blob_index: blob, compressed_offset: offset, compressed_size: size, uncompressed_size: size, flags: 0 }
+        ChunkRecord { digest: [n; 32], blob_index: blob, compressed_offset: offset, compressed_size: size, uncompressed_size: size }
     }
 
     #[test]

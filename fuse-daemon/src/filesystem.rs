@@ -115,13 +115,19 @@ impl ReadJob {
                     return reply.error(Errno::EIO);
                 }
             };
-            let c_end = c.file_offset + data.len() as u64;
+            // The file's piece of the chunk (all of it, or a small file's
+            // share of a chunk group); the bootstrap checked it lies inside.
+            let Some(piece) = c.slice(&data) else {
+                tracing::error!("inode {ino}: chunk {} decoded to fewer bytes than its piece", c.chunk_index);
+                inc(&counters.read_errors);
+                return reply.error(Errno::EIO);
+            };
             let from = offset.max(c.file_offset);
-            let to = end.min(c_end);
+            let to = end.min(c.file_end());
             if from >= to {
                 continue;
             }
-            let slice = &data[(from - c.file_offset) as usize..(to - c.file_offset) as usize];
+            let slice = &piece[(from - c.file_offset) as usize..(to - c.file_offset) as usize];
             if chunks.len() == 1 {
                 // The common case: answer straight from the cached chunk.
                 add(&counters.read_bytes, slice.len() as u64);
@@ -237,13 +243,14 @@ impl NaiadFs {
     /// `st_blocks` of a regular file: its chunks that are not all zeros
     /// (holes of a sparse file, or zeros a writer stored), in 512-byte
     /// units. A chunk can only be zeros if it compresses to almost nothing;
-    /// only those are compared with the digest of that many zeros.
+    /// only those are compared with the digest of that many zeros. A share
+    /// of a chunk group counts as data.
     fn allocated_blocks(&self, i: u32, r: &InodeRecord) -> Result<u64, Errno> {
         let chunks = self.bootstrap().file_chunks(i).map_err(|_| Errno::EIO)?;
         let mut data = 0u64;
         for c in &chunks {
-            let len = c.chunk.uncompressed_size;
-            let maybe_zeros = c.chunk.is_zstd() && (c.chunk.compressed_size as u64) * 256 < len as u64;
+            let len = c.len;
+            let maybe_zeros = c.is_whole_chunk() && c.chunk.is_zstd() && (c.chunk.compressed_size as u64) * 256 < len as u64;
             let zeros = maybe_zeros && {
                 let mut known = self.zero_digests.lock().unwrap_or_else(|p| p.into_inner());
                 *known.entry(len).or_insert_with(|| *blake3::hash(&vec![0u8; len as usize]).as_bytes()) == c.chunk.digest

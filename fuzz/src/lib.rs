@@ -46,11 +46,11 @@ pub fn chunk(data: &[u8]) {
     if data.len() < 8 {
         return;
     }
-    let flags = data[0] as u32 & 1;
-    let size = u32::from_le_bytes([data[1], data[2], data[3], 0]);
+    // The first byte picks raw (the sizes agree) or zstd (a size from the input).
     let stored = &data[8..];
+    let size = if data[0] & 1 == 0 { stored.len() as u32 } else { u32::from_le_bytes([data[1], data[2], data[3], 0]) };
     let digest = *blake3::hash(stored).as_bytes();
-    let rec = ChunkRecord { digest, compressed_offset: 0, blob_index: 0, compressed_size: stored.len() as u32, uncompressed_size: size, flags };
+    let rec = ChunkRecord { digest, compressed_offset: 0, blob_index: 0, compressed_size: stored.len() as u32, uncompressed_size: size };
     let _ = decode_chunk(stored, &rec);
 }
 

@@ -53,6 +53,15 @@ pub struct ConvertFlags {
     pub cdc_avg: u64,
     #[arg(long, default_value = "256K", value_parser = parse_size)]
     pub cdc_max: u64,
+    /// Regular files smaller than this are packed together into shared
+    /// chunks (chunk groups), so a tree of small files compresses like a
+    /// tar and costs one chunk record per group; 0 gives every file chunks
+    /// of its own.
+    #[arg(long, default_value = "16K", value_parser = parse_size)]
+    pub small_files: u64,
+    /// Uncompressed size of a chunk group of small files.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub group_size: u64,
     /// zstd compression level for chunks (1-22).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
@@ -97,8 +106,15 @@ impl ConvertFlags {
                 Chunking::ContentDefined { min: to_u32(self.cdc_min, "--cdc-min")?, avg: to_u32(self.cdc_avg, "--cdc-avg")?, max: to_u32(self.cdc_max, "--cdc-max")? }
             }
         };
-        let mut opts =
-            ConvertOptions { chunking, zstd_level: self.zstd_level, prefetch_zstd_level: self.prefetch_zstd_level, registry: self.registry.options()?, ..Default::default() };
+        let mut opts = ConvertOptions {
+            chunking,
+            zstd_level: self.zstd_level,
+            prefetch_zstd_level: self.prefetch_zstd_level,
+            small_file_max: to_u32(self.small_files, "--small-files")?,
+            group_size: to_u32(self.group_size, "--group-size")?,
+            registry: self.registry.options()?,
+            ..Default::default()
+        };
         if !self.quiet && std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(0);
             bar.set_style(

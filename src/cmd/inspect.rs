@@ -28,9 +28,20 @@ pub fn run(a: InspectArgs) -> Result<i32> {
         if a.json {
             outln!("{}", serde_json::to_string_pretty(&chunks)?);
         } else {
-            outln!("{:>12} {:>8} {:>5} {:>12} {:>8} {:>5}  digest", "offset", "size", "blob", "blob_off", "stored", "zstd");
+            outln!("{:>12} {:>8} {:>9} {:>8} {:>5} {:>12} {:>8} {:>5}  digest", "offset", "size", "chunk_off", "chunk", "blob", "blob_off", "stored", "zstd");
             for c in chunks {
-                outln!("{:>12} {:>8} {:>5} {:>12} {:>8} {:>5}  {}", c.file_offset, c.size, c.blob_index, c.blob_offset, c.stored_size, c.compressed, c.digest);
+                outln!(
+                    "{:>12} {:>8} {:>9} {:>8} {:>5} {:>12} {:>8} {:>5}  {}",
+                    c.file_offset,
+                    c.size,
+                    c.chunk_offset,
+                    c.chunk_size,
+                    c.blob_index,
+                    c.blob_offset,
+                    c.stored_size,
+                    c.compressed,
+                    c.digest
+                );
             }
         }
         return Ok(0);

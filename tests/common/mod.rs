@@ -771,7 +771,7 @@ const LAYER_DESCRIPTIONS: [&str; 4] = [
 
 /// Writes an OCI image layout at `layout` (replacing it) from layer tars;
 /// returns (manifest digest, config digest, layers).
-fn write_layout(layout: &Path, tars: Vec<(&'static str, Vec<u8>)>, compression: Compression) -> (String, String, Vec<GeneratedLayer>) {
+pub fn write_layout(layout: &Path, tars: Vec<(&'static str, Vec<u8>)>, compression: Compression) -> (String, String, Vec<GeneratedLayer>) {
     if layout.exists() {
         fs::remove_dir_all(layout).unwrap_or_else(|e| panic!("cannot remove old {}: {e}", layout.display()));
     }
