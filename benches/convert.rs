@@ -1,11 +1,20 @@
 //! Conversion benchmark: `cargo bench --bench convert`.
 //!
-//! On the debootstrap-built Debian image (tests/common builds and caches
-//! it), converts with fixed 1 MiB chunks and with content-defined chunks
-//! around 64 KiB, from gzip and from zstd layers, and prints throughput
-//! (MB/s of uncompressed layer data) and bootstrap bytes per file. Then it
-//! converts a layer holding one 3 GiB file and prints the converter's peak
-//! RSS (skip with NAIAD_BENCH_SKIP_BIG=1).
+//! - The debootstrap-built Debian python3 image (tests/common builds and
+//!   caches it), converted by the `naiad` binary with its defaults, from
+//!   gzip and from zstd layers: median of 3 of the conversion time naiad
+//!   reports, as MB/s of file data (uncompressed file bytes of all layers).
+//!   With `NAIAD_BENCH_BASELINE=/path/to/naiad` (an older build, for
+//!   example from `scripts/build-baseline.sh REV`), that binary is measured
+//!   in the same run, runs interleaved, and the ratio printed.
+//! - Chunking modes: fixed 1 MiB and content-defined around 64 KiB, through
+//!   the library, best of 3, with bootstrap bytes per inode.
+//! - A layer holding one Django release (the wheel from PyPI installed as
+//!   files, tar + gzip -6), converted alone: chunk blob + compressed
+//!   bootstrap against the gzip layer, with chunk groups (the default) and
+//!   without (`--small-files 0`). Skip with NAIAD_BENCH_SKIP_DJANGO=1.
+//! - A layer holding one 3 GiB file: the converter's peak RSS (skip with
+//!   NAIAD_BENCH_SKIP_BIG=1).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -20,9 +29,119 @@ use sha2::{Digest, Sha256};
 
 const RUNS: usize = 3;
 
+/// `BIN convert SRC oci:DST:naiad --json ARGS`: its JSON summary.
+fn convert_with(bin: &Path, src: &str, dst: &Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(bin).args(["convert", src, &format!("oci:{}:naiad", dst.display()), "--json", "--quiet"]).args(args).output().expect("run naiad");
+    assert!(out.status.success(), "{} convert {src}: {}", bin.display(), String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(dst);
+    serde_json::from_slice(&out.stdout).expect("convert --json")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The python3 image converted with the defaults, by this build and (with
+/// NAIAD_BENCH_BASELINE) by a baseline build, interleaved.
+fn defaults_speed(deb: &common::DebianImage, scratch: &Path) {
+    let current = std::path::PathBuf::from(env!("CARGO_BIN_EXE_naiad"));
+    let baseline = std::env::var_os("NAIAD_BENCH_BASELINE").map(std::path::PathBuf::from);
+    println!("python3 image, default options, `naiad convert` (median of {RUNS}; MB/s of file data)");
+    println!("{:<8} {:<10} {:>9} {:>9} {:>10} {:>11}", "layers", "build", "MB in", "seconds", "MB/s", "vs baseline");
+    for (name, layout) in [("gzip", &deb.layout), ("zstd", &deb.layout_zstd)] {
+        let src = format!("oci:{}:latest", layout.display());
+        let mut times: Vec<(String, Vec<f64>, f64)> = Vec::new();
+        let builds: Vec<(&str, &Path)> = std::iter::once(("current", current.as_path())).chain(baseline.as_deref().map(|b| ("baseline", b))).collect();
+        for (label, _) in &builds {
+            times.push((label.to_string(), Vec::new(), 0.0));
+        }
+        for run in 0..RUNS {
+            for (i, (_, bin)) in builds.iter().enumerate() {
+                let s = convert_with(bin, &src, &scratch.join(format!("speed-{name}-{i}-{run}")), &[]);
+                times[i].1.push(s["seconds"].as_f64().expect("seconds"));
+                times[i].2 = s["bytes_in"].as_f64().expect("bytes_in");
+            }
+        }
+        let base = times.get(1).map(|(_, t, _)| median(t.clone()));
+        for (label, t, bytes) in &times {
+            let m = median(t.clone());
+            let ratio = base.map(|b| format!("{:.2}x", b / m)).unwrap_or_else(|| "-".into());
+            println!("{:<8} {:<10} {:>9.1} {:>9.3} {:>10.1} {:>11}", name, label, bytes / 1e6, m, bytes / 1e6 / m, ratio);
+        }
+    }
+    println!();
+}
+
+/// A layout holding one layer: a Django release from PyPI (the wheel's
+/// files under usr/local/lib/python3.11/site-packages), tar + gzip -6.
+/// Cached under the fixtures directory.
+fn django_layer() -> (std::path::PathBuf, u64, usize) {
+    const VERSION: &str = "4.2.16";
+    let dir = common::fixtures_dir().join(format!("django-{VERSION}"));
+    let layout = dir.join("layout");
+    if !layout.join("index.json").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let st = std::process::Command::new("python3")
+            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", &format!("django=={VERSION}"), "-d"])
+            .arg(&dir)
+            .status()
+            .expect("pip");
+        assert!(st.success(), "pip download django=={VERSION} failed");
+        let wheel = dir.join(format!("Django-{VERSION}-py3-none-any.whl"));
+        let root = dir.join("root");
+        let site = root.join("usr/local/lib/python3.11/site-packages");
+        std::fs::create_dir_all(&site).expect("mkdir");
+        let st = std::process::Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&site).status().expect("unzip");
+        assert!(st.success(), "unpacking {}", wheel.display());
+        let tar = dir.join("layer.tar");
+        let st = std::process::Command::new("tar")
+            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@1700000000", "-C"])
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("usr")
+            .status()
+            .expect("tar");
+        assert!(st.success());
+        let tmp = dir.join("layout.tmp");
+        common::write_layout(&tmp, vec![("django", std::fs::read(&tar).expect("read tar"))], common::Compression::Gzip);
+        std::fs::rename(&tmp, &layout).expect("rename");
+    }
+    let json = |p: std::path::PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).expect("json") };
+    let index = json(layout.join("index.json"));
+    let digest = index["manifests"][0]["digest"].as_str().expect("manifest digest").trim_start_matches("sha256:").to_string();
+    let gz = json(layout.join("blobs/sha256").join(digest))["layers"][0]["size"].as_u64().expect("layer size");
+    let files = walkdir(&dir.join("root"));
+    (layout, gz, files)
+}
+
+fn walkdir(p: &Path) -> usize {
+    std::fs::read_dir(p).map(|rd| rd.flatten().map(|e| if e.file_type().is_ok_and(|t| t.is_dir()) { walkdir(&e.path()) } else { 1 }).sum()).unwrap_or(0)
+}
+
+fn django(scratch: &Path) {
+    let (layout, gz, files) = django_layer();
+    let current = std::path::PathBuf::from(env!("CARGO_BIN_EXE_naiad"));
+    let src = format!("oci:{}:latest", layout.display());
+    println!("Django 4.2.16 layer ({files} files), gzip -6 layer {:.2} MB", gz as f64 / 1e6);
+    println!("{:<34} {:>10} {:>11} {:>8} {:>10}", "conversion", "blob MB", "bootz KB", "chunks", "vs gzip");
+    for (name, args) in [("chunk groups (default)", &[][..]), ("one chunk per file (--small-files 0)", &["--small-files", "0"][..])] {
+        let s = convert_with(&current, &src, &scratch.join("django"), args);
+        let (blob, boot) = (s["blob_bytes"].as_u64().expect("blob"), s["bootstrap_compressed_bytes"].as_u64().expect("bootstrap"));
+        println!("{:<34} {:>10.2} {:>11.1} {:>8} {:>9.3}x", name, blob as f64 / 1e6, boot as f64 / 1e3, s["unique_chunks"], (blob + boot) as f64 / gz as f64);
+    }
+    println!();
+}
+
 fn main() {
     let deb = common::debian_image();
     let scratch = tempfile::Builder::new().prefix("naiad-bench-").tempdir_in("/tmp").expect("scratch dir");
+    defaults_speed(&deb, scratch.path());
+    if std::env::var_os("NAIAD_BENCH_SKIP_DJANGO").is_none() {
+        django(scratch.path());
+    }
     println!("naiad convert benchmark ({} runs each, best run shown)", RUNS);
     println!("{:<28} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9} {:>10} {:>7}", "mode", "MB in", "seconds", "MB/s", "inodes", "boot B/f", "bootz B/f", "blobs MB", "dedup");
     let modes = [("fixed 1 MiB", Chunking::Fixed { size: 1 << 20 }), ("cdc 16K/64K/256K", Chunking::ContentDefined { min: 16 << 10, avg: 64 << 10, max: 256 << 10 })];

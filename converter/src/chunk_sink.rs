@@ -5,14 +5,18 @@
 //!
 //! Small files are packed together: [`ChunkSink::add_small`] appends a
 //! file's bytes to an open *chunk group* (one chunk holding several small
-//! files, each file a piece of it) until the group reaches its size, so a
-//! tree of small files compresses like a tar and costs one chunk record
-//! per group, not per file. Identical small files are stored once.
+//! files, each file a piece of it), so a tree of small files compresses like
+//! a tar and costs one chunk record per group, not per file. Identical small
+//! files are stored once. Where a group ends is content-defined: after a
+//! file whose digest says so (about one group per group size of small-file
+//! bytes), or before a file that would take it past twice the group size. So a changed, added or removed file changes its own group, and the
+//! groups after it are the same as before: a new version of an image shares
+//! the groups of the old one that it did not touch (dedup across versions).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 
-use naiad_format::{encode_chunk, BlobRecord, ChunkDigest, ChunkRecord};
+use naiad_format::{encode_hashed_chunk, BlobRecord, ChunkDigest, ChunkRecord, EncodedChunk};
 use naiad_registry::layout::BlobWriter;
 use naiad_registry::{Digest, OciLayout};
 use rayon::prelude::*;
@@ -33,24 +37,59 @@ pub struct Piece {
     pub len: u32,
 }
 
+/// zstd levels by kind of chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct ZstdLevels {
+    /// Chunks of large files.
+    pub chunk: i32,
+    /// Chunk groups: small files compress better together and at a higher
+    /// level, and groups are a small part of most images' bytes.
+    pub group: i32,
+    /// Chunks and groups going to the prefetch blob: fetched on every cold
+    /// start, so worth compressing hardest.
+    pub prefetch: i32,
+}
+
+/// A chunk (or chunk group) waiting for its batch to be flushed.
+struct Pending {
+    seq: ChunkSeq,
+    data: Vec<u8>,
+    /// Goes to the prefetch blob.
+    prefetch: bool,
+    level: i32,
+}
+
+/// Batches compressed at once.
+const IN_FLIGHT: usize = 3;
+
+/// A flushed batch being compressed: the new chunks with whether each goes
+/// to the prefetch blob, and the sequence number and digest of every chunk
+/// of the batch.
+struct InFlight {
+    job: std::thread::JoinHandle<Vec<(EncodedChunk, bool)>>,
+    chunks: Vec<(ChunkSeq, ChunkDigest)>,
+}
+
 pub struct ChunkSink {
     layout: OciLayout,
-    zstd_level: i32,
-    /// Level for chunks going to the prefetch blob: fetched on every cold
-    /// start, so worth compressing harder.
-    prefetch_zstd_level: i32,
+    levels: ZstdLevels,
     batch_limit: usize,
-    /// Queued chunks, each with whether it belongs in the prefetch blob.
-    pending: Vec<(Vec<u8>, bool)>,
+    pending: Vec<Pending>,
+    in_flight: VecDeque<InFlight>,
+    /// Digests of the new chunks of the batches in flight.
+    in_flight_digests: HashSet<ChunkDigest>,
     pending_bytes: usize,
-    /// Target size of a chunk group (uncompressed).
+    /// Average size of a chunk group (uncompressed); none is larger than
+    /// twice this.
     group_size: usize,
-    /// The open group of each destination (layer blob, prefetch blob): its
-    /// position in `pending`. Groups close when full and at every flush.
-    open_groups: [Option<usize>; 2],
+    /// The open group of each destination (layer blob, prefetch blob). A
+    /// group joins `pending` when it closes.
+    open_groups: [Option<Pending>; 2],
     /// Where each distinct small file's bytes already are.
     small_by_digest: HashMap<ChunkDigest, Piece>,
-    /// Chunk index of every flushed sequence number.
+    /// The next chunk's (or group's) sequence number.
+    next_seq: ChunkSeq,
+    /// Chunk index of every committed sequence number (`u32::MAX`: not yet).
     seq_to_chunk: Vec<u32>,
     by_digest: HashMap<ChunkDigest, u32>,
     pub chunks: Vec<ChunkRecord>,
@@ -68,13 +107,15 @@ pub struct ChunkSink {
 }
 
 impl ChunkSink {
-    pub fn new(layout: OciLayout, zstd_level: i32, prefetch_zstd_level: i32, batch_limit: usize, group_size: usize) -> Self {
+    pub fn new(layout: OciLayout, levels: ZstdLevels, batch_limit: usize, group_size: usize) -> Self {
         ChunkSink {
             layout,
-            zstd_level,
-            prefetch_zstd_level,
+            levels,
             batch_limit,
             pending: Vec::new(),
+            in_flight: VecDeque::new(),
+            in_flight_digests: HashSet::new(),
+            next_seq: 0,
             pending_bytes: 0,
             group_size,
             open_groups: [None, None],
@@ -100,77 +141,122 @@ impl ChunkSink {
     /// Queues a chunk and returns its sequence number. A new chunk marked
     /// `prefetch` goes to the prefetch blob instead of the layer's blob.
     pub fn add(&mut self, data: Vec<u8>, prefetch: bool) -> Result<ChunkSeq> {
-        let seq = (self.seq_to_chunk.len() + self.pending.len()) as ChunkSeq;
+        let seq = self.take_seq();
         self.bytes_in += data.len() as u64;
-        self.pending_bytes += data.len();
-        self.pending.push((data, prefetch));
-        if self.pending_bytes >= self.batch_limit {
-            self.flush()?;
-        }
+        let level = if prefetch { self.levels.prefetch } else { self.levels.chunk };
+        self.queue(Pending { seq, data, prefetch, level })?;
         Ok(seq)
     }
 
+    fn take_seq(&mut self) -> ChunkSeq {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    /// Queues a chunk (or a closed group) for the next batch.
+    fn queue(&mut self, p: Pending) -> Result<()> {
+        self.pending_bytes += p.data.len();
+        self.pending.push(p);
+        if self.pending_bytes >= self.batch_limit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Whether a group ends after a small file: with a probability of its
+    /// length over the group size, decided by its digest (so by its content
+    /// alone).
+    fn ends_group(&self, digest: &ChunkDigest, len: usize) -> bool {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&digest[..8]);
+        u64::from_le_bytes(x) % (self.group_size.max(1) as u64) < len as u64
+    }
+
     /// Packs a small file into the open chunk group of its destination (a
-    /// new one when it does not fit) and returns where its bytes are. A
-    /// file identical to one added before gets that file's piece.
+    /// new one when there is none or it would not fit) and returns where
+    /// its bytes are. A file identical to one added before gets that file's
+    /// piece.
     pub fn add_small(&mut self, data: &[u8], prefetch: bool) -> Result<Piece> {
         self.bytes_in += data.len() as u64;
         let digest = *blake3::hash(data).as_bytes();
         if let Some(&piece) = self.small_by_digest.get(&digest) {
             return Ok(piece);
         }
-        let slot = &mut self.open_groups[prefetch as usize];
-        let group = match *slot {
-            Some(g) if self.pending[g].0.len() + data.len() <= self.group_size => g,
-            _ => {
-                self.pending.push((Vec::with_capacity(self.group_size), prefetch));
-                *slot = Some(self.pending.len() - 1);
-                self.pending.len() - 1
-            }
-        };
-        let seq = (self.seq_to_chunk.len() + group) as ChunkSeq;
-        let bytes = &mut self.pending[group].0;
-        let piece = Piece { seq, chunk_offset: bytes.len() as u32, len: data.len() as u32 };
-        bytes.extend_from_slice(data);
+        let slot = prefetch as usize;
+        if self.open_groups[slot].as_ref().is_some_and(|g| g.data.len() + data.len() > 2 * self.group_size) {
+            self.close_group(slot)?;
+        }
+        if self.open_groups[slot].is_none() {
+            let seq = self.take_seq();
+            let level = if prefetch { self.levels.prefetch } else { self.levels.group };
+            self.open_groups[slot] = Some(Pending { seq, data: Vec::with_capacity(2 * self.group_size), prefetch, level });
+        }
+        let ends = self.ends_group(&digest, data.len());
+        let group = self.open_groups[slot].as_mut().ok_or_else(|| ConvertError::Invalid("no open chunk group".into()))?;
+        let piece = Piece { seq: group.seq, chunk_offset: group.data.len() as u32, len: data.len() as u32 };
+        group.data.extend_from_slice(data);
         self.small_by_digest.insert(digest, piece);
-        self.pending_bytes += data.len();
-        if self.pending_bytes >= self.batch_limit {
-            self.flush()?;
+        if ends {
+            self.close_group(slot)?;
         }
         Ok(piece)
     }
 
-    /// The chunk index of a flushed sequence number.
-    pub fn chunk_index(&self, seq: ChunkSeq) -> Option<u32> {
-        self.seq_to_chunk.get(seq as usize).copied()
+    fn close_group(&mut self, slot: usize) -> Result<()> {
+        match self.open_groups[slot].take() {
+            Some(g) => self.queue(g),
+            None => Ok(()),
+        }
     }
 
-    /// Hashes the queued chunks, compresses the new ones and appends them.
+    /// The chunk index of a sequence number, once the sink is drained.
+    pub fn chunk_index(&self, seq: ChunkSeq) -> Option<u32> {
+        self.seq_to_chunk.get(seq as usize).copied().filter(|&i| i != u32::MAX)
+    }
+
+    /// Hands the queued chunks to the thread pool: hashes them (here, so
+    /// that which are new is decided against every earlier batch) and
+    /// compresses the new ones in the background while the caller reads on.
+    /// At most [`IN_FLIGHT`] batches are compressed at once (so the pool
+    /// has the next batch's work when one batch's last chunks hold a
+    /// thread); the oldest is appended to its blob before another starts.
     pub fn flush(&mut self) -> Result<()> {
+        while self.in_flight.len() >= IN_FLIGHT {
+            self.commit_in_flight()?;
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        self.open_groups = [None, None];
-        let digests: Vec<ChunkDigest> = pending.par_iter().map(|(d, _)| *blake3::hash(d).as_bytes()).collect();
+        let digests: Vec<ChunkDigest> = pending.par_iter().map(|p| *blake3::hash(&p.data).as_bytes()).collect();
+        let chunks: Vec<(ChunkSeq, ChunkDigest)> = pending.iter().map(|p| p.seq).zip(digests.iter().copied()).collect();
         // Decide which chunks are new, in order; duplicates inside the batch count once.
-        let mut fresh: Vec<usize> = Vec::new();
-        let mut batch_first: HashMap<ChunkDigest, usize> = HashMap::new();
-        for (i, d) in digests.iter().enumerate() {
-            if !self.by_digest.contains_key(d) && !batch_first.contains_key(d) {
-                batch_first.insert(*d, i);
-                fresh.push(i);
+        let mut fresh: Vec<(Pending, ChunkDigest)> = Vec::new();
+        let mut batch_first: HashSet<ChunkDigest> = HashSet::new();
+        for (p, d) in pending.into_iter().zip(&digests) {
+            // New: in no committed batch, no batch in flight, and not
+            // earlier in this one. Batches commit in order, so a digest
+            // another batch in flight brings is in the map when this one
+            // commits.
+            if !self.by_digest.contains_key(d) && !self.in_flight_digests.contains(d) && batch_first.insert(*d) {
+                fresh.push((p, *d));
             }
         }
-        let (level, prefetch_level) = (self.zstd_level, self.prefetch_zstd_level);
-        let encoded: Vec<_> = fresh
-            .par_iter()
-            .map(|&i| {
-                let (data, to_prefetch) = (&pending[i].0, pending[i].1);
-                (encode_chunk(data, if to_prefetch { prefetch_level } else { level }), to_prefetch)
-            })
-            .collect();
+        self.in_flight_digests.extend(fresh.iter().map(|(_, d)| *d));
+        let job = std::thread::Builder::new()
+            .name("naiad-compress".into())
+            .spawn(move || fresh.par_iter().map(|(p, d)| (encode_hashed_chunk(&p.data, *d, p.level), p.prefetch)).collect())
+            .map_err(|source| ConvertError::Io { path: "compression thread".into(), source })?;
+        self.in_flight.push_back(InFlight { job, chunks });
+        Ok(())
+    }
+
+    /// Waits for the oldest batch in flight and appends its new chunks, in
+    /// order, to their blobs; its sequence numbers get their chunk indexes.
+    fn commit_in_flight(&mut self) -> Result<()> {
+        let Some(InFlight { job, chunks }) = self.in_flight.pop_front() else { return Ok(()) };
+        let encoded = job.join().map_err(|_| ConvertError::Invalid("the compression thread panicked".into()))?;
         for (e, to_prefetch) in encoded {
             let index = self.chunks.len() as u32;
             let (writer, blob_index) = if to_prefetch {
@@ -194,19 +280,36 @@ impl ChunkSink {
                 uncompressed_size: e.uncompressed_size,
             });
             self.by_digest.insert(e.digest, index);
+            self.in_flight_digests.remove(&e.digest);
         }
-        for d in &digests {
+        for (seq, d) in &chunks {
             // Every digest is in the map now: either from before or just written.
             let index = self.by_digest.get(d).copied().ok_or_else(|| ConvertError::Invalid("chunk lost during flush".into()))?;
-            self.seq_to_chunk.push(index);
+            let seq = *seq as usize;
+            if self.seq_to_chunk.len() <= seq {
+                self.seq_to_chunk.resize(seq + 1, u32::MAX);
+            }
+            self.seq_to_chunk[seq] = index;
         }
         Ok(())
     }
 
-    /// Flushes and commits the current blob under its digest. A blob that
+    /// Closes the open groups, flushes everything queued and waits until it
+    /// is written: after it every sequence number has its chunk index.
+    pub fn drain(&mut self) -> Result<()> {
+        self.close_group(0)?;
+        self.close_group(1)?;
+        self.flush()?;
+        while !self.in_flight.is_empty() {
+            self.commit_in_flight()?;
+        }
+        Ok(())
+    }
+
+    /// Drains and commits the current blob under its digest. A blob that
     /// received no chunk is discarded.
     pub fn end_blob(&mut self) -> Result<()> {
-        self.flush()?;
+        self.drain()?;
         let Some(writer) = self.current.take() else { return Ok(()) };
         if writer.bytes_written() == 0 {
             return Ok(());
@@ -217,10 +320,10 @@ impl ChunkSink {
         Ok(())
     }
 
-    /// Flushes and commits the prefetch blob, if any chunk went there, and
+    /// Drains and commits the prefetch blob, if any chunk went there, and
     /// gives its chunks their blob index.
     pub fn end_prefetch_blob(&mut self) -> Result<()> {
-        self.flush()?;
+        self.drain()?;
         let Some(writer) = self.prefetch.take() else { return Ok(()) };
         let (digest, size) = writer.commit()?;
         let index = self.blobs.len() as u32;
@@ -230,5 +333,71 @@ impl ChunkSink {
         self.created.push(digest.clone());
         self.blobs.push(BlobRecord { sha256: digest.bytes(), size });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn levels() -> ZstdLevels {
+        ZstdLevels { chunk: 3, group: 6, prefetch: 19 }
+    }
+
+    /// Feeds the same chunks and small files through a sink whose batches
+    /// are tiny (so several are in flight at once); returns each input's
+    /// (chunk index, offset), the chunk table and the blob digest.
+    fn run(dir: &std::path::Path, inputs: &[(Vec<u8>, bool)]) -> (Vec<(u32, u32)>, Vec<ChunkRecord>, Vec<BlobRecord>) {
+        let mut sink = ChunkSink::new(OciLayout::open_or_create(dir).unwrap(), levels(), 3000, 2000);
+        sink.begin_blob().unwrap();
+        let mut pieces = Vec::new();
+        for (data, small) in inputs {
+            pieces.push(if *small { sink.add_small(data, false).unwrap() } else { Piece { seq: sink.add(data.clone(), false).unwrap(), chunk_offset: 0, len: data.len() as u32 } });
+        }
+        sink.end_blob().unwrap();
+        let resolved = pieces.iter().map(|p| (sink.chunk_index(p.seq).expect("every piece resolves after the drain"), p.chunk_offset)).collect();
+        (resolved, sink.chunks.clone(), sink.blobs.clone())
+    }
+
+    #[test]
+    fn batches_in_flight_dedup_in_order_and_reproducibly() {
+        // 40 distinct 1000-byte chunks, each given 3 times, 5 batches apart
+        // (so a repeat meets its first copy still in flight), and small
+        // files packed into groups, some identical.
+        let chunk = |i: u32| -> Vec<u8> { (0..1000u32).map(|j| ((i * 7919 + j * 31) % 251) as u8).collect() };
+        let mut inputs = Vec::new();
+        for round in 0..3 {
+            for i in 0..40u32 {
+                inputs.push((chunk(i), false));
+                inputs.push((format!("small {} {round}", i % 7).into_bytes(), true));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (resolved, chunks, blobs) = run(dir.path(), &inputs);
+        for ((data, small), (index, offset)) in inputs.iter().zip(&resolved) {
+            let c = &chunks[*index as usize];
+            if *small {
+                assert!(c.uncompressed_size as usize >= *offset as usize + data.len(), "a small file lies inside its group");
+            } else {
+                assert_eq!(c.digest, *blake3::hash(data).as_bytes(), "a chunk's sequence number resolves to its own chunk");
+            }
+        }
+        let whole: HashSet<ChunkDigest> = chunks.iter().map(|c| c.digest).collect();
+        assert_eq!(whole.len(), chunks.len(), "each distinct chunk is stored once");
+        assert!(chunks.iter().filter(|c| c.uncompressed_size == 1000).count() == 40, "40 distinct chunks, repeats deduplicated");
+        // The 21 distinct small files are stored once each, in groups.
+        let small: HashSet<(u32, u32)> = inputs.iter().zip(&resolved).filter(|((_, s), _)| *s).map(|(_, r)| *r).collect();
+        assert_eq!(small.len(), 21);
+        // The blob holds every chunk back to back, in index order.
+        let mut end = 0;
+        for c in &chunks {
+            assert_eq!(c.compressed_offset, end);
+            end += c.compressed_size as u64;
+        }
+        assert_eq!(blobs[0].size, end);
+
+        let again = tempfile::tempdir().unwrap();
+        let (resolved2, chunks2, blobs2) = run(again.path(), &inputs);
+        assert_eq!((resolved, chunks, blobs), (resolved2, chunks2, blobs2), "the same input gives the same output");
     }
 }

@@ -21,12 +21,13 @@ use naiad_registry::{open_source_with, push_image, Digest, ImageRef, OciLayout, 
 use serde::Serialize;
 
 use crate::bootstrap_writer::{write_bootstrap, TreeCounts};
-use crate::chunk_sink::{ChunkSink, Piece};
+use crate::chunk_sink::{ChunkSink, Piece, ZstdLevels};
 use crate::chunker::{Chunking, SplitError};
 use crate::error::{ConvertError, Result};
 use crate::layer::{check_media_type, decompress};
 use crate::package::package;
 use crate::prefetch::{prefetch_table, PrefetchList};
+use crate::read_ahead::ReadAhead;
 use crate::tree::{split_path, Meta, Node, NodeKind, Tree};
 
 /// Receives progress while a conversion runs.
@@ -55,8 +56,11 @@ pub struct ConvertOptions {
     /// chunks (chunk groups) instead of getting chunks of their own; 0
     /// turns packing off.
     pub small_file_max: u32,
-    /// Target uncompressed size of a chunk group.
+    /// Average uncompressed size of a chunk group (none is larger than
+    /// twice this).
     pub group_size: u32,
+    /// zstd level for chunk groups.
+    pub group_zstd_level: i32,
     /// How to reach registries for `docker://` sources and destinations.
     pub registry: RegistryOptions,
 }
@@ -66,12 +70,13 @@ impl Default for ConvertOptions {
         ConvertOptions {
             chunking: Chunking::default(),
             zstd_level: 3,
-            batch_bytes: 32 << 20,
+            batch_bytes: 8 << 20,
             progress: None,
             prefetch: None,
             prefetch_zstd_level: 19,
-            small_file_max: 16 << 10,
-            group_size: 64 << 10,
+            small_file_max: 32 << 10,
+            group_size: 128 << 10,
+            group_zstd_level: 6,
             registry: RegistryOptions::default(),
         }
     }
@@ -98,7 +103,8 @@ pub struct ConvertSummary {
     pub bootstrap_compressed_bytes: u64,
     pub chunks: u64,
     pub unique_chunks: u64,
-    /// Chunk references over unique chunks.
+    /// File bytes handed to the chunker over the bytes of the distinct
+    /// chunks stored (both uncompressed): what deduplication saved.
     pub dedup_ratio: f64,
     pub seconds: f64,
     /// For a `docker://` destination: what the push did.
@@ -109,15 +115,15 @@ pub struct ConvertSummary {
 /// Converts `source` into a naiad image at `destination` (an `oci:` layout).
 pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions) -> Result<ConvertSummary> {
     opts.chunking.validate().map_err(ConvertError::Invalid)?;
-    if opts.small_file_max > opts.group_size || opts.group_size > naiad_format::bootstrap::MAX_CHUNK_SIZE {
+    if opts.small_file_max > opts.group_size || opts.group_size > naiad_format::bootstrap::MAX_CHUNK_SIZE / 2 {
         return Err(ConvertError::Invalid(format!(
             "small files up to {} bytes cannot be packed into chunk groups of {} bytes (the group size must be at least the small-file size and at most {})",
             opts.small_file_max,
             opts.group_size,
-            naiad_format::bootstrap::MAX_CHUNK_SIZE
+            naiad_format::bootstrap::MAX_CHUNK_SIZE / 2
         )));
     }
-    for level in [opts.zstd_level, opts.prefetch_zstd_level] {
+    for level in [opts.zstd_level, opts.group_zstd_level, opts.prefetch_zstd_level] {
         if !(1..=22).contains(&level) {
             return Err(ConvertError::Invalid(format!("zstd level {level} must be 1 to 22")));
         }
@@ -244,7 +250,8 @@ impl Destination {
 type Failure = (ConvertError, Vec<Digest>);
 
 fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &ConvertOptions) -> std::result::Result<ConvertSummary, Failure> {
-    let mut sink = ChunkSink::new(layout.clone(), opts.zstd_level, opts.prefetch_zstd_level, opts.batch_bytes, opts.group_size as usize);
+    let levels = ZstdLevels { chunk: opts.zstd_level, group: opts.group_zstd_level, prefetch: opts.prefetch_zstd_level };
+    let mut sink = ChunkSink::new(layout.clone(), levels, opts.batch_bytes, opts.group_size as usize);
     let mut tree = Tree::new();
     let mut source_layer_bytes = 0;
     let fail = |e: ConvertError, sink: &ChunkSink| (e, sink.created.clone());
@@ -276,6 +283,7 @@ fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &Convert
     }
     let blob_bytes: u64 = sink.blobs.iter().map(|b| b.size).sum();
     let unique = sink.chunks.len() as u64;
+    let unique_bytes: u64 = sink.chunks.iter().map(|c| c.uncompressed_size as u64).sum();
     let summary = ConvertSummary {
         source: String::new(),
         destination: String::new(),
@@ -290,7 +298,7 @@ fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &Convert
         bootstrap_compressed_bytes: packaged.bootstrap_layer_size,
         chunks: counts.chunk_refs,
         unique_chunks: unique,
-        dedup_ratio: if unique == 0 { 1.0 } else { counts.chunk_refs as f64 / unique as f64 },
+        dedup_ratio: if unique_bytes == 0 { 1.0 } else { sink.bytes_in as f64 / unique_bytes as f64 },
         tree: counts,
         seconds: 0.0,
         push: None,
@@ -325,6 +333,8 @@ fn apply_layer(src: &SourceImage, index: usize, tree: &mut Tree, sink: &mut Chun
     let mut stream = src.open_layer(index)?;
     let raw = Box::new(Counted { inner: stream.take_reader(), progress: opts.progress.clone() });
     let (_, decompressed) = decompress(raw, &digest)?;
+    // Reading, digest checking and decompressing run on a thread of their own.
+    let decompressed = ReadAhead::spawn(decompressed).map_err(|e| layer_err(format!("cannot start its reader thread: {e}")))?;
     let mut archive = tar::Archive::new(decompressed);
     sink.begin_blob()?;
     let entries = archive.entries().map_err(|e| layer_err(format!("not a tar stream: {e}")))?;

@@ -23,6 +23,7 @@ pub mod inspect;
 pub mod layer;
 pub mod package;
 pub mod prefetch;
+pub mod read_ahead;
 pub mod tree;
 pub mod unpack;
 

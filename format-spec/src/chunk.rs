@@ -19,9 +19,29 @@ pub struct EncodedChunk {
 /// Hashes and compresses `data` at zstd `level`, keeping the raw bytes when
 /// compression would not save anything.
 pub fn encode_chunk(data: &[u8], level: i32) -> EncodedChunk {
-    let digest = *blake3::hash(data).as_bytes();
-    let compressed = zstd::bulk::compress(data, level).ok().filter(|c| c.len() < data.len());
-    let stored = compressed.unwrap_or_else(|| data.to_vec());
+    encode_hashed_chunk(data, *blake3::hash(data).as_bytes(), level)
+}
+
+/// [`encode_chunk`] for data whose blake3 `digest` the caller already has.
+pub fn encode_hashed_chunk(data: &[u8], digest: ChunkDigest, level: i32) -> EncodedChunk {
+    // One compression context per thread, not one per chunk.
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    let compressed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(level)?);
+        }
+        match c.as_mut() {
+            Some(c) => {
+                c.set_compression_level(level)?;
+                c.compress(data)
+            }
+            None => Err(std::io::Error::other("no zstd compressor")),
+        }
+    });
+    let stored = compressed.ok().filter(|c| c.len() < data.len()).unwrap_or_else(|| data.to_vec());
     EncodedChunk { digest, uncompressed_size: data.len() as u32, stored }
 }
 

@@ -24,6 +24,6 @@ pub mod records;
 
 pub use bootstrap::{Bootstrap, DirEntry, FileChunk};
 pub use builder::BootstrapBuilder;
-pub use chunk::{decode_chunk, encode_chunk, EncodedChunk};
+pub use chunk::{decode_chunk, encode_chunk, encode_hashed_chunk, EncodedChunk};
 pub use error::FormatError;
 pub use records::{BlobRecord, ChunkDigest, ChunkRecord, ChunkingParams, DirentRecord, FileChunkRecord, InodeKind, InodeRecord, XattrRecord, MAX_BLOBS, MAX_BLOB_OFFSET, ROOT_INO};

@@ -57,11 +57,15 @@ pub struct ConvertFlags {
     /// chunks (chunk groups), so a tree of small files compresses like a
     /// tar and costs one chunk record per group; 0 gives every file chunks
     /// of its own.
-    #[arg(long, default_value = "16K", value_parser = parse_size)]
+    #[arg(long, default_value = "32K", value_parser = parse_size)]
     pub small_files: u64,
-    /// Uncompressed size of a chunk group of small files.
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    /// Average uncompressed size of a chunk group of small files (where a
+    /// group ends depends on the files' contents; none exceeds twice this).
+    #[arg(long, default_value = "128K", value_parser = parse_size)]
     pub group_size: u64,
+    /// zstd level for chunk groups (1-22).
+    #[arg(long, default_value_t = 6)]
+    pub group_zstd_level: i32,
     /// zstd compression level for chunks (1-22).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
@@ -112,6 +116,7 @@ impl ConvertFlags {
             prefetch_zstd_level: self.prefetch_zstd_level,
             small_file_max: to_u32(self.small_files, "--small-files")?,
             group_size: to_u32(self.group_size, "--group-size")?,
+            group_zstd_level: self.group_zstd_level,
             registry: self.registry.options()?,
             ..Default::default()
         };
@@ -146,7 +151,7 @@ pub fn convert_and_report(source: &ImageRef, destination: &ImageRef, opts: &Conv
         outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         eprintln!(
-            "converted {} -> {}: {} files, {} dirs, {:.1} MiB in, {:.1} MiB out ({} blobs, bootstrap {:.1} KiB), {} chunks ({} unique, dedup {:.2}x) in {:.2}s",
+            "converted {} -> {}: {} files, {} dirs, {:.1} MiB in, {:.1} MiB out ({} blobs, bootstrap {:.1} KiB), {} file pieces in {} distinct chunks (dedup {:.2}x) in {:.2}s",
             summary.source,
             summary.destination,
             summary.tree.files,
