@@ -5,7 +5,7 @@
 //! core.
 
 use std::io::{self, Read};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 
 /// Bytes read from the source per block.
 const BLOCK: usize = 1 << 20;
@@ -15,6 +15,9 @@ const AHEAD: usize = 4;
 
 pub struct ReadAhead {
     blocks: Receiver<io::Result<Vec<u8>>>,
+    /// Blocks read out go back to the thread, to be filled again (no
+    /// allocating and zeroing a block per block).
+    spent: Sender<Vec<u8>>,
     current: Vec<u8>,
     pos: usize,
     /// Set once the source ended (EOF or an error, which is returned once
@@ -27,8 +30,10 @@ impl ReadAhead {
     /// source's end or error, or when the `ReadAhead` is dropped.
     pub fn spawn(mut source: Box<dyn Read + Send>) -> io::Result<Self> {
         let (tx, rx) = sync_channel(AHEAD);
+        let (spent_tx, spent_rx) = channel::<Vec<u8>>();
         std::thread::Builder::new().name("naiad-layer-read".into()).spawn(move || loop {
-            let mut block = vec![0u8; BLOCK];
+            let mut block = spent_rx.try_recv().unwrap_or_default();
+            block.resize(BLOCK, 0);
             let mut have = 0;
             let result = loop {
                 match source.read(&mut block[have..]) {
@@ -57,7 +62,7 @@ impl ReadAhead {
                 return;
             }
         })?;
-        Ok(ReadAhead { blocks: rx, current: Vec::new(), pos: 0, done: None })
+        Ok(ReadAhead { blocks: rx, spent: spent_tx, current: Vec::new(), pos: 0, done: None })
     }
 }
 
@@ -69,7 +74,12 @@ impl Read for ReadAhead {
             }
             match self.blocks.recv() {
                 Ok(Ok(block)) if block.is_empty() => self.done = Some(io::ErrorKind::UnexpectedEof),
-                Ok(Ok(block)) => (self.current, self.pos) = (block, 0),
+                Ok(Ok(block)) => {
+                    let old = std::mem::replace(&mut self.current, block);
+                    self.pos = 0;
+                    // The thread may have ended: then the block is dropped.
+                    let _ = self.spent.send(old);
+                }
                 Ok(Err(e)) => {
                     self.done = Some(e.kind());
                     return Err(e);
