@@ -668,3 +668,132 @@ fn small_files_share_chunk_groups() {
     assert!(e.contains("cannot be packed into chunk groups"), "{e}");
     assert!(!tmp.path().join("bad").join("index.json").exists());
 }
+
+/// A layout at `dir` (tag `latest`) with one gzip layer holding `files`.
+fn files_layout(dir: &Path, files: &[(String, Vec<u8>)]) {
+    let entries: Vec<(&[u8], &[u8])> = files.iter().map(|(p, d)| (p.as_bytes(), d.as_slice())).collect();
+    write_layout(dir, vec![("files", layer_tar(&entries))], Compression::Gzip);
+}
+
+/// Version 1 and 2 of a tree: 2 changed files of 300, one added, one large
+/// file with an edit in its middle.
+/// Files of a tree: (path, contents).
+type Files = Vec<(String, Vec<u8>)>;
+
+fn two_versions() -> (Files, Files) {
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut v1: Files = (0..300).map(|i| (format!("app/m{i:03}.py"), format!("# module {i}\n").repeat(40 + i % 60).into_bytes())).collect();
+    v1.push(("app/big.bin".into(), noise(1 << 20)));
+    let mut v2 = v1.clone();
+    v2[10].1.extend_from_slice(b"# changed\n");
+    v2[200].1 = b"rewritten\n".to_vec();
+    v2.push(("app/new.py".into(), b"print('new')\n".to_vec()));
+    let big = &mut v2[300].1;
+    big[500_000..500_100].copy_from_slice(&[0u8; 100]);
+    (v1, v2)
+}
+
+fn index_tags(layout: &Path) -> Vec<String> {
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap().to_string()).collect()
+}
+
+/// `--chunk-dict`: version 2 references version 1's chunks (its blob is a
+/// layer of version 2), stores only what changed, unpacks equal to its
+/// source, passes `check`, and keeps working once version 1's tag is gone.
+#[test]
+fn chunk_dict_references_the_old_version_and_outlives_its_tag() {
+    let tmp = scratch("dict");
+    let (v1, v2) = two_versions();
+    let (src1, src2) = (tmp.path().join("src1"), tmp.path().join("src2"));
+    files_layout(&src1, &v1);
+    files_layout(&src2, &v2);
+    let store = tmp.path().join("store");
+    let first = convert(&oci(&src1, "latest"), &oci(&store, "v1"), &[]);
+    let alone = convert(&oci(&src2, "latest"), &oci(&tmp.path().join("alone"), "v2"), &[]);
+    let second = convert(&oci(&src2, "latest"), &oci(&store, "v2"), &["--chunk-dict", "auto"]);
+    assert_eq!(second["chunk_dicts"][0], oci(&store, "v1"), "auto picks the layout's naiad image: {second}");
+    assert!(second["dict_chunks"].as_u64().unwrap() > 0 && second["dict_blobs"] == 1, "{second}");
+    let (new, full) = (second["new_blob_bytes"].as_u64().unwrap(), alone["blob_bytes"].as_u64().unwrap());
+    assert!(new * 5 < full, "version 2 stores {new} new bytes, {full} alone");
+    let (_, m1) = manifest_of(&store, "v1");
+    let (_, m2) = manifest_of(&store, "v2");
+    assert!(m2["layers"].as_array().unwrap().iter().any(|l| l["digest"] == m1["layers"][0]["digest"]), "version 1's blob is a layer of version 2: {m2}");
+    assert_eq!(first["blobs"], 1);
+
+    let unpack_equal = |what: &str| {
+        let (a, b) = (tmp.path().join(format!("{what}-a")), tmp.path().join(format!("{what}-b")));
+        ok(&["unpack", &oci(&store, "v2"), a.to_str().unwrap()]);
+        ok(&["unpack", &oci(&tmp.path().join("alone"), "v2"), b.to_str().unwrap()]);
+        let diffs = compare_trees(&b, &a, &CompareOptions::default());
+        assert!(diffs.is_empty(), "{what}: {}", diffs.join("\n"));
+        ok(&["check", &oci(&store, "v2")]);
+    };
+    unpack_equal("with-v1");
+    // Version 1's tag removed: version 2's manifest still names the blobs.
+    rewrite_index(&store, |m| m["annotations"]["org.opencontainers.image.ref.name"] != "v1");
+    assert_eq!(index_tags(&store), vec!["v2"]);
+    unpack_equal("without-v1");
+
+    // A dictionary in another layout: its blobs are copied in, verified.
+    let elsewhere = tmp.path().join("elsewhere");
+    let third = convert(&oci(&src2, "latest"), &oci(&elsewhere, "v2"), &["--chunk-dict", &oci(&store, "v2")]);
+    assert!(third["dict_blobs"].as_u64().unwrap() >= 1, "{third}");
+    let (_, m3) = manifest_of(&elsewhere, "v2");
+    for l in m3["layers"].as_array().unwrap() {
+        assert!(blob_path(&elsewhere, l["digest"].as_str().unwrap()).exists(), "layer {l} is in the destination layout");
+    }
+    ok(&["check", &oci(&elsewhere, "v2")]);
+}
+
+fn rewrite_index(layout: &Path, keep: impl Fn(&serde_json::Value) -> bool) {
+    let path = layout.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    index["manifests"].as_array_mut().unwrap().retain(keep);
+    fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn bad_chunk_dictionaries_are_clear_errors_and_write_nothing() {
+    let tmp = scratch("baddict");
+    let (v1, v2) = two_versions();
+    let (src1, src2) = (tmp.path().join("src1"), tmp.path().join("src2"));
+    files_layout(&src1, &v1);
+    files_layout(&src2, &v2);
+    let dst = tmp.path().join("dst");
+    let e = fails(&["convert", &oci(&src2, "latest"), &oci(&dst, "v2"), "--chunk-dict", &oci(&src1, "latest")]);
+    assert!(e.contains("chunk dictionary") && e.contains("not a naiad image"), "{e}");
+    assert!(!dst.exists(), "nothing written at DST");
+
+    // A dictionary whose blob is corrupt (or missing) is refused at the
+    // copy, and the destination stays as it was.
+    let dict = tmp.path().join("dict");
+    convert(&oci(&src1, "latest"), &oci(&dict, "v1"), &[]);
+    let (_, m) = manifest_of(&dict, "v1");
+    let blob = blob_path(&dict, m["layers"][0]["digest"].as_str().unwrap());
+    let mut bytes = fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    fs::write(&blob, &bytes).unwrap();
+    let e = fails(&["convert", &oci(&src2, "latest"), &oci(&dst, "v2"), "--chunk-dict", &oci(&dict, "v1")]);
+    assert!(e.contains("chunk dictionary") && e.contains("corrupt"), "{e}");
+    assert!(!dst.exists(), "nothing written at DST");
+    fs::remove_file(&blob).unwrap();
+    let e = fails(&["convert", &oci(&src2, "latest"), &oci(&dst, "v2"), "--chunk-dict", &oci(&dict, "v1")]);
+    assert!(e.contains("chunk dictionary"), "{e}");
+    assert!(!dst.exists(), "nothing written at DST");
+
+    // A registry dictionary for a destination on another registry.
+    let e = fails(&["convert", &oci(&src2, "latest"), "docker://127.0.0.1:9/app:v2", "--chunk-dict", "docker://127.0.0.1:8/app:v1"]);
+    assert!(e.contains("is on 127.0.0.1:8, the destination on 127.0.0.1:9"), "{e}");
+}

@@ -15,12 +15,14 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
+use std::sync::Arc;
 
 use naiad_format::{encode_hashed_chunk, BlobRecord, ChunkDigest, ChunkRecord, EncodedChunk};
 use naiad_registry::layout::BlobWriter;
 use naiad_registry::{Digest, OciLayout};
 use rayon::prelude::*;
 
+use crate::chunk_dict::{ChunkDict, DICT_BLOB_BASE, MIN_BLOB_USE};
 use crate::error::{ConvertError, Result};
 
 /// Sequence number of a chunk handed to the sink, resolved to a chunk
@@ -68,6 +70,8 @@ const IN_FLIGHT: usize = 3;
 struct InFlight {
     job: std::thread::JoinHandle<Vec<(EncodedChunk, bool)>>,
     chunks: Vec<(ChunkSeq, ChunkDigest)>,
+    /// New chunks a dictionary holds (records with dictionary blob ids).
+    from_dict: Vec<ChunkRecord>,
 }
 
 pub struct ChunkSink {
@@ -104,6 +108,11 @@ pub struct ChunkSink {
     pub created: Vec<Digest>,
     /// Uncompressed bytes handed to the sink.
     pub bytes_in: u64,
+    dict: Option<Arc<ChunkDict>>,
+    /// Per dictionary blob id: the chunks referencing it, and the blobs in
+    /// order of first use.
+    dict_used: HashMap<u32, Vec<u32>>,
+    dict_order: Vec<u32>,
 }
 
 impl ChunkSink {
@@ -129,7 +138,20 @@ impl ChunkSink {
             prefetch_chunks: Vec::new(),
             created: Vec::new(),
             bytes_in: 0,
+            dict: None,
+            dict_used: HashMap::new(),
+            dict_order: Vec::new(),
         }
+    }
+
+    /// Chunk records taken from the dictionary.
+    pub fn dict_chunks(&self) -> u64 {
+        self.dict_used.values().map(|v| v.len() as u64).sum()
+    }
+
+    /// New chunks that `dict` holds are referenced there, not stored.
+    pub fn use_dict(&mut self, dict: Arc<ChunkDict>) {
+        self.dict = Some(dict);
     }
 
     /// Starts the blob that new chunks are appended to.
@@ -234,28 +256,33 @@ impl ChunkSink {
         // Decide which chunks are new, in order; duplicates inside the batch count once.
         let mut fresh: Vec<(Pending, ChunkDigest)> = Vec::new();
         let mut batch_first: HashSet<ChunkDigest> = HashSet::new();
+        let mut from_dict: Vec<ChunkRecord> = Vec::new();
         for (p, d) in pending.into_iter().zip(&digests) {
             // New: in no committed batch, no batch in flight, and not
             // earlier in this one. Batches commit in order, so a digest
             // another batch in flight brings is in the map when this one
-            // commits.
+            // commits. A new chunk a dictionary holds is referenced there,
+            // unless it belongs to the startup set (kept in one blob).
             if !self.by_digest.contains_key(d) && !self.in_flight_digests.contains(d) && batch_first.insert(*d) {
-                fresh.push((p, *d));
+                match self.dict.as_ref().and_then(|dict| dict.get(d)).filter(|_| !p.prefetch) {
+                    Some(c) => from_dict.push(c.record),
+                    None => fresh.push((p, *d)),
+                }
             }
         }
-        self.in_flight_digests.extend(fresh.iter().map(|(_, d)| *d));
+        self.in_flight_digests.extend(fresh.iter().map(|(_, d)| *d).chain(from_dict.iter().map(|c| c.digest)));
         let job = std::thread::Builder::new()
             .name("naiad-compress".into())
             .spawn(move || fresh.par_iter().map(|(p, d)| (encode_hashed_chunk(&p.data, *d, p.level), p.prefetch)).collect())
             .map_err(|source| ConvertError::Io { path: "compression thread".into(), source })?;
-        self.in_flight.push_back(InFlight { job, chunks });
+        self.in_flight.push_back(InFlight { job, chunks, from_dict });
         Ok(())
     }
 
     /// Waits for the oldest batch in flight and appends its new chunks, in
     /// order, to their blobs; its sequence numbers get their chunk indexes.
     fn commit_in_flight(&mut self) -> Result<()> {
-        let Some(InFlight { job, chunks }) = self.in_flight.pop_front() else { return Ok(()) };
+        let Some(InFlight { job, chunks, from_dict }) = self.in_flight.pop_front() else { return Ok(()) };
         let encoded = job.join().map_err(|_| ConvertError::Invalid("the compression thread panicked".into()))?;
         for (e, to_prefetch) in encoded {
             let index = self.chunks.len() as u32;
@@ -281,6 +308,19 @@ impl ChunkSink {
             });
             self.by_digest.insert(e.digest, index);
             self.in_flight_digests.remove(&e.digest);
+        }
+        for mut c in from_dict {
+            let index = self.chunks.len() as u32;
+            let blob = c.blob_index;
+            c.blob_index = DICT_BLOB_BASE + blob;
+            self.chunks.push(c);
+            self.by_digest.insert(c.digest, index);
+            self.in_flight_digests.remove(&c.digest);
+            let used = self.dict_used.entry(blob).or_insert_with(|| {
+                self.dict_order.push(blob);
+                Vec::new()
+            });
+            used.push(index);
         }
         for (seq, d) in &chunks {
             // Every digest is in the map now: either from before or just written.
@@ -333,6 +373,56 @@ impl ChunkSink {
         self.created.push(digest.clone());
         self.blobs.push(BlobRecord { sha256: digest.bytes(), size });
         Ok(())
+    }
+
+    /// Gives the dictionary chunks their final blob: each dictionary blob
+    /// the image uses enough of ([`MIN_BLOB_USE`]) joins the blob table;
+    /// the chunks of the others are copied, as stored, into one blob of the
+    /// image's own. Returns the dictionary blob ids referenced, in blob
+    /// table order. Call after [`ChunkSink::end_prefetch_blob`].
+    pub fn end_dict_blobs(&mut self) -> Result<Vec<usize>> {
+        self.drain()?;
+        let Some(dict) = self.dict.clone() else { return Ok(Vec::new()) };
+        let mut kept = Vec::new();
+        let mut copied: Vec<u32> = Vec::new();
+        for &blob in &self.dict_order {
+            let used: u64 = self.dict_used[&blob].iter().map(|&c| self.chunks[c as usize].compressed_size as u64).sum();
+            let size = dict.blobs[blob as usize].record.size;
+            if used as f64 >= MIN_BLOB_USE * size as f64 {
+                let index = self.blobs.len() as u32;
+                for &c in &self.dict_used[&blob] {
+                    self.chunks[c as usize].blob_index = index;
+                }
+                self.blobs.push(dict.blobs[blob as usize].record);
+                kept.push(blob as usize);
+            } else {
+                copied.extend(&self.dict_used[&blob]);
+            }
+        }
+        if !copied.is_empty() {
+            let index = self.blobs.len() as u32;
+            let mut writer = self.layout.blob_writer()?;
+            for batch in copied.chunks(256) {
+                let records: Vec<ChunkRecord> = batch
+                    .iter()
+                    .map(|&c| {
+                        let mut r = self.chunks[c as usize];
+                        r.blob_index -= DICT_BLOB_BASE;
+                        r
+                    })
+                    .collect();
+                for (&c, stored) in batch.iter().zip(dict.read_stored(&records)?) {
+                    let offset = writer.bytes_written();
+                    writer.write_all(&stored).map_err(|source| ConvertError::Io { path: "blob".into(), source })?;
+                    let r = &mut self.chunks[c as usize];
+                    (r.blob_index, r.compressed_offset) = (index, offset);
+                }
+            }
+            let (digest, size) = writer.commit()?;
+            self.created.push(digest.clone());
+            self.blobs.push(BlobRecord { sha256: digest.bytes(), size });
+        }
+        Ok(kept)
     }
 }
 

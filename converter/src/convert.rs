@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use naiad_registry::{open_source_with, push_image, Digest, ImageRef, OciLayout, PushSummary, RegistryOptions, SourceImage};
+use naiad_registry::{open_source_with, push_image, Digest, ImageRef, NaiadImage, OciLayout, PushSummary, RegistryOptions, SourceImage};
 use serde::Serialize;
 
 use crate::bootstrap_writer::{write_bootstrap, TreeCounts};
+use crate::chunk_dict::{self, ChunkDict};
 use crate::chunk_sink::{ChunkSink, Piece, ZstdLevels};
 use crate::chunker::{Chunking, SplitError};
 use crate::error::{ConvertError, Result};
@@ -38,6 +39,16 @@ pub trait Progress: Send + Sync {
     fn advanced(&self, bytes: u64);
     /// The conversion finished or failed.
     fn finished(&self);
+}
+
+/// A chunk dictionary to convert against.
+#[derive(Clone, Debug)]
+pub enum ChunkDictSource {
+    Image(ImageRef),
+    /// `--chunk-dict auto`: the naiad image at the destination's tag; in a
+    /// layout without one, the newest naiad image the layout holds (the
+    /// last in its index). None is no error.
+    Auto,
 }
 
 #[derive(Clone)]
@@ -61,6 +72,9 @@ pub struct ConvertOptions {
     pub group_size: u32,
     /// zstd level for chunk groups.
     pub group_zstd_level: i32,
+    /// Earlier naiad images whose chunks are referenced instead of stored
+    /// again (`--chunk-dict`, repeatable).
+    pub chunk_dicts: Vec<ChunkDictSource>,
     /// How to reach registries for `docker://` sources and destinations.
     pub registry: RegistryOptions,
 }
@@ -77,6 +91,7 @@ impl Default for ConvertOptions {
             small_file_max: 32 << 10,
             group_size: 128 << 10,
             group_zstd_level: 6,
+            chunk_dicts: Vec::new(),
             registry: RegistryOptions::default(),
         }
     }
@@ -110,6 +125,16 @@ pub struct ConvertSummary {
     /// For a `docker://` destination: what the push did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push: Option<PushSummary>,
+    /// The chunk dictionaries used.
+    pub chunk_dicts: Vec<String>,
+    /// Chunk records that point into a dictionary's chunks (referenced in
+    /// its blobs, or copied out of those used too little).
+    pub dict_chunks: u64,
+    /// Dictionary blobs the image references.
+    pub dict_blobs: usize,
+    /// Bytes of the blobs this conversion wrote (`blob_bytes` less the
+    /// dictionary blobs referenced).
+    pub new_blob_bytes: u64,
 }
 
 /// Converts `source` into a naiad image at `destination` (an `oci:` layout).
@@ -143,9 +168,10 @@ pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions)
         }
     };
     let started = Instant::now();
+    let dict = open_chunk_dicts(&opts.chunk_dicts, destination, &opts.registry)?;
     let src = open_source_with(source, &opts.registry)?;
     let target = Destination::prepare(&dst_dir)?;
-    let result = convert_into(&src, &target.layout, &dst_tag, opts);
+    let result = convert_into(&src, &target.layout, &dst_tag, opts, dict.as_ref(), staging.is_some());
     if let Some(p) = &opts.progress {
         p.finished();
     }
@@ -154,11 +180,16 @@ pub fn convert(source: &ImageRef, destination: &ImageRef, opts: &ConvertOptions)
             Ok(()) => {
                 if let Some((tmp, dst)) = staging {
                     let layout = OciLayout::open(&dst_dir)?;
-                    let mount_from = match source {
-                        ImageRef::Docker(s) => Some(s),
-                        _ => None,
-                    };
-                    let pushed = push_image(&layout, &dst_tag, &dst, &opts.registry, mount_from)?;
+                    // Blobs may come from the source's repository, or a
+                    // dictionary's.
+                    let mount_from: Vec<&naiad_registry::DockerReference> = std::iter::once(source)
+                        .chain(dict.iter().flat_map(|d| d.references()))
+                        .filter_map(|r| match r {
+                            ImageRef::Docker(d) => Some(d),
+                            _ => None,
+                        })
+                        .collect();
+                    let pushed = push_image(&layout, &dst_tag, &dst, &opts.registry, &mount_from)?;
                     summary.push = Some(pushed);
                     drop(tmp);
                 }
@@ -249,9 +280,66 @@ impl Destination {
 
 type Failure = (ConvertError, Vec<Digest>);
 
-fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &ConvertOptions) -> std::result::Result<ConvertSummary, Failure> {
+/// Opens the dictionaries `sources` name (resolving `auto` against the
+/// destination).
+fn open_chunk_dicts(sources: &[ChunkDictSource], destination: &ImageRef, options: &RegistryOptions) -> Result<Option<Arc<ChunkDict>>> {
+    let mut refs = Vec::new();
+    for s in sources {
+        match s {
+            ChunkDictSource::Image(r) => refs.push(r.clone()),
+            ChunkDictSource::Auto => refs.extend(auto_dict(destination, options)),
+        }
+    }
+    if refs.is_empty() {
+        return Ok(None);
+    }
+    let dst = match destination {
+        ImageRef::Docker(d) => chunk_dict::Destination::Registry(d),
+        _ => chunk_dict::Destination::Layout,
+    };
+    Ok(Some(Arc::new(ChunkDict::open(&refs, dst, options)?)))
+}
+
+/// `--chunk-dict auto`: the naiad image at the destination's tag, or in a
+/// layout the last naiad image of its index.
+fn auto_dict(destination: &ImageRef, options: &RegistryOptions) -> Option<ImageRef> {
+    let is_naiad = |r: &ImageRef| NaiadImage::open_with(r, options).is_ok();
+    match destination {
+        ImageRef::Layout { dir, tag } => {
+            let layout = OciLayout::open(dir).ok()?;
+            let at_tag = ImageRef::Layout { dir: dir.clone(), tag: tag.clone() };
+            if layout.resolve(tag).is_ok() && is_naiad(&at_tag) {
+                return Some(at_tag);
+            }
+            let index = layout.index().ok()?;
+            index
+                .manifests
+                .iter()
+                .rev()
+                .filter_map(|m| m.annotations.as_ref()?.get("org.opencontainers.image.ref.name").cloned())
+                .map(|t| ImageRef::Layout { dir: dir.clone(), tag: t })
+                .find(is_naiad)
+        }
+        ImageRef::Docker(_) => Some(destination.clone()).filter(is_naiad),
+        ImageRef::DockerArchive { .. } => None,
+    }
+}
+
+/// Converts `src` into `layout` (the destination, or the staging layout of
+/// a registry destination: `to_registry`) and tags it.
+fn convert_into(
+    src: &SourceImage,
+    layout: &OciLayout,
+    tag: &str,
+    opts: &ConvertOptions,
+    dict: Option<&Arc<ChunkDict>>,
+    to_registry: bool,
+) -> std::result::Result<ConvertSummary, Failure> {
     let levels = ZstdLevels { chunk: opts.zstd_level, group: opts.group_zstd_level, prefetch: opts.prefetch_zstd_level };
     let mut sink = ChunkSink::new(layout.clone(), levels, opts.batch_bytes, opts.group_size as usize);
+    if let Some(d) = dict {
+        sink.use_dict(d.clone());
+    }
     let mut tree = Tree::new();
     let mut source_layer_bytes = 0;
     let fail = |e: ConvertError, sink: &ChunkSink| (e, sink.created.clone());
@@ -263,6 +351,23 @@ fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &Convert
     }
     if let Err(e) = sink.end_prefetch_blob() {
         return Err(fail(e, &sink));
+    }
+    let dict_blobs = match sink.end_dict_blobs() {
+        Ok(kept) => kept,
+        Err(e) => return Err(fail(e, &sink)),
+    };
+    // The dictionary blobs the image references: copied into the layout
+    // (checked against their digests), or for a registry dictionary and
+    // destination, checked to be there (the push mounts them).
+    if let Some(d) = dict {
+        for &id in &dict_blobs {
+            let put = if to_registry && d.repository_of(id).is_some() { d.check_remote_blob(id).map(|_| false) } else { d.copy_blob(id, layout) };
+            match put {
+                Ok(true) => sink.created.push(d.blobs[id].digest.clone()),
+                Ok(false) => {}
+                Err(e) => return Err(fail(e, &sink)),
+            }
+        }
     }
     let prefetch = match &opts.prefetch {
         Some(list) => prefetch_table(list, &mut tree, &sink),
@@ -302,6 +407,10 @@ fn convert_into(src: &SourceImage, layout: &OciLayout, tag: &str, opts: &Convert
         tree: counts,
         seconds: 0.0,
         push: None,
+        chunk_dicts: dict.map(|d| d.references().iter().map(|r| r.to_string()).collect()).unwrap_or_default(),
+        dict_chunks: sink.dict_chunks(),
+        dict_blobs: dict_blobs.len(),
+        new_blob_bytes: blob_bytes - dict.map(|d| dict_blobs.iter().map(|&id| d.blobs[id].record.size).sum::<u64>()).unwrap_or(0),
     };
     Ok(summary)
 }

@@ -15,6 +15,7 @@
 
 pub mod bootstrap_writer;
 pub mod check;
+pub mod chunk_dict;
 pub mod chunk_sink;
 pub mod chunker;
 pub mod convert;
@@ -28,6 +29,6 @@ pub mod tree;
 pub mod unpack;
 
 pub use chunker::Chunking;
-pub use convert::{convert, ConvertOptions, ConvertSummary, Progress};
+pub use convert::{convert, ChunkDictSource, ConvertOptions, ConvertSummary, Progress};
 pub use error::ConvertError;
 pub use prefetch::{PrefetchList, TraceRecord};

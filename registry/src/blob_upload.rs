@@ -39,19 +39,20 @@ struct Upload {
 
 impl RegistryClient {
     /// Pushes the blob stored in file `path` (`size` bytes, digest
-    /// `digest`) to `repo`. `mount_from`: another repository of this
-    /// registry that may have it.
-    pub fn push_blob(&self, repo: &str, digest: &Digest, size: u64, path: &Path, mount_from: Option<&str>) -> Result<BlobPushOutcome> {
+    /// `digest`) to `repo`. `mount_from`: other repositories of this
+    /// registry that may have it; the first that has it is mounted from.
+    pub fn push_blob(&self, repo: &str, digest: &Digest, size: u64, path: &Path, mount_from: &[&str]) -> Result<BlobPushOutcome> {
         if self.head_blob(repo, digest)?.is_some() {
             return Ok(BlobPushOutcome::Existed);
         }
         let mut upload = None;
-        if let Some(from) = mount_from.filter(|f| *f != repo) {
+        for from in mount_from.iter().filter(|f| **f != repo) {
             if self.head_blob(from, digest)?.is_some() {
                 match self.start_upload(repo, Some((digest, from)))? {
                     None => return Ok(BlobPushOutcome::Mounted),
                     Some(u) => upload = Some(u),
                 }
+                break;
             }
         }
         let upload = match upload {

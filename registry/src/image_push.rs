@@ -29,16 +29,17 @@ pub struct PushSummary {
     pub retries: u64,
 }
 
-/// Pushes `layout:tag` to `destination`. `mount_from` is another
-/// repository of the same registry whose blobs may be mounted instead of
-/// uploaded (the source image of a conversion).
-pub fn push_image(layout: &OciLayout, tag: &str, destination: &DockerReference, options: &RegistryOptions, mount_from: Option<&DockerReference>) -> Result<PushSummary> {
+/// Pushes `layout:tag` to `destination`. `mount_from` are images of other
+/// repositories whose blobs may be mounted instead of uploaded (the source
+/// image and chunk dictionaries of a conversion); those on another registry
+/// are ignored.
+pub fn push_image(layout: &OciLayout, tag: &str, destination: &DockerReference, options: &RegistryOptions, mount_from: &[&DockerReference]) -> Result<PushSummary> {
     let client = RegistryClient::for_reference(destination, options)?;
     push_image_with(&client, layout, tag, destination, mount_from)
 }
 
 /// [`push_image`] with an existing client for the destination's registry.
-pub fn push_image_with(client: &RegistryClient, layout: &OciLayout, tag: &str, destination: &DockerReference, mount_from: Option<&DockerReference>) -> Result<PushSummary> {
+pub fn push_image_with(client: &RegistryClient, layout: &OciLayout, tag: &str, destination: &DockerReference, mount_from: &[&DockerReference]) -> Result<PushSummary> {
     let desc = layout.resolve(tag)?;
     if desc.media_type != MEDIA_TYPE_OCI_MANIFEST && desc.media_type != MEDIA_TYPE_DOCKER_MANIFEST {
         return Err(RegistryError::BadImage {
@@ -50,13 +51,14 @@ pub fn push_image_with(client: &RegistryClient, layout: &OciLayout, tag: &str, d
     let manifest_bytes = layout.read_blob(&manifest_digest, MAX_JSON_SIZE)?;
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes).map_err(|source| RegistryError::Json { what: format!("manifest {manifest_digest}"), source })?;
     let repo = &destination.repository;
-    let from = mount_from.filter(|m| m.registry == destination.registry && m.repository != destination.repository).map(|m| m.repository.as_str());
+    let mut from: Vec<&str> = mount_from.iter().filter(|m| m.registry == destination.registry && m.repository != destination.repository).map(|m| m.repository.as_str()).collect();
+    from.dedup();
     let mut summary = PushSummary { destination: format!("docker://{destination}"), manifest_digest: manifest_digest.to_string(), ..Default::default() };
     let before = client.stats().retries;
     for blob in std::iter::once(&manifest.config).chain(manifest.layers.iter()) {
         let digest = Digest::parse(&blob.digest)?;
         let path = layout.blob_path(&digest);
-        let outcome = client.push_blob(repo, &digest, blob.size, &path, from)?;
+        let outcome = client.push_blob(repo, &digest, blob.size, &path, &from)?;
         tracing::debug!("push {destination}: blob {digest} ({} bytes): {outcome:?}", blob.size);
         match outcome {
             BlobPushOutcome::Existed => summary.blobs_existing += 1,

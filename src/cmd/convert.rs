@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use naiad_converter::{Chunking, ConvertOptions, Progress};
+use naiad_converter::{ChunkDictSource, Chunking, ConvertOptions, Progress};
 use naiad_registry::ImageRef;
 
 use crate::cmd::parse_size;
@@ -73,6 +73,12 @@ pub struct ConvertFlags {
     /// cold start; only with --prefetch-list or optimize).
     #[arg(long, default_value_t = 19)]
     pub prefetch_zstd_level: i32,
+    /// A naiad image (oci:DIR[:TAG] or docker://...) whose chunks are
+    /// referenced instead of stored again: its blobs become layers of the
+    /// new image too. `auto`: the naiad image at the destination's tag (in
+    /// a layout without one, its newest naiad image). Repeatable.
+    #[arg(long, value_name = "IMAGE")]
+    pub chunk_dict: Vec<String>,
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub quiet: bool,
@@ -117,6 +123,11 @@ impl ConvertFlags {
             small_file_max: to_u32(self.small_files, "--small-files")?,
             group_size: to_u32(self.group_size, "--group-size")?,
             group_zstd_level: self.group_zstd_level,
+            chunk_dicts: self
+                .chunk_dict
+                .iter()
+                .map(|d| if d == "auto" { Ok(ChunkDictSource::Auto) } else { ImageRef::parse(d).map(ChunkDictSource::Image).with_context(|| format!("--chunk-dict {d}")) })
+                .collect::<Result<_>>()?,
             registry: self.registry.options()?,
             ..Default::default()
         };
@@ -165,6 +176,15 @@ pub fn convert_and_report(source: &ImageRef, destination: &ImageRef, opts: &Conv
             summary.dedup_ratio,
             summary.seconds
         );
+        if !summary.chunk_dicts.is_empty() {
+            eprintln!(
+                "chunk dictionary {}: {} chunks taken from it, {} of its blobs referenced; {:.1} MiB of new blobs",
+                summary.chunk_dicts.join(", "),
+                summary.dict_chunks,
+                summary.dict_blobs,
+                summary.new_blob_bytes as f64 / 1048576.0
+            );
+        }
         if let Some(p) = &summary.push {
             eprintln!(
                 "pushed {} ({}): {} blobs uploaded ({:.1} MiB), {} mounted, {} already there",
