@@ -238,6 +238,59 @@ fn rebuilt_base(rootfs: &Path, work: &Path) -> (u64, u64) {
     (total(&a), added)
 }
 
+/// The 10 versions converted one after the other with `--chunk-dict
+/// auto` and the chunking `args`, and their update pulls.
+struct Series {
+    name: String,
+    total: u64,
+    /// `total` less the base image converted alone with the same chunking.
+    app: u64,
+    secs: f64,
+    /// Blobs the last image references.
+    blobs: u64,
+    after: Vec<f64>,
+    alone: Vec<f64>,
+    after_s: Vec<f64>,
+    alone_s: Vec<f64>,
+    after_req: Vec<f64>,
+    alone_req: Vec<f64>,
+}
+
+fn dict_series(src: &Path, tags: &[String], work: &Path, name: &str, args: &[&str]) -> Series {
+    let dir = work.join(format!("naiad-dict-{}", name.split_whitespace().next().unwrap_or("x")));
+    let _ = fs::remove_dir_all(&dir);
+    let mut blobs = 0;
+    let t = Instant::now();
+    for tag in tags {
+        let mut a = vec!["--chunk-dict", "auto"];
+        a.extend_from_slice(args);
+        let s = convert(&format!("oci:{}:{tag}", src.display()), &format!("oci:{}:{tag}", dir.display()), &a);
+        blobs = s["blobs"].as_u64().unwrap_or(0);
+    }
+    let secs = t.elapsed().as_secs_f64() / tags.len() as f64;
+    let base_dir = dir.with_extension("base");
+    convert(&format!("oci:{}:base", src.display()), &format!("oci:{}:base", base_dir.display()), args);
+    let total = storage(&dir, tags);
+    let app = total - storage(&base_dir, &["base".to_string()]);
+    let mut s = Series { name: name.to_string(), total, app, secs, blobs, after: vec![], alone: vec![], after_s: vec![], alone_s: vec![], after_req: vec![], alone_req: vec![] };
+    // Update pulls: version N+1 after N, against N+1 alone.
+    for n in 0..tags.len() - 1 {
+        let (cache, fresh) = (work.join(format!("cache-after-{n}")), work.join(format!("cache-alone-{n}")));
+        cold_start(&format!("oci:{}:{}", dir.display(), tags[n]), &cache, work);
+        let (t1, b1, r1) = cold_start(&format!("oci:{}:{}", dir.display(), tags[n + 1]), &cache, work);
+        let (t0, b0, r0) = cold_start(&format!("oci:{}:{}", dir.display(), tags[n + 1]), &fresh, work);
+        s.after.push(b1 as f64);
+        s.after_req.push(r1 as f64);
+        s.after_s.push(t1);
+        s.alone.push(b0 as f64);
+        s.alone_req.push(r0 as f64);
+        s.alone_s.push(t0);
+        let _ = fs::remove_dir_all(&cache);
+        let _ = fs::remove_dir_all(&fresh);
+    }
+    s
+}
+
 fn main() {
     let deb = common::debian_image();
     let scratch = tempfile::Builder::new().prefix("naiad-bench-versions-").tempdir_in("/tmp").expect("scratch");
@@ -250,45 +303,28 @@ fn main() {
     }
     add_version(&src, &deb.layout, "base", None);
 
-    // Storage.
-    let (plain, dict) = (work.join("naiad"), work.join("naiad-dict"));
-    let mut dict_blobs = 0;
+    let base = ["base".to_string()];
+    let oci_total = storage(&src, &tags);
+    let oci_app = oci_total - storage(&src, &base);
+
+    // naiad, each version alone (the default chunking).
+    let plain = work.join("naiad");
     let t = Instant::now();
     for tag in &tags {
         convert(&format!("oci:{}:{tag}", src.display()), &format!("oci:{}:{tag}", plain.display()), &[]);
     }
     let plain_secs = t.elapsed().as_secs_f64() / tags.len() as f64;
-    let t = Instant::now();
-    for tag in &tags {
-        let s = convert(&format!("oci:{}:{tag}", src.display()), &format!("oci:{}:{tag}", dict.display()), &["--chunk-dict", "auto"]);
-        dict_blobs = s["blobs"].as_u64().unwrap_or(0);
-    }
-    let dict_secs = t.elapsed().as_secs_f64() / tags.len() as f64;
     convert(&format!("oci:{}:base", src.display()), &format!("oci:{}:base", plain.display()), &[]);
-    let base = ["base".to_string()];
-    let oci_total = storage(&src, &tags);
-    let oci_app = oci_total - storage(&src, &base);
     let plain_total = storage(&plain, &tags);
     let plain_app = plain_total - storage(&plain, &base);
-    let dict_total = storage(&dict, &tags);
-    let dict_app = dict_total - storage(&plain, &base);
 
-    // Update pulls: version N+1 after N, against N+1 alone.
-    let (mut after, mut alone, mut after_s, mut alone_s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut after_req = Vec::new();
-    for n in 0..tags.len() - 1 {
-        let cache = work.join(format!("cache-after-{n}"));
-        cold_start(&format!("oci:{}:{}", dict.display(), tags[n]), &cache, work);
-        let (s, b, r) = cold_start(&format!("oci:{}:{}", dict.display(), tags[n + 1]), &cache, work);
-        let (s1, b1, _) = cold_start(&format!("oci:{}:{}", dict.display(), tags[n + 1]), &work.join(format!("cache-alone-{n}")), work);
-        after.push(b as f64);
-        after_req.push(r as f64);
-        alone.push(b1 as f64);
-        after_s.push(s);
-        alone_s.push(s1);
-        let _ = fs::remove_dir_all(&cache);
-        let _ = fs::remove_dir_all(work.join(format!("cache-alone-{n}")));
-    }
+    // naiad with --chunk-dict auto, for each chunking mode.
+    let modes: [(&str, &[&str]); 3] =
+        [("CDC 16K/64K/256K (default)", &[]), ("fixed 64 KiB", &["--chunking", "fixed", "--chunk-size", "64K"]), ("fixed 1 MiB", &["--chunking", "fixed", "--chunk-size", "1M"])];
+    let series: Vec<Series> = modes.iter().map(|(name, args)| dict_series(&src, &tags, work, name, args)).collect();
+    let d = &series[0];
+    let (dict_total, dict_app, dict_secs, dict_blobs) = (d.total, d.app, d.secs, d.blobs);
+    let (after, alone, after_s, alone_s, after_req) = (d.after.clone(), d.alone.clone(), d.after_s.clone(), d.alone_s.clone(), d.after_req.clone());
     let (rb_first, rb_added) = rebuilt_base(&deb.reference_rootfs, work);
 
     let mb = |b: u64| b as f64 / 1e6;
@@ -308,6 +344,23 @@ fn main() {
     let _ = writeln!(md, "| on an empty cache | {:.2} | {:.3} |", b / 1e6, median(alone_s.clone()));
     let _ = writeln!(md, "| on the cache version N left | {:.2} ({:.3}x) | {:.3} |", a / 1e6, a / b, median(after_s.clone()));
     let _ = writeln!(md, "\nRequests after N: median {:.0}.\n", median(after_req));
+    let _ = writeln!(md, "Chunking modes, each with `--chunk-dict auto` (application's share of the storage; cold start of N+1, medians of the 9 pairs):\n");
+    let _ = writeln!(md, "| chunking | storage, MB | vs OCI | N+1 alone: MB fetched | requests | after N: MB fetched | blobs in the last image |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for m in &series {
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} | {:.3}x | {:.2} | {:.0} | {:.2} | {} |",
+            m.name,
+            mb(m.app),
+            m.app as f64 / oci_app as f64,
+            median(m.alone.clone()) / 1e6,
+            median(m.alone_req.clone()),
+            median(m.after.clone()) / 1e6,
+            m.blobs
+        );
+    }
+    let _ = writeln!(md);
     let _ = writeln!(md, "Base layer rebuilt (same tree, new mtimes on a tenth of its files), second copy converted with the first as dictionary: it adds {:.3} MB to the first's {:.2} MB ({:.2} %).", mb(rb_added), mb(rb_first), rb_added as f64 * 100.0 / rb_first as f64);
     println!("{md}");
 

@@ -669,40 +669,6 @@ fn small_files_share_chunk_groups() {
     assert!(!tmp.path().join("bad").join("index.json").exists());
 }
 
-/// A layout at `dir` (tag `latest`) with one gzip layer holding `files`.
-fn files_layout(dir: &Path, files: &[(String, Vec<u8>)]) {
-    let entries: Vec<(&[u8], &[u8])> = files.iter().map(|(p, d)| (p.as_bytes(), d.as_slice())).collect();
-    write_layout(dir, vec![("files", layer_tar(&entries))], Compression::Gzip);
-}
-
-/// Version 1 and 2 of a tree: 2 changed files of 300, one added, one large
-/// file with an edit in its middle.
-/// Files of a tree: (path, contents).
-type Files = Vec<(String, Vec<u8>)>;
-
-fn two_versions() -> (Files, Files) {
-    let mut x = 0x2545F4914F6CDD1Du64;
-    let mut noise = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
-    let mut v1: Files = (0..300).map(|i| (format!("app/m{i:03}.py"), format!("# module {i}\n").repeat(40 + i % 60).into_bytes())).collect();
-    v1.push(("app/big.bin".into(), noise(1 << 20)));
-    let mut v2 = v1.clone();
-    v2[10].1.extend_from_slice(b"# changed\n");
-    v2[200].1 = b"rewritten\n".to_vec();
-    v2.push(("app/new.py".into(), b"print('new')\n".to_vec()));
-    let big = &mut v2[300].1;
-    big[500_000..500_100].copy_from_slice(&[0u8; 100]);
-    (v1, v2)
-}
-
 fn index_tags(layout: &Path) -> Vec<String> {
     let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
     index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap().to_string()).collect()

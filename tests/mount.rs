@@ -632,3 +632,40 @@ fn a_remount_maps_its_bootstrap_from_the_cache_and_a_changed_one_is_not_trusted(
     assert!(diffs.is_empty(), "the tree differs after the cached bootstrap changed:\n{}", diffs.join("\n"));
     m.umount();
 }
+
+/// An image converted with a chunk dictionary mounts equal to its source;
+/// on a cache that served the dictionary image, reading it fetches only
+/// the chunks that are new (the cache is keyed by blob and offset).
+#[test]
+fn a_chunk_dict_image_mounts_like_its_source_and_reuses_the_old_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let (v1, v2) = two_versions();
+    let (src1, src2) = (tmp.path().join("src1"), tmp.path().join("src2"));
+    files_layout(&src1, &v1);
+    files_layout(&src2, &v2);
+    let store = tmp.path().join("store");
+    let (img1, img2) = (format!("oci:{}:v1", store.display()), format!("oci:{}:v2", store.display()));
+    let run = |args: &[&str]| {
+        let out = naiad().args(args).output().expect("naiad");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["convert", &format!("oci:{}:latest", src1.display()), &img1, "--quiet"]);
+    run(&["convert", &format!("oci:{}:latest", src2.display()), &img2, "--quiet", "--chunk-dict", &img1]);
+    let cache = tmp.path().join("cache");
+    let read_everything = |m: &MountGuard, files: &Files| {
+        for (p, data) in files {
+            assert_eq!(&fs::read(m.path(p)).unwrap(), data, "{p}");
+        }
+    };
+    let m1 = MountGuard::mount(&img1, &tmp.path().join("a"), &cache);
+    read_everything(&m1, &v1);
+    let first = m1.counter("store_bytes");
+    drop(m1);
+    let m2 = MountGuard::mount(&img2, &tmp.path().join("b"), &cache);
+    read_everything(&m2, &v2);
+    let second = m2.counter("store_bytes");
+    assert!(second * 5 < first, "version 2 fetched {second} bytes after version 1's {first}");
+}

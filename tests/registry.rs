@@ -903,3 +903,40 @@ fn unpack_from_a_registry_batches_its_requests_across_small_files() {
     }
     assert!(ProxyStats::get(&st.blob_gets) > before);
 }
+
+/// `--chunk-dict` against a registry: `auto` finds the newest naiad tag of
+/// the destination repository, the dictionary's blobs are not uploaded
+/// again (already there, or mounted from the dictionary's repository), and
+/// the result unpacks equal to the same version converted alone.
+#[test]
+fn chunk_dict_on_a_registry_reuses_the_old_blobs() {
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let h = reg.host();
+    let tmp = tempfile::Builder::new().prefix("naiad-test-regdict-").tempdir_in("/tmp").unwrap();
+    let (v1, v2) = two_versions();
+    let (src1, src2) = (tmp.path().join("src1"), tmp.path().join("src2"));
+    files_layout(&src1, &v1);
+    files_layout(&src2, &v2);
+    let oci = |d: &std::path::Path| format!("oci:{}:latest", d.display());
+    convert_json(&oci(&src1), &format!("docker://{h}/app:1.9"), &[], &[]);
+    convert_json(&oci(&src1), &format!("docker://{h}/app:1.10"), &[], &[]);
+    let s = convert_json(&oci(&src2), &format!("docker://{h}/app:1.11"), &["--chunk-dict", "auto"], &[]);
+    assert_eq!(s["chunk_dicts"][0], format!("docker://{h}/app:1.10"), "the newest tag, as a version: {s}");
+    assert!(s["dict_blobs"].as_u64().unwrap() >= 1 && s["dict_chunks"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["push"]["blobs_existing"].as_u64().unwrap() >= s["dict_blobs"].as_u64().unwrap(), "the dictionary's blobs are not uploaded again: {}", s["push"]);
+
+    let other = convert_json(&oci(&src2), &format!("docker://{h}/other:2"), &["--chunk-dict", &format!("docker://{h}/app:1.10")], &[]);
+    assert!(other["push"]["blobs_mounted"].as_u64().unwrap() >= other["dict_blobs"].as_u64().unwrap(), "mounted from the dictionary's repository: {}", other["push"]);
+
+    let alone = tmp.path().join("alone");
+    convert_json(&oci(&src2), &format!("oci:{}:2", alone.display()), &[], &[]);
+    let expected = tmp.path().join("expected");
+    ok(&["unpack", &format!("oci:{}:2", alone.display()), expected.to_str().unwrap()]);
+    for image in [format!("docker://{h}/app:1.11"), format!("docker://{h}/other:2")] {
+        ok(&["check", &image]);
+        let got = tmp.path().join(format!("got-{}", image.len()));
+        ok(&["unpack", &image, got.to_str().unwrap()]);
+        let diffs = compare_trees(&expected, &got, &CompareOptions::default());
+        assert!(diffs.is_empty(), "{image}: {}", diffs.join("\n"));
+    }
+}

@@ -320,9 +320,57 @@ fn auto_dict(destination: &ImageRef, options: &RegistryOptions) -> Option<ImageR
                 .map(|t| ImageRef::Layout { dir: dir.clone(), tag: t })
                 .find(is_naiad)
         }
-        ImageRef::Docker(_) => Some(destination.clone()).filter(is_naiad),
+        ImageRef::Docker(d) => {
+            if is_naiad(destination) {
+                return Some(destination.clone());
+            }
+            // The newest other tag of the repository that is a naiad image:
+            // tags compared as versions (digit runs by number), a few tried.
+            let client = naiad_registry::RegistryClient::for_reference(d, options).ok()?;
+            let mut tags = client.list_tags(&d.repository).ok()?;
+            tags.sort_by(|a, b| version_order(b, a));
+            tags.into_iter()
+                .take(8)
+                .map(|t| {
+                    let mut r = d.clone();
+                    (r.tag, r.digest) = (Some(t), None);
+                    ImageRef::Docker(r)
+                })
+                .find(is_naiad)
+        }
         ImageRef::DockerArchive { .. } => None,
     }
+}
+
+/// Orders tags as versions: runs of digits compare by number, the rest
+/// bytewise (`v1.10` after `v1.9`).
+fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for ((da, xa), (db, xb)) in pa.iter().zip(&pb) {
+        let o = match (da, db) {
+            (true, true) => {
+                let (ta, tb) = (xa.trim_start_matches('0'), xb.trim_start_matches('0'));
+                ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb))
+            }
+            _ => xa.cmp(xb),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len())
 }
 
 /// Converts `src` into `layout` (the destination, or the staging layout of
@@ -621,6 +669,16 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mu
         other => return Err(entry_err(format!("unsupported tar entry type {other:?}"))),
     };
     tree.put(&parts, Node { meta, kind: node_kind }, layer_index).map_err(&entry_err)
+}
+
+#[cfg(test)]
+mod version_order_tests {
+    #[test]
+    fn tags_order_as_versions() {
+        let mut tags = vec!["v1.10", "v1.9", "latest", "v1.9.1", "v2", "v1.09"];
+        tags.sort_by(|a, b| super::version_order(a, b));
+        assert_eq!(tags, vec!["latest", "v1.9", "v1.09", "v1.9.1", "v1.10", "v2"]);
+    }
 }
 
 #[cfg(test)]

@@ -488,6 +488,28 @@ impl RegistryClient {
         })
     }
 
+    /// The tags of `repo` (the first page the registry gives: `tags/list`
+    /// pages at 100 or more); a repository that does not exist has none.
+    pub fn list_tags(&self, repo: &str) -> Result<Vec<String>> {
+        let what = format!("tags of {}/{repo}", self.inner.registry);
+        let spec = RequestSpec::new(Method::GET, self.url(&format!("{repo}/tags/list"))?, vec![scope_pull(repo)], what.clone());
+        self.execute(&spec, &self.inner.retry, |resp| {
+            match resp.status().as_u16() {
+                200 => {}
+                404 => return Ok(Vec::new()),
+                _ => return Err(AttemptError::Fatal(self.http_error(&what, resp))),
+            }
+            let deadline = self.inner.options.body_deadline(resp.content_length().unwrap_or(MAX_JSON_SIZE));
+            let bytes = read_body(resp, MAX_JSON_SIZE, deadline, &self.inner.host, &what)?;
+            #[derive(serde::Deserialize)]
+            struct TagList {
+                tags: Option<Vec<String>>,
+            }
+            let list: TagList = serde_json::from_slice(&bytes).map_err(|source| AttemptError::Fatal(RegistryError::Json { what: what.clone(), source }))?;
+            Ok(list.tags.unwrap_or_default())
+        })
+    }
+
     /// The size of blob `digest` in `repo`, or `None` if it is not there.
     pub fn head_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
         let what = format!("blob {digest} in {}/{repo}", self.inner.registry);

@@ -1332,3 +1332,52 @@ pub fn regular_files(root: &Path) -> Vec<(PathBuf, u64)> {
     }
     out
 }
+
+// ---------------------------------------------------------------------------
+// Two versions of a tree (chunk dictionaries)
+// ---------------------------------------------------------------------------
+
+/// Files of a tree: (path, contents).
+pub type Files = Vec<(String, Vec<u8>)>;
+
+/// Version 1 and 2 of a tree: 300 small files and one of 1 MiB; version 2
+/// changes 2 small files, adds one, and edits the large one in its middle.
+pub fn two_versions() -> (Files, Files) {
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut v1: Files = (0..300).map(|i| (format!("app/m{i:03}.py"), format!("# module {i}\n").repeat(40 + i % 60).into_bytes())).collect();
+    v1.push(("app/big.bin".into(), noise(1 << 20)));
+    let mut v2 = v1.clone();
+    v2[10].1.extend_from_slice(b"# changed\n");
+    v2[200].1 = b"rewritten\n".to_vec();
+    v2.push(("app/new.py".into(), b"print('new')\n".to_vec()));
+    let big = &mut v2[300].1;
+    big[500_000..500_100].copy_from_slice(&[0u8; 100]);
+    (v1, v2)
+}
+
+/// An OCI layout at `dir` (tag `latest`) with one gzip layer holding
+/// `files` (mode 0644, owner 0, mtime 0; directories implicit).
+pub fn files_layout(dir: &Path, files: &[(String, Vec<u8>)]) {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        b.append_data(&mut h, path, data.as_slice()).expect("tar entry");
+    }
+    write_layout(dir, vec![("files", b.into_inner().expect("tar"))], Compression::Gzip);
+}
