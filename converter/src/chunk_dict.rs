@@ -103,16 +103,22 @@ impl ChunkDict {
     /// The stored bytes of dictionary chunks, read (merged per blob by the
     /// store) and verified.
     pub fn read_stored(&self, chunks: &[ChunkRecord]) -> Result<Vec<Vec<u8>>> {
-        let mut out = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            let blob = &self.blobs[c.blob_index as usize];
+        // One read_ranges call per blob: the store merges near ranges.
+        let mut by_blob: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, c) in chunks.iter().enumerate() {
+            by_blob.entry(c.blob_index).or_default().push(i);
+        }
+        let mut out = vec![Vec::new(); chunks.len()];
+        for (blob_id, positions) in by_blob {
+            let blob = &self.blobs[blob_id as usize];
             let image = &self.images[blob.image];
-            let stored = image
-                .store
-                .read_range(&blob.digest, c.compressed_offset, c.compressed_size as u64)
-                .map_err(|e| ConvertError::Invalid(format!("chunk dictionary {}: blob {}: {e}", image.reference, blob.digest)))?;
-            naiad_format::decode_chunk(&stored, c).map_err(|e| ConvertError::Invalid(format!("chunk dictionary {}: blob {}: {e}", image.reference, blob.digest)))?;
-            out.push(stored);
+            let bad = |e: String| ConvertError::Invalid(format!("chunk dictionary {}: blob {}: {e}", image.reference, blob.digest));
+            let ranges: Vec<(u64, u64)> = positions.iter().map(|&i| (chunks[i].compressed_offset, chunks[i].compressed_size as u64)).collect();
+            let stored = image.store.read_ranges(&blob.digest, &ranges).map_err(|e| bad(e.to_string()))?;
+            for (&i, bytes) in positions.iter().zip(stored) {
+                naiad_format::decode_chunk(&bytes, &chunks[i]).map_err(|e| bad(e.to_string()))?;
+                out[i] = bytes;
+            }
         }
         Ok(out)
     }
@@ -144,9 +150,9 @@ impl ChunkDict {
         Ok(true)
     }
 
-    /// Checks that dictionary blob `id` is in the destination registry
-    /// repository `repo` or in the dictionary's own (from which a push
-    /// mounts it).
+    /// Checks that dictionary blob `id` is in the dictionary's registry
+    /// repository, with the size its bootstrap says (a push to the same
+    /// registry finds it there or mounts it from there).
     pub fn check_remote_blob(&self, id: usize) -> Result<()> {
         let blob = &self.blobs[id];
         let image = &self.images[blob.image];
