@@ -3,9 +3,9 @@
 //! "OCI packaging", describes how they are used.
 
 /// Media type of a chunk blob: concatenated chunks, see [`crate::chunk`].
-pub const MEDIA_TYPE_BLOB: &str = "application/vnd.naiad.blob.v1";
+pub const MEDIA_TYPE_BLOB: &str = "application/vnd.oci.image.layer.naiad.blob.v1";
 /// Media type of the bootstrap layer: the bootstrap file, zstd-compressed.
-pub const MEDIA_TYPE_BOOTSTRAP: &str = "application/vnd.naiad.bootstrap.v1+zstd";
+pub const MEDIA_TYPE_BOOTSTRAP: &str = "application/vnd.oci.image.layer.naiad.bootstrap.v1+zstd";
 /// Annotation on the manifest marking a naiad image; value is the format version.
 pub const ANNOTATION_FORMAT: &str = "org.naiad.format";
 /// Annotation on a layer saying what it is: "bootstrap" or "blob".

@@ -30,6 +30,12 @@ pub enum FuseError {
     Container(String),
     #[error("{0}")]
     Image(String),
+    #[error("{0}")]
+    Launch(String),
+    #[error("{0} is not mounted")]
+    NotMounted(PathBuf),
+    #[error("{path} is not a naiad mount (it is {fstype})")]
+    NotNaiad { path: PathBuf, fstype: String },
 }
 
 /// Attaches a path to an `io::Error`.

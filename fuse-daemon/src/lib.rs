@@ -30,6 +30,9 @@
 //!   sockets `naiad stats` asks for counters and HTTP clients scrape.
 //! - [`runtime_paths`]: where a mount's socket, pid file and log live.
 //! - [`mountinfo`]: reading `/proc/self/mountinfo`.
+//! - [`launcher`]: [`launcher::launch`], starting a mount's supervisor in
+//!   the background and waiting until it serves, and unmounting it; the one
+//!   way `naiad mount`, `naiad run` and the snapshotter start daemons.
 //! - [`supervisor`]: [`supervise`], the process that owns a mount's
 //!   `/dev/fuse` connection and runs, restarts and upgrades its daemon;
 //!   [`fuse_device`], that connection (mount, INIT, resend); [`handoff`],
@@ -52,6 +55,7 @@ pub mod fuse_device;
 pub mod handoff;
 pub mod histogram;
 pub mod inflight;
+pub mod launcher;
 pub mod memory_cache;
 pub mod metrics_server;
 pub mod mountinfo;

@@ -20,17 +20,16 @@
 //! metrics over HTTP on a unix socket (`--api-socket`).
 
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use naiad_fuse::daemon::{self, CacheConfig, MountConfig, ServeConfig};
 use naiad_fuse::runtime_paths::{canonical_mountpoint, RuntimePaths, DEFAULT_RUN_DIR};
+use naiad_fuse::launcher;
 use naiad_fuse::supervisor::{self, SupervisorOptions};
 use naiad_fuse::PrefetchConfig;
 use naiad_fuse::{mountinfo, DaemonConfig, FSTYPE};
@@ -250,7 +249,8 @@ pub fn mount(a: MountArgs) -> Result<i32> {
         supervisor::supervise(config, options, || {}).with_context(|| format!("serving {} on {}", a.source, mp.display()))?;
         return Ok(0);
     }
-    spawn_daemon(&config, Duration::from_secs(a.timeout), &|| false)?;
+    let exe = std::env::current_exe().context("finding the naiad executable")?;
+    launcher::launch(&config, &exe, Duration::from_secs(a.timeout), &|| false)?;
     Ok(0)
 }
 
@@ -319,183 +319,15 @@ fn redirect_output(log: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The supervisor [`spawn_daemon`] started; it runs on after this process exits.
-pub(crate) struct SpawnedDaemon {
-    pub pid: i32,
-}
-
-/// Starts a mount's supervisor (`naiad daemon supervise`) in a new session
-/// and waits until its mount is served, or reports why it failed. `stop`
-/// is asked while waiting: when it says so, the supervisor is stopped (it
-/// unmounts and ends its daemon) and an error returned.
-pub(crate) fn spawn_daemon(config: &DaemonConfig, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<SpawnedDaemon> {
-    let exe = std::env::current_exe().context("finding the naiad executable")?;
-    let mp = &config.serve.mountpoint;
-    let log_file = &config.log_file;
-    std::fs::create_dir_all(config.serve.runtime.pid_file.parent().unwrap_or(Path::new("/"))).context("creating the run directory")?;
-    let mut cmd = Command::new(&exe);
-    cmd.args(["daemon", "supervise"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    if std::env::var_os("RUST_LOG").is_none() {
-        // The daemon's log file gets its lifecycle at least.
-        let level = tracing::level_filters::LevelFilter::current();
-        let level = if level < tracing::level_filters::LevelFilter::INFO { "info".to_string() } else { level.to_string().to_lowercase() };
-        // fuser logs, as errors, replies the kernel no longer wants: a
-        // request interrupted (a reader killed) or the mount gone. Nothing
-        // to act on, and `naiad run` would report them as problems.
-        cmd.env("RUST_LOG", format!("{level},fuser::reply=off"));
-    }
-    // Plain text in log files.
-    cmd.env("NO_COLOR", "1");
-    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from
-    // our terminal and process group so it outlives us undisturbed.
-    unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
-    }
-    let start = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("starting the supervisor ({})", exe.display()))?;
-    let pid = child.id() as i32;
-    {
-        // The configuration (credentials included) travels on a pipe,
-        // never on a command line.
-        let json = serde_json::to_vec(config).context("encoding the daemon configuration")?;
-        let mut stdin = child.stdin.take().context("supervisor stdin pipe")?;
-        stdin.write_all(&json).context("sending the supervisor its configuration")?;
-    }
-    let mut stderr = child.stderr.take().context("supervisor stderr pipe")?;
-    // The pipe closes when the mount is served (the supervisor redirects to
-    // its log) or it exits; read it on a thread so a hung supervisor cannot
-    // hang us.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = (&mut stderr).take(1 << 20).read_to_end(&mut out);
-        let _ = tx.send(out);
-    });
-    let fail = |child: &mut std::process::Child, msg: String| -> anyhow::Error {
-        // SIGTERM: the supervisor unmounts and ends its daemon (SIGKILL
-        // would leave the daemon serving).
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        if !wait_for_exit(child.id() as i32, Duration::from_secs(15)) {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
-        // Never leave a mount behind for a supervisor we gave up on.
-        if let Ok(Some(m)) = mountinfo::find(mp) {
-            if m.fstype == FSTYPE {
-                let _ = daemon::unmount(mp, true);
-            }
-        }
-        anyhow::anyhow!(msg)
-    };
-    let deadline = Instant::now() + timeout;
-    let output = loop {
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(out) => break String::from_utf8_lossy(&out).into_owned(),
-            Err(_) if stop() => return Err(fail(&mut child, format!("mounting {} on {}: stopped", config.source, mp.display()))),
-            Err(_) if Instant::now() > deadline => {
-                return Err(fail(
-                    &mut child,
-                    format!("mounting {} on {}: the daemon did not become ready within {}s (log: {})", config.source, mp.display(), timeout.as_secs(), log_file.display()),
-                ))
-            }
-            Err(_) => {}
-        }
-    };
-    let message = || output.trim().trim_start_matches("naiad: error: ").to_string();
-    // Served once the pipe closed; the supervisor has exited if it failed.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for the supervisor")? {
-            let msg = message();
-            if msg.is_empty() {
-                bail!("mounting {} on {}: the supervisor exited ({status}) before the mount was ready; see {}", config.source, mp.display(), log_file.display());
-            }
-            bail!("{msg}");
-        }
-        if mountinfo::find(mp).context("reading /proc/self/mountinfo")?.is_some_and(|m| m.fstype == FSTYPE) {
-            break;
-        }
-        if Instant::now() > deadline {
-            let msg = message();
-            return Err(fail(
-                &mut child,
-                format!(
-                    "mounting {} on {}: the mount did not appear although the supervisor is running{}",
-                    config.source,
-                    mp.display(),
-                    if msg.is_empty() { String::new() } else { format!(": {msg}") }
-                ),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if !output.trim().is_empty() {
-        // What the supervisor said before it was ready belongs in its log;
-        // warnings and errors are shown here too.
-        if let Ok(mut log) = OpenOptions::new().create(true).append(true).mode(0o640).open(log_file) {
-            let _ = log.write_all(output.as_bytes());
-        }
-        for line in output.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")) {
-            eprintln!("{line}");
-        }
-    }
-    tracing::debug!("mount of {} on {} ready in {:?} (supervisor pid {pid})", config.source, mp.display(), start.elapsed());
-    Ok(SpawnedDaemon { pid })
-}
-
-fn process_alive(pid: i32) -> bool {
-    // A zombie has exited too; its state letter in /proc/PID/stat is Z.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Waits until process `pid` is gone; false on timeout.
-pub(crate) fn wait_for_exit(pid: i32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while process_alive(pid) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
-
 pub fn umount(a: UmountArgs) -> Result<i32> {
     let mp = canonical_mountpoint(&a.mountpoint).with_context(|| format!("mountpoint {}", a.mountpoint.display()))?;
-    match mountinfo::find(&mp).context("reading /proc/self/mountinfo")? {
-        None => bail!("{} is not mounted", mp.display()),
-        Some(m) if m.fstype != FSTYPE => bail!("{} is not a naiad mount (it is {})", mp.display(), m.fstype),
-        Some(_) => {}
-    }
-    let paths = RuntimePaths::new(&run_dir(&a.run_dir), &mp);
-    // The supervisor, and the daemon serving now (it outlives a dead
-    // supervisor until the unmount).
-    let supervisor = paths.read_pid();
-    let serving = naiad_fuse::query_stats(&paths.socket).ok().map(|r| r.pid as i32);
-    if let Err(e) = daemon::unmount(&mp, a.lazy) {
-        if matches!(e, naiad_fuse::FuseError::Unmount { source: nix::Error::EBUSY, .. }) {
-            bail!("{} is busy (files open or processes inside); close them, or detach it with `naiad umount --lazy`", mp.display());
+    match launcher::unmount_and_wait(&run_dir(&a.run_dir), &mp, a.lazy, Duration::from_secs(a.timeout)) {
+        Ok(_) => Ok(0),
+        Err(naiad_fuse::FuseError::Unmount { source: nix::Error::EBUSY, .. }) => {
+            bail!("{} is busy (files open or processes inside); close them, or detach it with `naiad umount --lazy`", mp.display())
         }
-        return Err(e).context("unmounting");
+        Err(e) => Err(e.into()),
     }
-    let pids: Vec<i32> = supervisor.into_iter().chain(serving).collect();
-    if a.lazy && mountinfo::find(&mp).ok().flatten().is_none() && pids.iter().any(|&p| process_alive(p)) {
-        // A detached mount stays served until its last user is gone.
-        return Ok(0);
-    }
-    for pid in pids {
-        if !wait_for_exit(pid, Duration::from_secs(a.timeout)) {
-            bail!("unmounted {}, but its daemon (pid {pid}) has not exited after {}s", mp.display(), a.timeout);
-        }
-    }
-    // What a supervisor that was killed could not remove itself.
-    for path in [&paths.pid_file, &paths.control, &paths.counters, &paths.opens, &paths.socket] {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(0)
 }
 
 pub fn stats(a: StatsArgs) -> Result<i32> {

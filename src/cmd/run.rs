@@ -23,7 +23,8 @@ use naiad_registry::{open_source_with, ImageRef};
 use naiad_runtime::{ProcessSpec, RunSpec, DEFAULT_PATH};
 use serde_json::Value;
 
-use super::mount::{spawn_daemon, wait_for_exit, DaemonOptions};
+use super::mount::DaemonOptions;
+use naiad_fuse::launcher::{self, wait_for_exit};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -182,9 +183,10 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if let Some(code) = stopped("before the mount") {
         return Ok(code);
     }
-    let spawned = match spawn_daemon(&config, Duration::from_secs(120), &|| naiad_runtime::stop_signal().is_some()) {
+    let exe = std::env::current_exe().context("finding the naiad executable")?;
+    let spawned = match launcher::launch(&config, &exe, Duration::from_secs(120), &|| naiad_runtime::stop_signal().is_some()) {
         Ok(s) => s,
-        Err(e) => return stopped("while mounting").map(Ok).unwrap_or(Err(e)),
+        Err(e) => return stopped("while mounting").map(Ok).unwrap_or(Err(e.into())),
     };
     rd.daemon_pid = Some(spawned.pid);
 
