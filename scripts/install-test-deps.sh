@@ -22,6 +22,11 @@
 #   kmod               modprobe fuse when /dev/fuse is missing
 #   runc, crun         the OCI runtimes `naiad run` starts containers with
 #                      (crun preferred where the cgroup layout allows it)
+#   containerd         the private containerd instances of tests/containerd.rs
+#                      (naiad snapshotter as its proxy plugin; ctr, shim)
+#   protobuf-compiler, libprotobuf-dev   protoc and the well-known .proto
+#                      files: the containerd and CRI gRPC crates compile
+#                      their .proto files when naiad is built
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -29,7 +34,7 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(
     fuse3 umoci skopeo debootstrap debian-archive-keyring gpgv wget ca-certificates
     docker-registry apache2-utils openssl zstd tar python3 coreutils attr util-linux kmod
-    runc crun
+    runc crun containerd protobuf-compiler libprotobuf-dev
 )
 
 log() { printf 'install-test-deps: %s\n' "$*"; }

@@ -35,6 +35,8 @@ enum Command {
     Stats(cmd::mount::StatsArgs),
     /// Run a command in a naiad image mounted lazily, under a writable overlay.
     Run(cmd::run::RunArgs),
+    /// containerd's remote snapshotter: serve naiad images (and ordinary ones) as container rootfs.
+    Snapshotter(cmd::snapshotter::SnapshotterArgs),
     /// Manage the daemon of a mount (live upgrade).
     #[command(subcommand)]
     Daemon(cmd::mount::DaemonCommand),
@@ -42,7 +44,11 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    let configured = match &cli.command {
+        Command::Snapshotter(a) => cmd::snapshotter::log_level(a),
+        _ => None,
+    };
+    init_logging(cli.verbose, configured);
     let result = match cli.command {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Optimize(a) => cmd::optimize::run(a),
@@ -53,6 +59,7 @@ fn main() {
         Command::Umount(a) => cmd::mount::umount(a),
         Command::Stats(a) => cmd::mount::stats(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Snapshotter(a) => cmd::snapshotter::run(a),
         Command::Daemon(c) => cmd::mount::daemon_command(c),
     };
     match result {
@@ -64,11 +71,14 @@ fn main() {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "debug",
-        _ => "trace",
+/// Log filter: RUST_LOG, else `-v`s, else what the command's
+/// configuration says (the snapshotter's `log_level`), else warnings.
+fn init_logging(verbose: u8, configured: Option<String>) {
+    let default = match (verbose, configured) {
+        (0, Some(level)) => level,
+        (0, None) => "warn".into(),
+        (1, _) => "debug".into(),
+        _ => "trace".into(),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

@@ -126,7 +126,12 @@ pub fn launch(config: &DaemonConfig, exe: &Path, timeout: Duration, stop: &dyn F
         if let Some(status) = child.try_wait().map_err(|e| fail(format!("waiting for the supervisor: {e}")))? {
             let msg = message();
             if msg.is_empty() {
-                return Err(fail(format!("mounting {} on {}: the supervisor exited ({status}) before the mount was ready; see {}", config.source, mp.display(), log_file.display())));
+                return Err(fail(format!(
+                    "mounting {} on {}: the supervisor exited ({status}) before the mount was ready; see {}",
+                    config.source,
+                    mp.display(),
+                    log_file.display()
+                )));
             }
             return Err(fail(msg));
         }

@@ -18,6 +18,7 @@ pub mod mount;
 pub mod optimize;
 pub mod registry_flags;
 pub mod run;
+pub mod snapshotter;
 pub mod unpack;
 
 /// Parses a byte size from the command line: `4096`, `64K`, `1M`, `2G`
