@@ -30,9 +30,14 @@ fn available() -> bool {
 
 /// Converts the Debian python3 fixture into `docker://HOST/REPO:TAG`.
 fn push_naiad_image(reg: &Distribution, repo_tag: &str) -> String {
+    push_naiad_image_with(reg, repo_tag, &[])
+}
+
+/// [`push_naiad_image`] with more `naiad convert` arguments.
+fn push_naiad_image_with(reg: &Distribution, repo_tag: &str, extra: &[&str]) -> String {
     let deb = debian_image();
     let image = format!("{}/{repo_tag}", reg.host());
-    let out = naiad().args(["convert", &format!("oci:{}:latest", deb.layout.display()), &format!("docker://{image}"), "--quiet"]).output().expect("naiad convert");
+    let out = naiad().args(["convert", &format!("oci:{}:latest", deb.layout.display()), &format!("docker://{image}"), "--quiet"]).args(extra).output().expect("naiad convert");
     assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
     image
 }
@@ -101,4 +106,110 @@ fn cri_pull_runs_a_naiad_image_lazily() {
     assert!(node.snapshots(NAMESPACE).is_empty(), "snapshots left: {:?}", node.snapshots(NAMESPACE));
     assert!(node.naiad_mounts().is_empty(), "mounts left: {:?}", node.naiad_mounts());
     assert!(node.daemons().is_empty(), "daemons left: {:?}", node.daemons());
+}
+
+#[test]
+fn an_ordinary_image_runs_through_the_same_snapshotter() {
+    if !available() {
+        return;
+    }
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let deb = debian_image();
+    let image = format!("{}/py:oci", reg.host());
+    registry_server::skopeo_copy(&format!("oci:{}:latest", deb.layout.display()), &format!("docker://{image}"), &[]);
+    let node = Node::start(&[&reg.host()]);
+    node.cri_pull(&image, None).unwrap_or_else(|e| panic!("CRI pull: {e}\n{}", tail(&node.snapshotter_log(), 30)));
+    assert!(node.naiad_mounts().is_empty(), "an ordinary image needs no naiad mount");
+    let out = node.ctr(&["-n", NAMESPACE, "run", "--rm", "--snapshotter", "naiad", &image, "c-oci", "python3", "-c", "print(6*7)"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "ctr run: {}", String::from_utf8_lossy(&out.stderr));
+    node.ctr_ok(&["-n", NAMESPACE, "containers", "create", "--snapshotter", "naiad", &image, "c-rootfs"]);
+    assert_rootfs_is_the_reference(&node, NAMESPACE, "c-rootfs", &node.dir.path().join("rootfs"));
+    node.ctr_ok(&["-n", NAMESPACE, "containers", "rm", "c-rootfs"]);
+}
+
+#[test]
+fn a_restarted_snapshotter_keeps_snapshots_mounts_and_running_containers() {
+    if !available() {
+        return;
+    }
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let image = push_naiad_image(&reg, "py:restart");
+    let mut node = Node::start(&[&reg.host()]);
+    node.cri_pull(&image, None).unwrap_or_else(|e| panic!("CRI pull: {e}"));
+    node.ctr_ok(&["-n", NAMESPACE, "run", "-d", "--snapshotter", "naiad", &image, "c-long", "sleep", "600"]);
+    let snapshots = node.snapshots(NAMESPACE);
+    let daemons = node.daemons();
+    assert!(!daemons.is_empty(), "the image mount has its daemon");
+
+    node.kill_snapshotter();
+    // The running container reads through the image mount meanwhile.
+    let exec = |node: &Node, id: &str| node.ctr(&["-n", NAMESPACE, "tasks", "exec", "--exec-id", id, "c-long", "python3", "-c", "import json; print(6*7)"]);
+    let out = exec(&node, "e1");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "exec with the snapshotter down: {}", String::from_utf8_lossy(&out.stderr));
+
+    node.start_snapshotter();
+    assert_eq!(node.snapshots(NAMESPACE), snapshots, "the same snapshots after a restart");
+    let out = exec(&node, "e2");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let out = node.ctr(&["-n", NAMESPACE, "run", "--rm", "--snapshotter", "naiad", &image, "c-new", "python3", "-c", "print(6*7)"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "new container after restart: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(node.daemons(), daemons, "no new daemon: the restarted snapshotter reattached to the running one");
+    assert!(node.snapshotter_log().contains("served"), "{}", node.snapshotter_log());
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_snapshotter_stays_up() {
+    if !available() {
+        return;
+    }
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let good = push_naiad_image(&reg, "py:good");
+    let node = Node::start(&[&reg.host()]);
+
+    // An image that is not there; an unreachable registry.
+    let e = node.cri_pull(&format!("{}/py:missing", reg.host()), None).expect_err("missing tag");
+    assert!(e.contains("not found"), "{e}");
+    let e = node.cri_pull("127.0.0.1:1/py:x", None).expect_err("unreachable");
+    assert!(e.contains("127.0.0.1:1") && e.contains("refused"), "{e}");
+
+    // A corrupt bootstrap: its blob in the registry's storage overwritten.
+    // (Converted otherwise than the good image, so no blob is shared.)
+    let corrupt = push_naiad_image_with(&reg, "py:corrupt", &["--small-files", "0"]);
+    let manifest: serde_json::Value = serde_json::from_slice(&registry_get(&reg, "py", "corrupt")).unwrap();
+    let bootstrap = manifest["layers"].as_array().unwrap().iter().find(|l| l["mediaType"].as_str().unwrap().contains("bootstrap")).unwrap()["digest"].as_str().unwrap().to_string();
+    let hex = bootstrap.trim_start_matches("sha256:");
+    let data = reg.storage_dir().join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+    let len = std::fs::metadata(&data).unwrap().len() as usize;
+    std::fs::write(&data, vec![0x5a; len]).unwrap();
+    let e = node.cri_pull(&corrupt, None).expect_err("corrupt bootstrap");
+    assert!(e.contains("mounting image") && e.contains("does not match its digest"), "{e}");
+    assert!(!e.contains(" INFO "), "the error is the daemon's error, not its log: {e}");
+    assert!(node.snapshotter_log().contains("mounting image"), "the snapshotter logs it too");
+    assert!(node.naiad_mounts().is_empty(), "no mount is left for the corrupt image");
+
+    // Still serving: a good image pulls and runs.
+    node.cri_pull(&good, None).unwrap_or_else(|e| panic!("good pull after bad ones: {e}"));
+    let out = node.ctr(&["-n", NAMESPACE, "run", "--rm", "--snapshotter", "naiad", &good, "c-ok", "python3", "-c", "print(6*7)"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+
+    // A second snapshotter on the same socket; a malformed config.
+    let out = naiad().arg("snapshotter").arg("--config").arg(&node.snapshotter_config).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already in use") && err.contains("snapshotter.sock"), "{err}");
+    let bad = node.dir.path().join("bad.toml");
+    std::fs::write(&bad, "root = \"/tmp/x\"\n[cache]\nsize = \"huge\"\n").unwrap();
+    let out = naiad().arg("snapshotter").arg("--config").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("cache.size"), "{err}");
+    let out = node.ctr(&["-n", NAMESPACE, "run", "--rm", "--snapshotter", "naiad", &good, "c-ok2", "true"]);
+    assert!(out.status.success(), "the first snapshotter still serves: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The raw manifest of `repo:tag` (skopeo inspect --raw).
+fn registry_get(reg: &Distribution, repo: &str, tag: &str) -> Vec<u8> {
+    let out = Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{}/{repo}:{tag}", reg.host())).output().expect("skopeo inspect");
+    assert!(out.status.success(), "skopeo inspect: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
 }

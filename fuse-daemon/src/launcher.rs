@@ -119,7 +119,11 @@ pub fn launch(config: &DaemonConfig, exe: &Path, timeout: Duration, stop: &dyn F
             Err(_) => {}
         }
     };
-    let message = || output.trim().trim_start_matches("naiad: error: ").to_string();
+    // The supervisor's own error line, else all it said.
+    let message = || match output.lines().rev().find_map(|l| l.strip_prefix("naiad: error: ")) {
+        Some(line) => line.trim().to_string(),
+        None => output.trim().to_string(),
+    };
     // Served once the pipe closed; the supervisor has exited if it failed.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -134,6 +134,11 @@ impl Distribution {
         wait_for_port(self.port, "docker-registry", Duration::from_secs(20));
     }
 
+    /// The registry's filesystem storage (`docker/registry/v2/...`).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)

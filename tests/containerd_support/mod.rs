@@ -175,7 +175,14 @@ state = "{state}"
     /// Names of the naiad snapshotter's snapshots in `namespace`, as
     /// containerd lists them.
     pub fn snapshots(&self, namespace: &str) -> Vec<String> {
-        let out = self.ctr_ok(&["-n", namespace, "snapshots", "--snapshotter", "naiad", "ls"]);
+        // After a snapshotter restart containerd redials it with a backoff
+        // of up to 3 s.
+        let args = ["-n", namespace, "snapshots", "--snapshotter", "naiad", "ls"];
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.ctr(&args).status.success() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let out = self.ctr_ok(&args);
         let mut names: Vec<String> = out.lines().skip(1).filter_map(|l| l.split_whitespace().next()).map(String::from).collect();
         names.sort();
         names
