@@ -35,6 +35,8 @@ enum Command {
     Stats(cmd::mount::StatsArgs),
     /// Run a command in a naiad image mounted lazily, under a writable overlay.
     Run(cmd::run::RunArgs),
+    /// Pull a naiad image into containerd lazily (no CRI needed); then `ctr run --snapshotter naiad`.
+    Pull(cmd::pull::PullArgs),
     /// containerd's remote snapshotter: serve naiad images (and ordinary ones) as container rootfs.
     Snapshotter(cmd::snapshotter::SnapshotterArgs),
     /// Manage the daemon of a mount (live upgrade).
@@ -59,6 +61,7 @@ fn main() {
         Command::Umount(a) => cmd::mount::umount(a),
         Command::Stats(a) => cmd::mount::stats(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Pull(a) => cmd::pull::run(a),
         Command::Snapshotter(a) => cmd::snapshotter::run(a),
         Command::Daemon(c) => cmd::mount::daemon_command(c),
     };

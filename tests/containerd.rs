@@ -213,3 +213,49 @@ fn registry_get(reg: &Distribution, repo: &str, tag: &str) -> Vec<u8> {
     assert!(out.status.success(), "skopeo inspect: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
+
+#[test]
+fn naiad_pull_into_plain_containerd_then_ctr_run() {
+    if !available() {
+        return;
+    }
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let image = push_naiad_image(&reg, "py:pull");
+    let node = Node::start(&[&reg.host()]);
+    let out = naiad().arg("pull").arg("--containerd").arg(&node.socket).arg(&image).output().unwrap();
+    assert!(out.status.success(), "naiad pull: {}\n{}", String::from_utf8_lossy(&out.stderr), tail(&node.snapshotter_log(), 30));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&image), "{}", String::from_utf8_lossy(&out.stdout));
+    let listed = node.ctr_ok(&["images", "ls", "-q"]);
+    assert!(listed.lines().any(|l| l == image), "ctr images ls: {listed}");
+
+    let out = node.ctr(&["run", "--rm", "--snapshotter", "naiad", &image, "p-print", "python3", "-c", "print(6*7)"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "ctr run: {}", String::from_utf8_lossy(&out.stderr));
+    let out = node.ctr(&["run", "--rm", "--snapshotter", "naiad", &image, "p-exit", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let s = image_mount_stats(&node);
+    let (fetched, blobs) = (s["counters"]["store_bytes"].as_u64().unwrap(), s["blob_bytes"].as_u64().unwrap());
+    assert!(fetched * 2 < blobs, "fetched {fetched} of {blobs} blob bytes");
+    node.ctr_ok(&["containers", "create", "--snapshotter", "naiad", &image, "p-rootfs"]);
+    assert_rootfs_is_the_reference(&node, "default", "p-rootfs", &node.dir.path().join("rootfs"));
+    node.ctr_ok(&["containers", "rm", "p-rootfs"]);
+
+    // Pulling again is fine; an ordinary image is refused clearly.
+    let again = naiad().arg("pull").arg("--containerd").arg(&node.socket).arg(&image).output().unwrap();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let deb = debian_image();
+    let plain = format!("{}/py:plain", reg.host());
+    registry_server::skopeo_copy(&format!("oci:{}:latest", deb.layout.display()), &format!("docker://{plain}"), &[]);
+    let out = naiad().arg("pull").arg("--containerd").arg(&node.socket).arg(&plain).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a naiad image"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Removing the image lets containerd's GC take the snapshots; the
+    // snapshotter then releases the mount.
+    node.ctr_ok(&["images", "rm", "--sync", &image]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !node.naiad_mounts().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(node.naiad_mounts().is_empty(), "mounts left: {:?}", node.naiad_mounts());
+    assert!(node.snapshots("default").is_empty(), "{:?}", node.snapshots("default"));
+}

@@ -8,6 +8,8 @@
 //!   labels containerd's CRI plugin sets.
 //! - [`image_mounts`]: the one naiad mount per image behind its snapshots.
 //! - [`metadata`]: the snapshots' state in an embedded database (redb).
+//! - [`pull`]: `naiad pull --containerd`, a lazy pull into containerd
+//!   without CRI.
 //! - [`config`]: the snapshotter's TOML file.
 //! - [`error`]: [`SnapshotterError`] and the gRPC status of each.
 
@@ -16,6 +18,7 @@ pub mod error;
 pub mod image_mounts;
 pub mod layer_role;
 pub mod metadata;
+pub mod pull;
 pub mod server;
 pub mod snapshotter;
 

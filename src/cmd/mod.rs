@@ -16,6 +16,7 @@ pub mod convert;
 pub mod inspect;
 pub mod mount;
 pub mod optimize;
+pub mod pull;
 pub mod registry_flags;
 pub mod run;
 pub mod snapshotter;
