@@ -259,3 +259,50 @@ fn naiad_pull_into_plain_containerd_then_ctr_run() {
     assert!(node.naiad_mounts().is_empty(), "mounts left: {:?}", node.naiad_mounts());
     assert!(node.snapshots("default").is_empty(), "{:?}", node.snapshots("default"));
 }
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Pulls (CRI, with the kubelet's credentials) and runs an image of a
+/// registry that wants `user:password`; the snapshotter has them from its
+/// config.json. Without them the pull fails, clearly.
+fn private_registry_pull_and_run(reg: &Distribution, user: &str, password: &str) {
+    let creds = format!("{user}:{password}");
+    let image = push_naiad_image_with(reg, "private/py:naiad", &["--creds", &creds]);
+    let node = Node::start(&[&reg.host()]);
+
+    // No credentials anywhere: containerd's own request is refused.
+    let e = node.cri_pull(&image, None).expect_err("no credentials");
+    assert!(e.to_lowercase().contains("authoriz") || e.contains("401"), "{e}");
+    // The kubelet's credentials, but none for the snapshotter.
+    let e = node.cri_pull(&image, Some((user, password))).expect_err("snapshotter without credentials");
+    assert!(e.contains("private/py") && (e.contains("401") || e.to_lowercase().contains("authoriz") || e.to_lowercase().contains("credentials")), "{e}");
+    assert!(node.naiad_mounts().is_empty());
+
+    std::fs::write(node.docker_config.join("config.json"), format!(r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#, reg.host(), base64_of(&creds))).unwrap();
+    node.cri_pull(&image, Some((user, password))).unwrap_or_else(|e| panic!("CRI pull with credentials: {e}\n{}", tail(&node.snapshotter_log(), 20)));
+    let out = node.ctr(&["-n", NAMESPACE, "run", "--rm", "--snapshotter", "naiad", &image, "c-private", "python3", "-c", "print(6*7)"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "ctr run: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn private_registries_basic_and_token_auth() {
+    if !available() {
+        return;
+    }
+    let (user, password) = ("alice", "pw-basic-7d1e");
+    let basic = Distribution::start(RegistryAuth::Htpasswd { user: user.into(), password: password.into() }, None);
+    private_registry_pull_and_run(&basic, user, password);
+
+    let tmp = tempfile::Builder::new().prefix("naiad-containerd-token-").tempdir_in("/tmp").unwrap();
+    let key = registry_server::make_signing_key(tmp.path());
+    let (user, password) = ("tokenuser", "pw-token-51c0");
+    let ts = registry_server::TokenServer::start(&key, user, password, 3600);
+    let token = Distribution::start(
+        RegistryAuth::Token { realm: ts.realm(), service: registry_server::TOKEN_SERVICE.into(), issuer: registry_server::TOKEN_ISSUER.into(), cert_pem: key.cert_pem.clone() },
+        None,
+    );
+    private_registry_pull_and_run(&token, user, password);
+}

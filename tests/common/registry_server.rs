@@ -448,7 +448,32 @@ impl TokenServer {
                         }
                     }
                 }
-                let auth = head.get("authorization").map(str::to_string);
+                let mut auth = head.get("authorization").map(str::to_string);
+                // OAuth2's password grant (containerd): a POSTed form with
+                // the credentials and the scopes.
+                if head.line.starts_with("POST ") {
+                    let len: usize = head.get("content-length").and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                    let mut body = vec![0u8; len.min(1 << 16)];
+                    if reader.read_exact(&mut body).is_err() {
+                        break;
+                    }
+                    let (mut form_user, mut form_password) = (None, None);
+                    for pair in String::from_utf8_lossy(&body).split('&') {
+                        if let Some((k, v)) = pair.split_once('=') {
+                            let v = percent_decode(&v.replace('+', " "));
+                            match k {
+                                "scope" => scopes.extend(v.split(' ').filter(|s| !s.is_empty()).map(String::from)),
+                                "service" => service = v,
+                                "username" => form_user = Some(v),
+                                "password" => form_password = Some(v),
+                                _ => {}
+                            }
+                        }
+                    }
+                    if let (Some(u), Some(p)) = (form_user, form_password) {
+                        auth = Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
+                    }
+                }
                 let authenticated = auth.as_deref() == Some(expected.as_str());
                 if auth.is_some() && !authenticated {
                     r2.fetch_add(1, Ordering::SeqCst);
