@@ -106,6 +106,13 @@ fn cri_pull_runs_a_naiad_image_lazily() {
     assert!(node.snapshots(NAMESPACE).is_empty(), "snapshots left: {:?}", node.snapshots(NAMESPACE));
     assert!(node.naiad_mounts().is_empty(), "mounts left: {:?}", node.naiad_mounts());
     assert!(node.daemons().is_empty(), "daemons left: {:?}", node.daemons());
+    let cache = dir_bytes(&node.dir.path().join("cache"));
+    assert!(cache <= 1 << 30, "the cache ({cache} bytes) stays within its configured 1G cap");
+}
+
+/// Bytes of the regular files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    regular_files(dir).iter().map(|(_, len)| len).sum()
 }
 
 #[test]
@@ -164,9 +171,16 @@ fn bad_input_gets_clear_errors_and_the_snapshotter_stays_up() {
     }
     let reg = Distribution::start(RegistryAuth::None, None);
     let good = push_naiad_image(&reg, "py:good");
-    let node = Node::start(&[&reg.host()]);
+    // containerd reaches `unreachable.invalid:5000` through a mirror the
+    // snapshotter does not know: to it, that registry is unreachable.
+    let endpoint = format!("http://{}", reg.host());
+    let node = Node::start_with_mirrors(&[&reg.host()], &[("unreachable.invalid:5000", &endpoint)]);
+    let e = node.cri_pull(&good.replace(&reg.host(), "unreachable.invalid:5000"), None).expect_err("unreachable for the snapshotter");
+    eprintln!("unreachable for the snapshotter: {e}");
+    assert!(e.contains("unreachable.invalid:5000") && e.contains("image"), "{e}");
+    assert!(node.snapshotter_log().contains("unreachable.invalid"), "the snapshotter logs it");
 
-    // An image that is not there; an unreachable registry.
+    // An image that is not there; a registry unreachable for containerd.
     let e = node.cri_pull(&format!("{}/py:missing", reg.host()), None).expect_err("missing tag");
     assert!(e.contains("not found"), "{e}");
     let e = node.cri_pull("127.0.0.1:1/py:x", None).expect_err("unreachable");

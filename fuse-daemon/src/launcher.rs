@@ -9,6 +9,9 @@
 //! image, no /dev/fuse) comes back as the error; after that it logs to the
 //! config's log file. The supervisor outlives the caller.
 //!
+//! [`supervise_from_stdin`] is the other end: the supervisor process
+//! reading that config.
+//!
 //! [`unmount_and_wait`] unmounts and waits for the supervisor and daemon
 //! to exit; [`serving`] tells whether a mount is still served by a live
 //! daemon (a restarted snapshotter uses it to reattach).
@@ -161,6 +164,42 @@ pub fn launch(config: &DaemonConfig, exe: &Path, timeout: Duration, stop: &dyn F
     }
     tracing::debug!("mount of {} on {} ready in {:?} (supervisor pid {pid})", config.source, mp.display(), start.elapsed());
     Ok(LaunchedMount { pid })
+}
+
+/// The supervisor's side of [`launch`] (`naiad daemon supervise`, the
+/// naiad binary `exe`): reads the [`DaemonConfig`] from stdin, serves the
+/// mount, and once it is served sends its output to the log file (which
+/// closes the pipe [`launch`] waits on).
+pub fn supervise_from_stdin(exe: PathBuf) -> Result<(), FuseError> {
+    let mut json = Vec::new();
+    std::io::stdin().lock().take(16 << 20).read_to_end(&mut json).map_err(|e| FuseError::Launch(format!("reading the daemon configuration from stdin: {e}")))?;
+    let config: DaemonConfig = serde_json::from_slice(&json).map_err(|e| FuseError::Launch(format!("parsing the daemon configuration: {e}")))?;
+    std::env::set_current_dir("/").map_err(|e| FuseError::Launch(format!("changing to /: {e}")))?;
+    let log_file = config.log_file.clone();
+    let options = crate::supervisor::SupervisorOptions { exe, log_to_file: true };
+    let mut redirect_error = None;
+    crate::supervisor::supervise(config, options, || redirect_error = redirect_output(&log_file).err())?;
+    if let Some(e) = redirect_error {
+        tracing::warn!("could not redirect output to {}: {e}", log_file.display());
+    }
+    Ok(())
+}
+
+/// Points stdout and stderr at `log` (append) and stdin at /dev/null.
+fn redirect_output(log: &Path) -> Result<(), FuseError> {
+    use std::os::fd::AsRawFd;
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| FuseError::Io { path: dir.to_path_buf(), source })?;
+    }
+    let file = OpenOptions::new().create(true).append(true).mode(0o640).open(log).map_err(|source| FuseError::Io { path: log.to_path_buf(), source })?;
+    let null = OpenOptions::new().read(true).open("/dev/null").map_err(|source| FuseError::Io { path: "/dev/null".into(), source })?;
+    for (from, to) in [(file.as_raw_fd(), 1), (file.as_raw_fd(), 2), (null.as_raw_fd(), 0)] {
+        // SAFETY: dup2 on descriptors we own; it closes `to` atomically.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            return Err(FuseError::Io { path: log.to_path_buf(), source: std::io::Error::last_os_error() });
+        }
+    }
+    Ok(())
 }
 
 /// Whether `mp` (canonical) carries a naiad mount now.

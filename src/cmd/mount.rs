@@ -1,17 +1,14 @@
-//! `naiad mount`, `naiad umount`, `naiad stats`, `naiad daemon ...`.
-//!
-//! `naiad mount SRC MOUNTPOINT` starts the mount's supervisor (this binary
-//! again, `naiad daemon supervise`, in its own session, its whole
-//! [`DaemonConfig`] as JSON on stdin) and returns once the mount is served.
-//! The supervisor mounts, owns the `/dev/fuse` connection and runs the
-//! serving daemon (`naiad daemon serve`) as its child, restarting it if it
-//! dies and replacing it on `naiad daemon upgrade` (see
-//! `naiad_fuse::supervisor`). Its stderr is a pipe to `naiad mount` until
-//! the mount is served, so an early failure (bad image, missing /dev/fuse,
-//! ...) is reported here with a non-zero exit; after that it logs to a file
-//! in the run directory. `naiad mount --foreground` runs the supervisor in
-//! this process. `naiad umount` unmounts and waits for supervisor and
-//! daemon to exit; `naiad stats` asks the daemon's stats socket.
+//! `naiad mount`, `naiad umount`, `naiad stats`, `naiad daemon ...`: flags
+//! turned into one [`DaemonConfig`], handed whole to
+//! `naiad_fuse::launcher` (which starts the mount's supervisor, `naiad
+//! daemon supervise`, and returns once the mount is served, or with the
+//! supervisor's error), as `naiad run` and the containerd snapshotter do.
+//! The supervisor owns the `/dev/fuse` connection and runs, restarts and
+//! upgrades the serving daemon (`naiad daemon serve`; see
+//! `naiad_fuse::supervisor`). `naiad mount --foreground` runs the
+//! supervisor in this process. `naiad umount` unmounts and waits for
+//! supervisor and daemon to exit; `naiad stats` asks the daemon's stats
+//! socket.
 //!
 //! Startup options (shared with `naiad run`): the daemon prefetches the
 //! image's prefetch table at mount (`--no-prefetch`, `--prefetch-threads`,
@@ -19,9 +16,6 @@
 //! `naiad convert --prefetch-list` (`--record-trace`), and can serve its
 //! metrics over HTTP on a unix socket (`--api-socket`).
 
-use std::fs::OpenOptions;
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -258,7 +252,10 @@ pub fn mount(a: MountArgs) -> Result<i32> {
 pub fn daemon_command(c: DaemonCommand) -> Result<i32> {
     match c {
         DaemonCommand::Upgrade(a) => upgrade(a),
-        DaemonCommand::Supervise => supervise_detached(),
+        DaemonCommand::Supervise => {
+            launcher::supervise_from_stdin(std::env::current_exe().context("finding the naiad executable")?)?;
+            Ok(0)
+        }
         DaemonCommand::Serve => {
             use std::os::fd::{FromRawFd, OwnedFd};
             // SAFETY: the supervisor started us with our channel as this
@@ -272,24 +269,6 @@ pub fn daemon_command(c: DaemonCommand) -> Result<i32> {
     }
 }
 
-/// The supervisor `naiad mount` starts: reads its configuration from
-/// stdin, and once the mount is served sends its output to the log file
-/// (which closes the pipe `naiad mount` waits on).
-fn supervise_detached() -> Result<i32> {
-    let mut json = Vec::new();
-    std::io::stdin().lock().take(16 << 20).read_to_end(&mut json).context("reading the daemon configuration from stdin")?;
-    let config: DaemonConfig = serde_json::from_slice(&json).context("parsing the daemon configuration")?;
-    std::env::set_current_dir("/").context("changing to /")?;
-    let log_file = config.log_file.clone();
-    let options = SupervisorOptions { exe: std::env::current_exe().context("finding the naiad executable")?, log_to_file: true };
-    let mut redirect_error = None;
-    supervisor::supervise(config, options, || redirect_error = redirect_output(&log_file).err())?;
-    if let Some(e) = redirect_error {
-        tracing::warn!("could not redirect output to {}: {e:#}", log_file.display());
-    }
-    Ok(0)
-}
-
 fn upgrade(a: UpgradeArgs) -> Result<i32> {
     let mp = canonical_mountpoint(&a.mountpoint).with_context(|| format!("mountpoint {}", a.mountpoint.display()))?;
     let binary = match &a.binary {
@@ -300,23 +279,6 @@ fn upgrade(a: UpgradeArgs) -> Result<i32> {
     let pid = supervisor::request_upgrade(&paths.control, &binary).with_context(|| format!("upgrading the daemon of {}", mp.display()))?;
     outln!("{pid}");
     Ok(0)
-}
-
-/// Points stdout and stderr at `log` (append) and stdin at /dev/null.
-fn redirect_output(log: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let file = OpenOptions::new().create(true).append(true).mode(0o640).open(log).with_context(|| format!("opening log file {}", log.display()))?;
-    let null = OpenOptions::new().read(true).open("/dev/null").context("opening /dev/null")?;
-    for (from, to) in [(file.as_raw_fd(), 1), (file.as_raw_fd(), 2), (null.as_raw_fd(), 0)] {
-        // SAFETY: dup2 on descriptors we own; it closes `to` atomically.
-        if unsafe { libc::dup2(from, to) } < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("redirecting fd {to} to {}", log.display()));
-        }
-    }
-    Ok(())
 }
 
 pub fn umount(a: UmountArgs) -> Result<i32> {

@@ -41,6 +41,12 @@ impl Node {
     /// Starts the snapshotter and containerd. `registries`: `HOST:PORT`s
     /// reached over plain HTTP by both.
     pub fn start(registries: &[&str]) -> Node {
+        Self::start_with_mirrors(registries, &[])
+    }
+
+    /// [`Node::start`], with containerd (only) reaching registry `NAME` at
+    /// `ENDPOINT` for each `(NAME, ENDPOINT)` of `mirrors`.
+    pub fn start_with_mirrors(registries: &[&str], mirrors_of: &[(&str, &str)]) -> Node {
         let dir = tempfile::Builder::new().prefix("naiad-containerd-").tempdir_in("/tmp").expect("tempdir");
         let d = dir.path();
         let socket = d.join("containerd.sock");
@@ -65,6 +71,9 @@ impl Node {
         let mut mirrors = String::new();
         for r in registries {
             mirrors.push_str(&format!("[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{r}\"]\n  endpoint = [\"http://{r}\"]\n"));
+        }
+        for (name, endpoint) in mirrors_of {
+            mirrors.push_str(&format!("[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{name}\"]\n  endpoint = [\"{endpoint}\"]\n"));
         }
         let config = format!(
             r#"version = 2
