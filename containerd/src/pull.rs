@@ -245,12 +245,12 @@ async fn pull_under_lease(req: &PullRequest, session: &Session<'_>, r: &Resolved
     let target = Descriptor { media_type: r.manifest_media_type.clone(), digest: r.manifest_digest.to_string(), size: r.manifest_bytes.len() as i64, annotations: HashMap::new() };
     let image = Image { name: name.clone(), target: Some(target), ..Default::default() };
     let mut images = ImagesClient::new(session.channel.clone());
-    match images.create(request(CreateImageRequest { image: Some(image.clone()), ..Default::default() }, session.namespace, &session.lease)).await {
+    match images.create(request(CreateImageRequest { image: Some(image.clone()) }, session.namespace, &session.lease)).await {
         Ok(_) => {}
         Err(s) if s.code() == Code::AlreadyExists => {
             let mask = prost_types::FieldMask { paths: vec!["target".into()] };
             images
-                .update(request(UpdateImageRequest { image: Some(image), update_mask: Some(mask), ..Default::default() }, session.namespace, &session.lease))
+                .update(request(UpdateImageRequest { image: Some(image), update_mask: Some(mask) }, session.namespace, &session.lease))
                 .await
                 .map_err(|s| session.fail(&format!("updating image {name}"), s))?;
         }
