@@ -263,7 +263,7 @@ mod tests {
             ("[cache]\nsize = \"lots\"", "cache.size"),
             ("[registry]\nread_timeout_secs = -1", "registry.read_timeout_secs"),
             ("[prefetch]\nthreads = 0", "prefetch.threads"),
-            ("address = ", "expected"),
+            ("address = ", "line 1"),
         ] {
             let err = SnapshotterConfig::parse(text).expect_err(text);
             assert!(err.contains(needle), "{text:?}: {err}");
