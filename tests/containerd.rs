@@ -65,6 +65,34 @@ fn assert_rootfs_is_the_reference(node: &Node, ns: &str, id: &str, target: &Path
     assert!(diffs.is_empty(), "container rootfs differs from the reference unpack:\n{}", diffs.join("\n"));
 }
 
+/// The checks both pulls (CRI, `naiad pull`) must pass in namespace `ns`:
+/// `print(6*7)` prints 42, `exit 7` exits 7, `--rm` leaves the image mount,
+/// those two containers fetched less than half of the blobs, and a
+/// container's rootfs is the reference unpack.
+fn assert_image_runs_lazily(node: &Node, ns: &str, image: &str) {
+    let run = |id: &str, cmd: &[&str]| {
+        let mut args = vec!["-n", ns, "run", "--rm", "--snapshotter", "naiad", image, id];
+        args.extend_from_slice(cmd);
+        node.ctr(&args)
+    };
+    let out = run("c-print", &["python3", "-c", "print(6*7)"]);
+    assert!(out.status.success(), "ctr run: {}\n--- snapshotter:\n{}", String::from_utf8_lossy(&out.stderr), tail(&node.snapshotter_log(), 30));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let out = run("c-exit", &["sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "exit status: {}", String::from_utf8_lossy(&out.stderr));
+    // `--rm` removed the containers, not the image's mount.
+    assert_eq!(node.naiad_mounts().len(), 1);
+
+    let s = image_mount_stats(node);
+    let (fetched, blobs) = (s["counters"]["store_bytes"].as_u64().unwrap(), s["blob_bytes"].as_u64().unwrap());
+    eprintln!("two containers fetched {fetched} of {blobs} blob bytes");
+    assert!(fetched * 2 < blobs, "fetched {fetched} of {blobs} blob bytes: {s}");
+
+    node.ctr_ok(&["-n", ns, "containers", "create", "--snapshotter", "naiad", image, "c-rootfs"]);
+    assert_rootfs_is_the_reference(node, ns, "c-rootfs", &node.dir.path().join("rootfs"));
+    node.ctr_ok(&["-n", ns, "containers", "rm", "c-rootfs"]);
+}
+
 #[test]
 fn cri_pull_runs_a_naiad_image_lazily() {
     if !available() {
@@ -78,23 +106,7 @@ fn cri_pull_runs_a_naiad_image_lazily() {
     assert!(pulled.is_ok(), "CRI pull: {pulled:?}\n--- snapshotter:\n{}\n--- containerd:\n{}", tail(&node.snapshotter_log(), 30), tail(&node.containerd_log(), 30));
     assert_eq!(node.naiad_mounts().len(), 1, "the pull mounted the image once");
 
-    let out = node.ctr(&["-n", NAMESPACE, "run", "--rm", "--snapshotter", "naiad", &image, "c-print", "python3", "-c", "print(6*7)"]);
-    assert!(out.status.success(), "ctr run: {}\n--- snapshotter:\n{}", String::from_utf8_lossy(&out.stderr), tail(&node.snapshotter_log(), 30));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
-
-    let out = node.ctr(&["-n", NAMESPACE, "run", "--rm", "--snapshotter", "naiad", &image, "c-exit", "sh", "-c", "exit 7"]);
-    assert_eq!(out.status.code(), Some(7), "exit status: {}", String::from_utf8_lossy(&out.stderr));
-    // `--rm` removed the containers, not the image's mount.
-    assert_eq!(node.naiad_mounts().len(), 1);
-
-    let s = image_mount_stats(&node);
-    let (fetched, blobs) = (s["counters"]["store_bytes"].as_u64().unwrap(), s["blob_bytes"].as_u64().unwrap());
-    eprintln!("two containers fetched {fetched} of {blobs} blob bytes");
-    assert!(fetched * 2 < blobs, "fetched {fetched} of {blobs} blob bytes: {s}");
-
-    node.ctr_ok(&["-n", NAMESPACE, "containers", "create", "--snapshotter", "naiad", &image, "c-rootfs"]);
-    assert_rootfs_is_the_reference(&node, NAMESPACE, "c-rootfs", &node.dir.path().join("rootfs"));
-    node.ctr_ok(&["-n", NAMESPACE, "containers", "rm", "c-rootfs"]);
+    assert_image_runs_lazily(&node, NAMESPACE, &image);
 
     // Removing the image removes its snapshots (containerd's GC), the
     // mount and its daemon.
@@ -242,16 +254,7 @@ fn naiad_pull_into_plain_containerd_then_ctr_run() {
     let listed = node.ctr_ok(&["images", "ls", "-q"]);
     assert!(listed.lines().any(|l| l == image), "ctr images ls: {listed}");
 
-    let out = node.ctr(&["run", "--rm", "--snapshotter", "naiad", &image, "p-print", "python3", "-c", "print(6*7)"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "ctr run: {}", String::from_utf8_lossy(&out.stderr));
-    let out = node.ctr(&["run", "--rm", "--snapshotter", "naiad", &image, "p-exit", "sh", "-c", "exit 7"]);
-    assert_eq!(out.status.code(), Some(7));
-    let s = image_mount_stats(&node);
-    let (fetched, blobs) = (s["counters"]["store_bytes"].as_u64().unwrap(), s["blob_bytes"].as_u64().unwrap());
-    assert!(fetched * 2 < blobs, "fetched {fetched} of {blobs} blob bytes");
-    node.ctr_ok(&["containers", "create", "--snapshotter", "naiad", &image, "p-rootfs"]);
-    assert_rootfs_is_the_reference(&node, "default", "p-rootfs", &node.dir.path().join("rootfs"));
-    node.ctr_ok(&["containers", "rm", "p-rootfs"]);
+    assert_image_runs_lazily(&node, "default", &image);
 
     // Pulling again is fine; an ordinary image is refused clearly.
     let again = naiad().arg("pull").arg("--containerd").arg(&node.socket).arg(&image).output().unwrap();

@@ -669,3 +669,58 @@ fn a_chunk_dict_image_mounts_like_its_source_and_reuses_the_old_cache() {
     let second = m2.counter("store_bytes");
     assert!(second * 5 < first, "version 2 fetched {second} bytes after version 1's {first}");
 }
+
+/// Read-ahead: 4 KiB reads at random offsets of a 256 MiB file fetch at
+/// most one chunk each (the kernel's own readahead off, as a random-access
+/// program asks with POSIX_FADV_RANDOM); reading it straight through makes
+/// at most size / 4 MiB + 8 store requests, the daemon reading ahead in
+/// growing windows.
+#[test]
+fn random_reads_fetch_one_chunk_each_and_sequential_reads_read_ahead() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    if !fuse_available() {
+        return;
+    }
+    const SIZE: usize = 256 << 20;
+    let tmp = tempdir();
+    let data = Prng(0x7265_6164).bytes(SIZE);
+    files_layout(&tmp.path().join("src"), &[("big.bin".to_string(), data.clone())]);
+    let store = tmp.path().join("naiad");
+    check(
+        naiad()
+            .args(["convert", "--quiet", "--chunking", "fixed", "--chunk-size", "1M"])
+            .arg(format!("oci:{}:latest", tmp.path().join("src").display()))
+            .arg(format!("oci:{}:{NAIAD_TAG}", store.display())),
+    );
+    let image = format!("oci:{}:{NAIAD_TAG}", store.display());
+    let counter = |m: &MountGuard, name: &str| m.stats()["counters"][name].as_u64().unwrap();
+
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache-random"));
+    let f = fs::File::open(m.path("big.bin")).unwrap();
+    // SAFETY: advice on a descriptor we own.
+    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) }, 0);
+    let mut rng = Prng(42);
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..48 {
+        let off = (rng.next_u64() % (SIZE as u64 / 4096)) * 4096;
+        let before = counter(&m, "store_chunks");
+        f.read_exact_at(&mut buf, off).unwrap();
+        assert_eq!(buf, data[off as usize..off as usize + 4096], "bytes at {off}");
+        let fetched = counter(&m, "store_chunks") - before;
+        assert!(fetched <= 1, "a 4 KiB read at {off} fetched {fetched} chunks");
+    }
+    drop(f);
+    m.umount();
+
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache-sequential"));
+    let mut f = fs::File::open(m.path("big.bin")).unwrap();
+    let mut read = Vec::with_capacity(SIZE);
+    std::io::Read::read_to_end(&mut f, &mut read).unwrap();
+    assert!(read == data, "sequential read returns the file's bytes");
+    let requests = counter(&m, "store_requests");
+    eprintln!("sequential read of {SIZE} bytes: {requests} store requests");
+    assert!(requests <= (SIZE as u64 >> 22) + 8, "{requests} requests for a sequential read of 256 MiB");
+    drop(f);
+    m.umount();
+}

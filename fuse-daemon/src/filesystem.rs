@@ -33,8 +33,10 @@ use naiad_registry::NaiadImage;
 use crate::attr::{dir_size, file_attr, file_type, BLOCK_SIZE};
 use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
-use crate::counters::{add, inc, Counters};
+use crate::counters::{add, inc, Counters, Origin};
+use crate::fetch_plan::MERGE_GAP;
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
+use crate::read_ahead::{ReadAhead, MAX_WINDOW};
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
 
@@ -84,6 +86,8 @@ struct ReadJob {
     chunks: Vec<FileChunk>,
     /// The read covers the file's last byte.
     reaches_end: bool,
+    /// The file's size.
+    file_size: u64,
 }
 
 impl ReadJob {
@@ -163,7 +167,15 @@ pub struct NaiadFs {
     xattrs: XattrSummary,
     /// blake3 of `n` zero bytes, by `n`, for the chunks that may be holes.
     zero_digests: std::sync::Mutex<HashMap<u32, naiad_format::ChunkDigest>>,
+    /// Sequential read-ahead per file.
+    read_ahead: Arc<ReadAhead>,
+    /// Read-ahead loads running now (at most [`READ_AHEAD_LOADS`]).
+    read_ahead_loads: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Read-ahead loads that may run at once; a window asked for beyond that
+/// is left to the reader's own requests.
+const READ_AHEAD_LOADS: usize = 4;
 
 /// An inode number from the kernel as a bootstrap inode number.
 fn ino32(ino: INodeNo) -> Option<u32> {
@@ -186,7 +198,21 @@ impl NaiadFs {
         let totals = FsTotals { bytes, inodes: b.inode_count() as u64 };
         let counters = chunks.counters().clone();
         let xattrs = XattrSummary::of(b);
-        NaiadFs { image, chunks, counters, ttl, totals, recorder: None, pool: None, backing: None, passthrough: None, xattrs, zero_digests: Default::default() }
+        NaiadFs {
+            image,
+            chunks,
+            counters,
+            ttl,
+            totals,
+            recorder: None,
+            pool: None,
+            backing: None,
+            passthrough: None,
+            xattrs,
+            zero_digests: Default::default(),
+            read_ahead: Default::default(),
+            read_ahead_loads: Default::default(),
+        }
     }
 
     /// Reports every read to `recorder` (`--record-trace`).
@@ -346,7 +372,7 @@ impl NaiadFs {
             inc(&self.counters.read_errors);
             Errno::EIO
         })?;
-        Ok(Some(ReadJob { cache: self.chunks.clone(), counters: self.counters.clone(), ino: i, offset, end, chunks, reaches_end: end == r.size }))
+        Ok(Some(ReadJob { cache: self.chunks.clone(), counters: self.counters.clone(), ino: i, offset, end, chunks, reaches_end: end == r.size, file_size: r.size }))
     }
 
     /// Serves a read from the backing file of `ino` if it has one; gives
@@ -382,6 +408,9 @@ impl NaiadFs {
             Err(e) => reply.error(e),
             Ok(None) => reply.data(&[]),
             Ok(Some(job)) => {
+                if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size) {
+                    self.start_read_ahead(job.ino, from, to);
+                }
                 // Read to its end: maybe all local now (no RELEASE comes
                 // with zero-message opens). Offered once answered.
                 let offer = self.backing.clone().filter(|_| job.reaches_end).map(|b| (b, job.ino));
@@ -409,6 +438,30 @@ impl NaiadFs {
             }
         }
         count();
+    }
+
+    /// Loads the chunks of `[from, to)` of inode `ino` that no cache holds,
+    /// in the background, with requests as large as the window.
+    fn start_read_ahead(&self, ino: u32, from: u64, to: u64) {
+        use std::sync::atomic::Ordering;
+        let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return };
+        let mut chunks: Vec<ChunkRecord> = pieces.iter().map(|p| p.chunk).filter(|c| !self.chunks.is_cached(c)).collect();
+        chunks.dedup_by_key(|c| c.digest);
+        if chunks.is_empty() {
+            return;
+        }
+        if self.read_ahead_loads.fetch_add(1, Ordering::SeqCst) >= READ_AHEAD_LOADS {
+            self.read_ahead_loads.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        let (cache, loads) = (self.chunks.clone(), self.read_ahead_loads.clone());
+        let spawned = std::thread::Builder::new().name("naiad-readahead".into()).spawn(move || {
+            cache.load_batch(&chunks, Origin::Prefetch, MERGE_GAP, MAX_WINDOW, |_| {});
+            loads.fetch_sub(1, Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            self.read_ahead_loads.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {

@@ -19,6 +19,8 @@
 //! - [`passthrough`], [`backing_files`]: opens the kernel serves itself
 //!   from whole-file backing files in the cache (FUSE passthrough).
 //! - [`shared_mapping`]: files of atomics every daemon generation maps.
+//! - [`read_ahead`]: [`read_ahead::ReadAhead`], per-file sequential
+//!   read-ahead with a growing window.
 //! - [`read_pool`]: [`read_pool::ReadPool`], the threads that serve reads
 //!   waiting for the store, so FUSE workers stay free for metadata.
 //! - [`prefetcher`]: [`Prefetcher`], the startup set fetched at mount, and
@@ -61,6 +63,7 @@ pub mod metrics_server;
 pub mod mountinfo;
 pub mod passthrough;
 pub mod prefetcher;
+pub mod read_ahead;
 pub mod read_pool;
 pub mod runtime_paths;
 pub mod shared_mapping;

@@ -902,10 +902,10 @@ fn compress(tar: &[u8], c: Compression) -> Vec<u8> {
 }
 
 /// splitmix64: a tiny deterministic pseudo-random generator.
-struct Prng(u64);
+pub struct Prng(pub u64);
 
 impl Prng {
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -914,7 +914,7 @@ impl Prng {
     }
 
     /// `n` random bytes (incompressible).
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut v = Vec::with_capacity(n + 8);
         while v.len() < n {
             v.extend_from_slice(&self.next_u64().to_le_bytes());

@@ -1,0 +1,155 @@
+//! [`ReadAhead`]: per-file sequential read-ahead, as the kernel's page
+//! cache does it, one level down: the kernel's own readahead reads at most
+//! one FUSE request ahead (1 MiB), so a file read straight through would
+//! otherwise wait for one store round trip per MiB.
+//!
+//! Each file's reads are watched: a read that starts where the file's last
+//! one ended continues a stream (within [`SLACK`] either way: the kernel's
+//! readahead requests may arrive out of order). The second continuation starts read-ahead
+//! with a window of [`BASE_WINDOW`], doubling with every further one up to
+//! [`MAX_WINDOW`]; the next window is asked for while the reader still
+//! consumes the current one. A read anywhere else ends the stream (the
+//! read-ahead it issued is not cancelled, but no more is asked for), so
+//! random access never reads more than it asks for. Which chunks a window
+//! needs, and with how many requests, is the chunk cache's business.
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
+use lru::LruCache;
+
+/// Window of the first read-ahead.
+pub const BASE_WINDOW: u64 = 512 << 10;
+/// Largest window: at 100 Mbit/s and 20 ms RTT about 3 bandwidth-delay
+/// products, large enough that one request per window costs little.
+pub const MAX_WINDOW: u64 = 8 << 20;
+/// How far a read may start from where the last one ended and still count
+/// as sequential.
+pub const SLACK: u64 = 1 << 20;
+/// Files whose streams are remembered.
+const STREAMS: usize = 1024;
+
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// Where the last read ended.
+    next: u64,
+    /// Sequential reads in a row so far.
+    run: u32,
+    window: u64,
+    /// File offset up to which read-ahead has been asked for.
+    ahead_end: u64,
+}
+
+/// The read-ahead state of every file being read.
+pub struct ReadAhead {
+    streams: Mutex<LruCache<u32, Stream>>,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        ReadAhead { streams: Mutex::new(LruCache::new(NonZeroUsize::new(STREAMS).unwrap_or(NonZeroUsize::MIN))) }
+    }
+}
+
+impl ReadAhead {
+    /// Notes a read of `[offset, end)` of inode `ino` (of `size` bytes);
+    /// returns the file range to read ahead now, if any.
+    pub fn observe(&self, ino: u32, offset: u64, end: u64, size: u64) -> Option<(u64, u64)> {
+        let Ok(mut streams) = self.streams.lock() else { return None };
+        let sequential = streams.get(&ino).filter(|s| end + SLACK >= s.next && offset <= s.next + SLACK).copied();
+        let Some(mut s) = sequential else {
+            streams.put(ino, Stream { next: end, run: 0, window: 0, ahead_end: end });
+            return None;
+        };
+        s.run += 1;
+        s.next = s.next.max(end);
+        if s.run >= 2 {
+            s.window = if s.window == 0 { BASE_WINDOW } else { (s.window * 2).min(MAX_WINDOW) };
+        }
+        let mut range = None;
+        // Ask for the next window once the reader is into the last half
+        // of what was asked for.
+        if s.window > 0 && s.ahead_end.saturating_sub(s.next) < s.window / 2 && s.ahead_end < size {
+            let from = s.ahead_end.max(s.next);
+            let to = (from + s.window).min(size);
+            if to > from {
+                s.ahead_end = to;
+                range = Some((from, to));
+            }
+        }
+        streams.put(ino, s);
+        range
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn sequential_reads_grow_the_window_up_to_its_cap() {
+        let ra = ReadAhead::default();
+        let size = 1 << 30;
+        let mut asked = Vec::new();
+        let mut pos = 0;
+        for _ in 0..64 {
+            if let Some(r) = ra.observe(7, pos, pos + MIB, size) {
+                asked.push(r);
+            }
+            pos += MIB;
+        }
+        // Nothing for the first read and the first continuation.
+        assert_eq!(asked[0].0, 3 * MIB, "starts with the third read, after it: {asked:?}");
+        let windows: Vec<u64> = asked.iter().map(|(a, b)| b - a).collect();
+        assert_eq!(windows[0], BASE_WINDOW);
+        assert!(windows.windows(2).all(|w| w[1] >= w[0]), "windows only grow: {windows:?}");
+        assert_eq!(*windows.last().unwrap(), MAX_WINDOW);
+        // Contiguous, never asked twice.
+        assert!(asked.windows(2).all(|w| w[1].0 >= w[0].1), "{asked:?}");
+        // Always ahead of the reader.
+        assert!(asked.last().unwrap().1 > pos);
+    }
+
+    #[test]
+    fn random_reads_ask_for_nothing_and_end_a_stream() {
+        let ra = ReadAhead::default();
+        let size = 256 * MIB;
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % (size / 4096)) * 4096;
+            assert_eq!(ra.observe(1, off, off + 4096, size), None, "a random 4 KiB read at {off}");
+        }
+        // A stream that jumps away stops asking.
+        for i in 0..8 {
+            ra.observe(2, i * MIB, (i + 1) * MIB, size);
+        }
+        assert_eq!(ra.observe(2, 200 * MIB, 201 * MIB, size), None);
+        assert_eq!(ra.observe(2, 201 * MIB, 202 * MIB, size), None, "one continuation is not a stream yet");
+    }
+
+    #[test]
+    fn reads_slightly_out_of_order_stay_one_stream_and_stop_at_the_end() {
+        let ra = ReadAhead::default();
+        let size = 6 * MIB;
+        assert_eq!(ra.observe(3, 0, MIB, size), None);
+        // The kernel's next two requests, the second first.
+        assert_eq!(ra.observe(3, 2 * MIB, 3 * MIB, size), None);
+        let r = ra.observe(3, MIB, 2 * MIB, size).expect("the late one continues the stream");
+        assert_eq!(r, (3 * MIB, 3 * MIB + BASE_WINDOW));
+        let mut asked_to = r.1;
+        for i in 3..6 {
+            if let Some((from, to)) = ra.observe(3, i * MIB, (i + 1) * MIB, size) {
+                assert!(from >= asked_to, "never asked twice");
+                assert!(to <= size);
+                asked_to = to;
+            }
+        }
+        assert_eq!(asked_to, size, "read ahead to the end");
+        assert_eq!(ra.observe(3, 5 * MIB, 6 * MIB, size), None, "nothing past the end");
+    }
+}
