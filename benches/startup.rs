@@ -10,6 +10,7 @@
 //!       raw unpack`, `chroot ... CMD`;
 //!   (b) naiad lazy: `naiad run docker://.../python:naiad -- CMD`;
 //!   (c) naiad lazy + prefetch: the same on the optimized image;
+//!   (b) and (c) also with `--read-ahead-max 0` (no sequential read-ahead);
 //! directly on loopback and over an emulated 100 Mbit/s, 20 ms RTT link (a
 //! user-space proxy: this kernel has no netem), with the bytes and HTTP
 //! requests that crossed the link. Output: a table on stdout, and
@@ -30,6 +31,11 @@ use std::time::{Duration, Instant};
 
 use link_emulator::{LinkEmulator, LinkParams};
 use registry_server::{skopeo_copy, Distribution, RegistryAuth};
+
+/// The methods, in the order they run and are shown.
+const METHODS: [&str; 5] = ["full pull + unpack + run", "naiad lazy", "naiad lazy, no read-ahead", "naiad lazy + prefetch", "naiad lazy + prefetch, no read-ahead"];
+/// `naiad run` without the daemon's sequential read-ahead.
+const NO_READ_AHEAD: &[&str] = &["--read-ahead-max", "0"];
 
 const CMD: &[&str] = &["python3", "-c", "import json, asyncio, urllib.request, email.parser; print(42)"];
 
@@ -70,12 +76,14 @@ fn full_pull(host: &str, work: &Path) -> f64 {
 }
 
 /// (b) and (c): `naiad run` straight from the registry with empty caches.
-fn naiad_run(host: &str, tag: &str, work: &Path) -> f64 {
+fn naiad_run(host: &str, tag: &str, work: &Path, extra: &[&str]) -> f64 {
     let image = format!("docker://{host}/python:{tag}");
     let cache = work.join(format!("cache-{tag}"));
     let run_dir = work.join("run");
     let t = Instant::now();
-    let mut args = vec!["run".to_string(), "--cache-dir".into(), cache.display().to_string(), "--run-dir".into(), run_dir.display().to_string(), image, "--".into()];
+    let mut args = vec!["run".to_string(), "--cache-dir".into(), cache.display().to_string(), "--run-dir".into(), run_dir.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([image, "--".into()]);
     args.extend(CMD.iter().map(|s| s.to_string()));
     let out = common::naiad().args(&args).stdin(Stdio::null()).output().expect("naiad run");
     let secs = t.elapsed().as_secs_f64();
@@ -121,13 +129,15 @@ fn main() {
     let mut results = Vec::new();
     for (scenario, proxy) in [("loopback", &loopback), ("100 Mbit/s, 20 ms RTT", &link)] {
         let via = proxy.addr.to_string();
-        for method in ["full pull + unpack + run", "naiad lazy", "naiad lazy + prefetch"] {
+        for method in METHODS {
             let dir = tempfile::Builder::new().prefix("naiad-bench-run-").tempdir_in("/tmp").expect("run dir");
             proxy.counters.reset();
             let seconds = match method {
                 "full pull + unpack + run" => full_pull(&via, dir.path()),
-                "naiad lazy" => naiad_run(&via, "naiad", dir.path()),
-                _ => naiad_run(&via, "naiad-opt", dir.path()),
+                "naiad lazy" => naiad_run(&via, "naiad", dir.path(), &[]),
+                "naiad lazy, no read-ahead" => naiad_run(&via, "naiad", dir.path(), NO_READ_AHEAD),
+                "naiad lazy + prefetch" => naiad_run(&via, "naiad-opt", dir.path(), &[]),
+                _ => naiad_run(&via, "naiad-opt", dir.path(), NO_READ_AHEAD),
             };
             let (down_bytes, _, requests) = proxy.counters.snapshot();
             eprintln!("  {scenario:<24} {method:<26} {seconds:.3} s, {:.2} MB, {requests} requests", down_bytes as f64 / 1e6);
@@ -170,7 +180,7 @@ fn main() {
 fn svg(results: &[Measure]) -> String {
     let max = results.iter().map(|r| r.seconds).fold(0.0f64, f64::max).max(0.001);
     let (left, width, bar, gap) = (230.0, 520.0, 22.0, 6.0);
-    let colors = ["#9e9e9e", "#4f81bd", "#2e7d32"];
+    let colors = ["#9e9e9e", "#4f81bd", "#9fb7d9", "#2e7d32", "#8fc492"];
     let mut y = 50.0;
     let mut body = String::new();
     let mut scenario = "";
@@ -181,7 +191,7 @@ fn svg(results: &[Measure]) -> String {
             let _ = writeln!(body, r#"<text x="10" y="{y}" font-weight="bold">{}</text>"#, scenario);
             y += 8.0;
         }
-        let i = ["full pull + unpack + run", "naiad lazy", "naiad lazy + prefetch"].iter().position(|m| *m == r.method).unwrap_or(0);
+        let i = METHODS.iter().position(|m| *m == r.method).unwrap_or(0);
         let w = (r.seconds / max * width).max(1.0);
         let _ = writeln!(body, r#"<text x="20" y="{}" font-size="13">{}</text>"#, y + bar * 0.7, r.method);
         let _ = writeln!(body, r#"<rect x="{left}" y="{y}" width="{w:.1}" height="{bar}" fill="{}"/>"#, colors[i]);

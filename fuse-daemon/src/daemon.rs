@@ -76,11 +76,18 @@ pub struct MountConfig {
     /// reads backing files itself.
     #[serde(default)]
     pub passthrough: bool,
+    /// Largest sequential read-ahead window (`--read-ahead-max`); 0: none.
+    #[serde(default = "default_read_ahead_max")]
+    pub read_ahead_max: u64,
+}
+
+fn default_read_ahead_max() -> u64 {
+    crate::read_ahead::MAX_WINDOW
 }
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { threads: 4, ttl: Duration::from_secs(86400), allow_other: true, suid: false, dev: false, passthrough: false }
+        MountConfig { threads: 4, ttl: Duration::from_secs(86400), allow_other: true, suid: false, dev: false, passthrough: false, read_ahead_max: default_read_ahead_max() }
     }
 }
 
@@ -266,7 +273,11 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         }
         _ => None,
     };
-    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl).with_recorder(recorder.clone()).with_read_pool(pool).with_backing_files(backing.clone(), passthrough);
+    let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl)
+        .with_recorder(recorder.clone())
+        .with_read_pool(pool)
+        .with_backing_files(backing.clone(), passthrough)
+        .with_read_ahead(config.mount.read_ahead_max);
 
     let report = stats_report(config, &image, &chunks, &counters, start, handoff.supervisor_pid, handoff.generation);
     take_over_socket(&config.runtime.socket);

@@ -34,9 +34,10 @@ use crate::attr::{dir_size, file_attr, file_type, BLOCK_SIZE};
 use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters, Origin};
+use crate::fetch_plan::MAX_REQUEST;
 use crate::fetch_plan::MERGE_GAP;
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
-use crate::read_ahead::{ReadAhead, MAX_WINDOW};
+use crate::read_ahead::ReadAhead;
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
 
@@ -218,6 +219,13 @@ impl NaiadFs {
     /// Reports every read to `recorder` (`--record-trace`).
     pub fn with_recorder(mut self, recorder: Option<Arc<TraceRecorder>>) -> Self {
         self.recorder = recorder;
+        self
+    }
+
+    /// Reads ahead of sequential readers in windows up to `max_window`
+    /// bytes (0: no read-ahead).
+    pub fn with_read_ahead(mut self, max_window: u64) -> Self {
+        self.read_ahead = Arc::new(ReadAhead::new(max_window));
         self
     }
 
@@ -441,9 +449,15 @@ impl NaiadFs {
     }
 
     /// Loads the chunks of `[from, to)` of inode `ino` that no cache holds,
-    /// in the background, with requests as large as the window.
+    /// in the background, with requests as large as the window. Not while
+    /// the image's prefetch set (a recorded startup) is being fetched: the
+    /// recording knows better than a guess, and read-ahead would take
+    /// bandwidth from it.
     fn start_read_ahead(&self, ino: u32, from: u64, to: u64) {
         use std::sync::atomic::Ordering;
+        if self.counters.progress.state.load(Ordering::Relaxed) == crate::counters::state::RUNNING {
+            return;
+        }
         let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return };
         let mut chunks: Vec<ChunkRecord> = pieces.iter().map(|p| p.chunk).filter(|c| !self.chunks.is_cached(c)).collect();
         chunks.dedup_by_key(|c| c.digest);
@@ -454,9 +468,9 @@ impl NaiadFs {
             self.read_ahead_loads.fetch_sub(1, Ordering::SeqCst);
             return;
         }
-        let (cache, loads) = (self.chunks.clone(), self.read_ahead_loads.clone());
+        let (cache, loads, max_request) = (self.chunks.clone(), self.read_ahead_loads.clone(), self.read_ahead.max_window().max(MAX_REQUEST));
         let spawned = std::thread::Builder::new().name("naiad-readahead".into()).spawn(move || {
-            cache.load_batch(&chunks, Origin::Prefetch, MERGE_GAP, MAX_WINDOW, |_| {});
+            cache.load_batch(&chunks, Origin::Prefetch, MERGE_GAP, max_request, |_| {});
             loads.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {

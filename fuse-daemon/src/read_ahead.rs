@@ -10,8 +10,10 @@
 //! [`MAX_WINDOW`]; the next window is asked for while the reader still
 //! consumes the current one. A read anywhere else ends the stream (the
 //! read-ahead it issued is not cancelled, but no more is asked for), so
-//! random access never reads more than it asks for. Which chunks a window
-//! needs, and with how many requests, is the chunk cache's business.
+//! random access never reads more than it asks for. While an image's
+//! prefetch set (a recorded startup) is being fetched there is no
+//! read-ahead. Which chunks a window needs, and with how many requests, is
+//! the chunk cache's business.
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
@@ -20,7 +22,7 @@ use lru::LruCache;
 
 /// Window of the first read-ahead.
 pub const BASE_WINDOW: u64 = 512 << 10;
-/// Largest window: at 100 Mbit/s and 20 ms RTT about 3 bandwidth-delay
+/// Default largest window (`--read-ahead-max`): at 100 Mbit/s and 20 ms RTT about 3 bandwidth-delay
 /// products, large enough that one request per window costs little.
 pub const MAX_WINDOW: u64 = 8 << 20;
 /// How far a read may start from where the last one ended and still count
@@ -43,18 +45,33 @@ struct Stream {
 /// The read-ahead state of every file being read.
 pub struct ReadAhead {
     streams: Mutex<LruCache<u32, Stream>>,
+    /// Largest window; 0: no read-ahead.
+    max_window: u64,
 }
 
 impl Default for ReadAhead {
     fn default() -> Self {
-        ReadAhead { streams: Mutex::new(LruCache::new(NonZeroUsize::new(STREAMS).unwrap_or(NonZeroUsize::MIN))) }
+        Self::new(MAX_WINDOW)
     }
 }
 
 impl ReadAhead {
+    /// Read-ahead with windows of at most `max_window` bytes (0: none).
+    pub fn new(max_window: u64) -> Self {
+        ReadAhead { streams: Mutex::new(LruCache::new(NonZeroUsize::new(STREAMS).unwrap_or(NonZeroUsize::MIN))), max_window }
+    }
+
+    /// The largest window.
+    pub fn max_window(&self) -> u64 {
+        self.max_window
+    }
+
     /// Notes a read of `[offset, end)` of inode `ino` (of `size` bytes);
     /// returns the file range to read ahead now, if any.
     pub fn observe(&self, ino: u32, offset: u64, end: u64, size: u64) -> Option<(u64, u64)> {
+        if self.max_window == 0 {
+            return None;
+        }
         let Ok(mut streams) = self.streams.lock() else { return None };
         let sequential = streams.get(&ino).filter(|s| end + SLACK >= s.next && offset <= s.next + SLACK).copied();
         let Some(mut s) = sequential else {
@@ -64,7 +81,7 @@ impl ReadAhead {
         s.run += 1;
         s.next = s.next.max(end);
         if s.run >= 2 {
-            s.window = if s.window == 0 { BASE_WINDOW } else { (s.window * 2).min(MAX_WINDOW) };
+            s.window = if s.window == 0 { BASE_WINDOW.min(self.max_window) } else { (s.window * 2).min(self.max_window) };
         }
         let mut range = None;
         // Ask for the next window once the reader is into the last half
@@ -130,6 +147,9 @@ mod tests {
         }
         assert_eq!(ra.observe(2, 200 * MIB, 201 * MIB, size), None);
         assert_eq!(ra.observe(2, 201 * MIB, 202 * MIB, size), None, "one continuation is not a stream yet");
+        // Off.
+        let off = ReadAhead::new(0);
+        assert!((0..8).all(|i| off.observe(4, i * MIB, (i + 1) * MIB, size).is_none()));
     }
 
     #[test]

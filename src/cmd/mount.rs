@@ -82,6 +82,10 @@ pub struct DaemonOptions {
     /// round trip to the daemon; without this flag opens cost none).
     #[arg(long)]
     pub passthrough: bool,
+    /// Largest window the daemon reads ahead of a file read sequentially
+    /// (starting at 512K, doubling), e.g. 8M; 0 disables read-ahead.
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_size)]
+    pub read_ahead_max: u64,
 }
 
 impl DaemonOptions {
@@ -116,7 +120,13 @@ impl DaemonOptions {
             serve: ServeConfig {
                 mountpoint: mountpoint.to_path_buf(),
                 source,
-                mount: MountConfig { threads: self.threads as usize, ttl: Duration::from_secs(self.attr_timeout), passthrough: self.passthrough, ..mount },
+                mount: MountConfig {
+                    threads: self.threads as usize,
+                    ttl: Duration::from_secs(self.attr_timeout),
+                    passthrough: self.passthrough,
+                    read_ahead_max: self.read_ahead_max,
+                    ..mount
+                },
                 cache: CacheConfig { memory_bytes: self.memory_cache, disk_dir: (self.cache_size > 0).then(|| abs(&self.cache_dir)), disk_bytes: self.cache_size },
                 runtime,
                 prefetch: self.prefetch_config(),
