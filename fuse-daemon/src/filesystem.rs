@@ -172,6 +172,10 @@ pub struct NaiadFs {
     read_ahead: Arc<ReadAhead>,
     /// Read-ahead loads running now (at most [`READ_AHEAD_LOADS`]).
     read_ahead_loads: Arc<std::sync::atomic::AtomicUsize>,
+    /// The prefetch table's chunk indexes, read at the first read-ahead.
+    prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
+    /// Whether each inode asked about has a chunk in the prefetch table.
+    prefetch_files: std::sync::Mutex<HashMap<u32, bool>>,
 }
 
 /// Read-ahead loads that may run at once; a window asked for beyond that
@@ -213,6 +217,8 @@ impl NaiadFs {
             zero_digests: Default::default(),
             read_ahead: Default::default(),
             read_ahead_loads: Default::default(),
+            prefetch_chunks: Default::default(),
+            prefetch_files: Default::default(),
         }
     }
 
@@ -448,14 +454,24 @@ impl NaiadFs {
         count();
     }
 
+    /// Whether the image's prefetch table (a recorded startup) holds a
+    /// chunk of inode `ino`: then the recording knows which of its bytes
+    /// the startup reads, better than a guess. Remembered per inode.
+    fn in_prefetch_set(&self, ino: u32) -> bool {
+        let set = self.prefetch_chunks.get_or_init(|| self.bootstrap().prefetch().map(|l| l.into_iter().collect()).unwrap_or_default());
+        if set.is_empty() {
+            return false;
+        }
+        let Ok(mut known) = self.prefetch_files.lock() else { return true };
+        *known.entry(ino).or_insert_with(|| self.bootstrap().file_chunks_in_range(ino, 0, u64::MAX).map(|p| p.iter().any(|c| set.contains(&c.chunk_index))).unwrap_or(true))
+    }
+
     /// Loads the chunks of `[from, to)` of inode `ino` that no cache holds,
-    /// in the background, with requests as large as the window. Not while
-    /// the image's prefetch set (a recorded startup) is being fetched: the
-    /// recording knows better than a guess, and read-ahead would take
-    /// bandwidth from it.
+    /// in the background, with requests as large as the window; not for a
+    /// file the prefetch table covers ([`NaiadFs::in_prefetch_set`]).
     fn start_read_ahead(&self, ino: u32, from: u64, to: u64) {
         use std::sync::atomic::Ordering;
-        if self.counters.progress.state.load(Ordering::Relaxed) == crate::counters::state::RUNNING {
+        if self.in_prefetch_set(ino) {
             return;
         }
         let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return };

@@ -3,17 +3,18 @@
 //! one FUSE request ahead (1 MiB), so a file read straight through would
 //! otherwise wait for one store round trip per MiB.
 //!
-//! Each file's reads are watched: a read that starts where the file's last
-//! one ended continues a stream (within [`SLACK`] either way: the kernel's
-//! readahead requests may arrive out of order). The second continuation starts read-ahead
-//! with a window of [`BASE_WINDOW`], doubling with every further one up to
-//! [`MAX_WINDOW`]; the next window is asked for while the reader still
+//! Each file's reads are watched: a read that starts where the file's
+//! last one ended continues a stream (within [`SLACK`] either way: the
+//! kernel's readahead requests may arrive out of order). The second
+//! continuation starts read-ahead with a window of [`BASE_WINDOW`],
+//! doubling with every further one up to the mount's maximum (default
+//! [`MAX_WINDOW`]); the next window is asked for while the reader still
 //! consumes the current one. A read anywhere else ends the stream (the
 //! read-ahead it issued is not cancelled, but no more is asked for), so
-//! random access never reads more than it asks for. While an image's
-//! prefetch set (a recorded startup) is being fetched there is no
-//! read-ahead. Which chunks a window needs, and with how many requests, is
-//! the chunk cache's business.
+//! random access never reads more than it asks for. A file that the
+//! image's prefetch table (a recorded startup) covers is not read ahead:
+//! the recording knows which of its bytes are needed. Which chunks a window
+//! needs, and with how many requests, is the chunk cache's business.
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
