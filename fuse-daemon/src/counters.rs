@@ -34,6 +34,8 @@ pub enum Origin {
     Prefetch,
     /// `--fetch-all`: the rest of the image, at low priority.
     Background,
+    /// Sequential read-ahead ([`crate::read_ahead`]).
+    ReadAhead,
 }
 
 /// Requests, chunks and stored bytes read from the store for one origin.
@@ -117,6 +119,8 @@ pub struct CounterBlock {
     /// Time from a daemon's death until its successor served the mount.
     pub daemon_recovery: Histogram,
     pub progress: PrefetchProgress,
+    /// Store traffic of sequential read-ahead (last: the layout grew).
+    pub read_ahead: OriginCounters,
 }
 
 /// Gauges of the prefetcher.
@@ -182,6 +186,12 @@ pub struct CounterSnapshot {
     pub background_requests: u64,
     pub background_chunks: u64,
     pub background_bytes: u64,
+    #[serde(default)]
+    pub read_ahead_requests: u64,
+    #[serde(default)]
+    pub read_ahead_chunks: u64,
+    #[serde(default)]
+    pub read_ahead_bytes: u64,
     pub refetches: u64,
     pub memory_hits: u64,
     pub disk_hits: u64,
@@ -344,6 +354,7 @@ impl Counters {
             Origin::Demand => &self.demand,
             Origin::Prefetch => &self.prefetch,
             Origin::Background => &self.background,
+            Origin::ReadAhead => &self.read_ahead,
         }
     }
 
@@ -364,6 +375,9 @@ impl Counters {
             background_requests: g(&self.background.requests),
             background_chunks: g(&self.background.chunks),
             background_bytes: g(&self.background.bytes),
+            read_ahead_requests: g(&self.read_ahead.requests),
+            read_ahead_chunks: g(&self.read_ahead.chunks),
+            read_ahead_bytes: g(&self.read_ahead.bytes),
             refetches: g(&self.refetches),
             memory_hits: g(&self.memory_hits),
             disk_hits: g(&self.disk_hits),
@@ -430,6 +444,9 @@ impl CounterSnapshot {
             ("background_requests", "store requests of --fetch-all", self.background_requests),
             ("background_chunks", "chunks read from the store by --fetch-all", self.background_chunks),
             ("background_bytes", "stored bytes read from the store by --fetch-all", self.background_bytes),
+            ("read_ahead_requests", "store requests of sequential read-ahead", self.read_ahead_requests),
+            ("read_ahead_chunks", "chunks read from the store by read-ahead", self.read_ahead_chunks),
+            ("read_ahead_bytes", "stored bytes read from the store by read-ahead", self.read_ahead_bytes),
             ("refetches", "chunks read from the store more than once", self.refetches),
             ("memory_hits", "chunk lookups served from memory", self.memory_hits),
             ("disk_hits", "chunk lookups served from the disk cache", self.disk_hits),

@@ -486,7 +486,7 @@ impl NaiadFs {
         }
         let (cache, loads, max_request) = (self.chunks.clone(), self.read_ahead_loads.clone(), self.read_ahead.max_window().max(MAX_REQUEST));
         let spawned = std::thread::Builder::new().name("naiad-readahead".into()).spawn(move || {
-            cache.load_batch(&chunks, Origin::Prefetch, MERGE_GAP, max_request, |_| {});
+            cache.load_batch(&chunks, Origin::ReadAhead, MERGE_GAP, max_request, |_| {});
             loads.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
