@@ -51,18 +51,22 @@ fn image_mount_stats(node: &Node) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("stats json")
 }
 
-/// Mounts the rootfs of container `id` (its snapshot's mounts, as
-/// containerd gives them to the runtime) on `target` and compares it with
-/// the reference unpack of the fixture image.
-fn assert_rootfs_is_the_reference(node: &Node, ns: &str, id: &str, target: &Path) {
-    std::fs::create_dir_all(target).unwrap();
-    let cmd = node.ctr_ok(&["-n", ns, "snapshots", "--snapshotter", "naiad", "mounts", &target.display().to_string(), id]);
+/// Creates container `c-rootfs` of `image` in namespace `ns`, mounts its
+/// rootfs (its snapshot's mounts, as containerd gives them to the runtime)
+/// and compares it with the reference unpack of the fixture image; then
+/// removes the container.
+fn assert_rootfs_is_the_reference(node: &Node, ns: &str, image: &str) {
+    node.ctr_ok(&["-n", ns, "containers", "create", "--snapshotter", "naiad", image, "c-rootfs"]);
+    let target = node.dir.path().join("rootfs");
+    std::fs::create_dir_all(&target).unwrap();
+    let cmd = node.ctr_ok(&["-n", ns, "snapshots", "--snapshotter", "naiad", "mounts", &target.display().to_string(), "c-rootfs"]);
     let st = Command::new("sh").arg("-c").arg(cmd.trim()).status().expect("mount the container's rootfs");
     assert!(st.success(), "{cmd}");
     let deb = debian_image();
-    let diffs = compare_trees(&deb.reference_rootfs, target, &CompareOptions::default());
-    let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+    let diffs = compare_trees(&deb.reference_rootfs, &target, &CompareOptions::default());
+    let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
     assert!(diffs.is_empty(), "container rootfs differs from the reference unpack:\n{}", diffs.join("\n"));
+    node.ctr_ok(&["-n", ns, "containers", "rm", "c-rootfs"]);
 }
 
 /// The checks both pulls (CRI, `naiad pull`) must pass in namespace `ns`:
@@ -88,9 +92,7 @@ fn assert_image_runs_lazily(node: &Node, ns: &str, image: &str) {
     eprintln!("two containers fetched {fetched} of {blobs} blob bytes");
     assert!(fetched * 2 < blobs, "fetched {fetched} of {blobs} blob bytes: {s}");
 
-    node.ctr_ok(&["-n", ns, "containers", "create", "--snapshotter", "naiad", image, "c-rootfs"]);
-    assert_rootfs_is_the_reference(node, ns, "c-rootfs", &node.dir.path().join("rootfs"));
-    node.ctr_ok(&["-n", ns, "containers", "rm", "c-rootfs"]);
+    assert_rootfs_is_the_reference(node, ns, image);
 }
 
 #[test]
@@ -141,9 +143,7 @@ fn an_ordinary_image_runs_through_the_same_snapshotter() {
     assert!(node.naiad_mounts().is_empty(), "an ordinary image needs no naiad mount");
     let out = node.ctr(&["-n", NAMESPACE, "run", "--rm", "--snapshotter", "naiad", &image, "c-oci", "python3", "-c", "print(6*7)"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "ctr run: {}", String::from_utf8_lossy(&out.stderr));
-    node.ctr_ok(&["-n", NAMESPACE, "containers", "create", "--snapshotter", "naiad", &image, "c-rootfs"]);
-    assert_rootfs_is_the_reference(&node, NAMESPACE, "c-rootfs", &node.dir.path().join("rootfs"));
-    node.ctr_ok(&["-n", NAMESPACE, "containers", "rm", "c-rootfs"]);
+    assert_rootfs_is_the_reference(&node, NAMESPACE, &image);
 }
 
 #[test]

@@ -475,8 +475,8 @@ impl NaiadFs {
             return;
         }
         let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return };
-        let mut chunks: Vec<ChunkRecord> = pieces.iter().map(|p| p.chunk).filter(|c| !self.chunks.is_cached(c)).collect();
-        chunks.dedup_by_key(|c| c.digest);
+        // (load_batch drops duplicates: a chunk group's pieces share one.)
+        let chunks: Vec<ChunkRecord> = pieces.iter().map(|p| p.chunk).filter(|c| !self.chunks.is_cached(c)).collect();
         if chunks.is_empty() {
             return;
         }
