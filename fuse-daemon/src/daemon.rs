@@ -49,6 +49,7 @@ use crate::memory_cache::MemoryCache;
 use crate::metrics_server::MetricsServer;
 use crate::passthrough::Passthrough;
 use crate::prefetcher::{PrefetchConfig, Prefetcher};
+use crate::read_ahead::BackgroundLoads;
 use crate::read_pool::ReadPool;
 use crate::runtime_paths::RuntimePaths;
 use crate::stats_server::{CacheUsage, StatsReport, StatsServer};
@@ -57,6 +58,9 @@ use crate::trace_recorder::TraceRecorder;
 /// Threads serving reads that wait for the store (the kernel bounds how
 /// many reads are outstanding; these bound how many wait at once).
 const READ_POOL_THREADS: usize = 16;
+/// How long an exiting daemon waits for read-ahead loads to finish, so
+/// what they fetched reaches the disk cache.
+const READ_AHEAD_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// How the filesystem is mounted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,6 +217,7 @@ struct StartedDaemon {
     api: Option<MetricsServer>,
     start: Instant,
     bootstraps: Option<BootstrapCache>,
+    read_ahead: BackgroundLoads,
 }
 
 /// Removes the socket at `path` so that this daemon can listen there: the
@@ -278,6 +283,7 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         .with_read_pool(pool)
         .with_backing_files(backing.clone(), passthrough)
         .with_read_ahead(config.mount.read_ahead_max);
+    let read_ahead = fs.background_loads();
 
     let report = stats_report(config, &image, &chunks, &counters, start, handoff.supervisor_pid, handoff.generation);
     take_over_socket(&config.runtime.socket);
@@ -328,7 +334,7 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
             tracing::info!("serving {} as the upgraded daemon ({})", mp.display(), std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default());
         }
     }
-    Ok(StartedDaemon { session, config: config.clone(), chunks, recorder, prefetcher, stats, api, start, bootstraps })
+    Ok(StartedDaemon { session, config: config.clone(), chunks, recorder, prefetcher, stats, api, start, bootstraps, read_ahead })
 }
 
 /// What `naiad stats` and the API socket report, computed on each request.
@@ -370,7 +376,7 @@ fn stats_report(
 
 impl StartedDaemon {
     fn serve(self) -> Result<(), FuseError> {
-        let StartedDaemon { session, config, chunks, recorder, prefetcher, stats, api, start, bootstraps } = self;
+        let StartedDaemon { session, config, chunks, recorder, prefetcher, stats, api, start, bootstraps, read_ahead } = self;
         let mp = &config.mountpoint;
         let result = session.run().map_err(|source| FuseError::Session { path: mp.clone(), source });
         if let Some(p) = prefetcher {
@@ -381,6 +387,10 @@ impl StartedDaemon {
                 Ok(()) => tracing::info!("trace: {} records written to {}", r.records(), r.path().display()),
                 Err(e) => tracing::error!("trace: {e}"),
             }
+        }
+        // What read-ahead is fetching still goes to the disk cache.
+        if !read_ahead.wait_idle(READ_AHEAD_EXIT_WAIT) {
+            tracing::warn!("{}: read-ahead still running after {:?}; its chunks are not cached", mp.display(), READ_AHEAD_EXIT_WAIT);
         }
         log_summary(mp, start, &chunks);
         chunks.flush();

@@ -37,7 +37,7 @@ use crate::counters::{add, inc, Counters, Origin};
 use crate::fetch_plan::MAX_REQUEST;
 use crate::fetch_plan::MERGE_GAP;
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
-use crate::read_ahead::ReadAhead;
+use crate::read_ahead::{BackgroundLoads, ReadAhead};
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
 
@@ -171,7 +171,7 @@ pub struct NaiadFs {
     /// Sequential read-ahead per file.
     read_ahead: Arc<ReadAhead>,
     /// Read-ahead loads running now (at most [`READ_AHEAD_LOADS`]).
-    read_ahead_loads: Arc<std::sync::atomic::AtomicUsize>,
+    read_ahead_loads: BackgroundLoads,
     /// The prefetch table's chunk indexes, read at the first read-ahead.
     prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
     /// Whether each inode asked about has a chunk in the prefetch table.
@@ -216,7 +216,7 @@ impl NaiadFs {
             xattrs,
             zero_digests: Default::default(),
             read_ahead: Default::default(),
-            read_ahead_loads: Default::default(),
+            read_ahead_loads: BackgroundLoads::new(READ_AHEAD_LOADS),
             prefetch_chunks: Default::default(),
             prefetch_files: Default::default(),
         }
@@ -233,6 +233,11 @@ impl NaiadFs {
     pub fn with_read_ahead(mut self, max_window: u64) -> Self {
         self.read_ahead = Arc::new(ReadAhead::new(max_window));
         self
+    }
+
+    /// The read-ahead loads running in the background, to wait for at exit.
+    pub fn background_loads(&self) -> BackgroundLoads {
+        self.read_ahead_loads.clone()
     }
 
     /// Serves reads that must wait for the store on `pool`.
@@ -470,7 +475,6 @@ impl NaiadFs {
     /// in the background, with requests as large as the window; not for a
     /// file the prefetch table covers ([`NaiadFs::in_prefetch_set`]).
     fn start_read_ahead(&self, ino: u32, from: u64, to: u64) {
-        use std::sync::atomic::Ordering;
         if self.in_prefetch_set(ino) {
             return;
         }
@@ -480,18 +484,13 @@ impl NaiadFs {
         if chunks.is_empty() {
             return;
         }
-        if self.read_ahead_loads.fetch_add(1, Ordering::SeqCst) >= READ_AHEAD_LOADS {
-            self.read_ahead_loads.fetch_sub(1, Ordering::SeqCst);
-            return;
-        }
-        let (cache, loads, max_request) = (self.chunks.clone(), self.read_ahead_loads.clone(), self.read_ahead.max_window().max(MAX_REQUEST));
-        let spawned = std::thread::Builder::new().name("naiad-readahead".into()).spawn(move || {
+        let Some(slot) = self.read_ahead_loads.try_start() else { return };
+        let (cache, max_request) = (self.chunks.clone(), self.read_ahead.max_window().max(MAX_REQUEST));
+        // (A thread that cannot be spawned drops its slot with the closure.)
+        let _ = std::thread::Builder::new().name("naiad-readahead".into()).spawn(move || {
             cache.load_batch(&chunks, Origin::ReadAhead, MERGE_GAP, max_request, |_| {});
-            loads.fetch_sub(1, Ordering::SeqCst);
+            drop(slot);
         });
-        if spawned.is_err() {
-            self.read_ahead_loads.fetch_sub(1, Ordering::SeqCst);
-        }
     }
 
     fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {

@@ -17,7 +17,8 @@
 //! needs, and with how many requests, is the chunk cache's business.
 
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
@@ -100,6 +101,56 @@ impl ReadAhead {
     }
 }
 
+/// The read-ahead loads running in the background, at most a fixed
+/// number at once; the daemon waits for them before it flushes its disk
+/// cache at exit, so what they fetched is kept.
+#[derive(Clone)]
+pub struct BackgroundLoads {
+    inner: Arc<(Mutex<usize>, Condvar)>,
+    limit: usize,
+}
+
+/// One running load; it ends when this is dropped.
+pub struct LoadSlot(Arc<(Mutex<usize>, Condvar)>);
+
+impl BackgroundLoads {
+    /// At most `limit` loads at once.
+    pub fn new(limit: usize) -> Self {
+        BackgroundLoads { inner: Arc::new((Mutex::new(0), Condvar::new())), limit }
+    }
+
+    /// A slot for one more load, or `None` if `limit` are running.
+    pub fn try_start(&self) -> Option<LoadSlot> {
+        let mut running = self.inner.0.lock().unwrap_or_else(|p| p.into_inner());
+        if *running >= self.limit {
+            return None;
+        }
+        *running += 1;
+        Some(LoadSlot(self.inner.clone()))
+    }
+
+    /// Waits until no load runs, for at most `timeout`; whether none does.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, idle) = &*self.inner;
+        let mut running = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while *running > 0 {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { return false };
+            running = idle.wait_timeout(running, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+}
+
+impl Drop for LoadSlot {
+    fn drop(&mut self) {
+        let (lock, idle) = &*self.0;
+        let mut running = lock.lock().unwrap_or_else(|p| p.into_inner());
+        *running = running.saturating_sub(1);
+        idle.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +223,22 @@ mod tests {
         }
         assert_eq!(asked_to, size, "read ahead to the end");
         assert_eq!(ra.observe(3, 5 * MIB, 6 * MIB, size), None, "nothing past the end");
+    }
+
+    #[test]
+    fn background_loads_are_bounded_and_waited_for() {
+        let loads = BackgroundLoads::new(2);
+        let a = loads.try_start().expect("first");
+        let b = loads.try_start().expect("second");
+        assert!(loads.try_start().is_none(), "a third is refused");
+        assert!(!loads.wait_idle(Duration::from_millis(20)), "two are running");
+        drop(a);
+        let c = loads.try_start().expect("a slot came free");
+        let done = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop((b, c));
+        });
+        assert!(loads.wait_idle(Duration::from_secs(10)), "idle once both end");
+        done.join().expect("thread");
     }
 }
