@@ -22,8 +22,7 @@ fn available() -> bool {
         return false;
     }
     if !containerd_available() {
-        eprintln!("skipping: containerd, ctr, runc not installed (scripts/install-test-deps.sh installs them)");
-        return false;
+        return cannot_run("containerd, ctr, runc not installed (scripts/install-test-deps.sh installs them)");
     }
     true
 }

@@ -21,11 +21,7 @@ fn run(cmd: &mut Command) {
 }
 
 fn skip_unless_root() -> bool {
-    if !running_as_root() {
-        eprintln!("skipping: needs root");
-        return true;
-    }
-    false
+    !running_as_root() && !cannot_run("needs root")
 }
 
 /// Checks the notable cases of the generated image in an unpacked tree.

@@ -122,6 +122,15 @@ pub fn running_as_root() -> bool {
     fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
+/// Says why a test cannot run here and returns false, so the test skips.
+/// Under CI (`CI` set) it fails instead: the test command installs
+/// everything the tests need, so a skip there would hide a broken setup.
+pub fn cannot_run(reason: &str) -> bool {
+    assert!(std::env::var_os("CI").is_none(), "this test must run under CI, but {reason}");
+    eprintln!("skipping: {reason}");
+    false
+}
+
 // ---------------------------------------------------------------------------
 // umoci and the naiad binary
 // ---------------------------------------------------------------------------

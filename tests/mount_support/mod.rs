@@ -21,12 +21,10 @@ pub const NAIAD_TAG: &str = "naiad";
 /// then prints why.
 pub fn fuse_available() -> bool {
     if !crate::common::running_as_root() {
-        eprintln!("skipping: the FUSE tests need root");
-        return false;
+        return crate::common::cannot_run("the FUSE tests need root");
     }
     if fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_err() {
-        eprintln!("skipping: /dev/fuse is not available");
-        return false;
+        return crate::common::cannot_run("/dev/fuse is not available");
     }
     true
 }
