@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mount_support::*;
-use naiad_registry::{ImageRef, NaiadImage};
+use naiad_reader::NaiadImage;
+use naiad_registry::ImageRef;
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("naiad-mount-test-").tempdir_in("/tmp").expect("tempdir")

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mount_support::MountGuard;
-use naiad_registry::{BlobStore, Digest, ImageRef, NaiadImage, RegistryBlobStore, RegistryClient, RegistryOptions};
+use naiad_reader::{ChunkError, ChunkReader, MergeLimits, NaiadImage};
+use naiad_registry::{BlobStore, Digest, ImageRef, RegistryBlobStore, RegistryClient, RegistryOptions};
 use registry_server::*;
 
 fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -183,9 +184,29 @@ fn registry_with_converted() -> (Distribution, PushedImage) {
     (reg, pushed)
 }
 
-fn open_image(host: &str, opts: &RegistryOptions) -> NaiadImage {
+/// An opened image and naiad's chunk reader over it.
+struct Opened {
+    image: Arc<NaiadImage>,
+    reader: ChunkReader,
+}
+
+impl std::ops::Deref for Opened {
+    type Target = NaiadImage;
+    fn deref(&self) -> &NaiadImage {
+        &self.image
+    }
+}
+
+impl Opened {
+    fn read_chunk(&self, index: u32) -> Result<Vec<u8>, ChunkError> {
+        self.reader.read_chunk(index)
+    }
+}
+
+fn open_image(host: &str, opts: &RegistryOptions) -> Opened {
     let r = ImageRef::parse(&format!("docker://{host}/img:1-naiad")).expect("reference");
-    NaiadImage::open_with(&r, opts).unwrap_or_else(|e| panic!("open {r}: {e}"))
+    let image = Arc::new(NaiadImage::open_with(&r, opts).unwrap_or_else(|e| panic!("open {r}: {e}")));
+    Opened { reader: ChunkReader::new(image.clone(), MergeLimits::default()), image }
 }
 
 /// Chunk indices of blob `blob`, sorted by offset.
@@ -233,31 +254,30 @@ fn range_reads_are_lazy_merged_and_reuse_connections() {
     assert_eq!(ProxyStats::get(&st.blob_gets) - gets_before, 3);
     assert!(fetched * 20 < total, "a few chunks are a small fraction of the blobs");
 
-    // A RegistryBlobStore of its own: consecutive chunks are one merged
-    // request, cut back into the chunks.
+    // The chunk reader: consecutive chunks are one merged request, cut
+    // back into the chunks; the store fetches exactly the range planned.
+    let run: Vec<naiad_format::ChunkRecord> = chunks.iter().copied().skip(1).take(8).map(|i| image.bootstrap.chunk(i).unwrap()).collect();
+    let before = ProxyStats::get(&st.blob_gets);
+    let parts = image.reader.read_chunks(&run);
+    assert_eq!(ProxyStats::get(&st.blob_gets) - before, 1, "8 adjacent chunks in one request");
+    let run_bytes: u64 = run.iter().map(|c| c.compressed_size as u64).sum();
+    for (c, part) in run.iter().zip(&parts) {
+        let part = part.as_ref().expect("merged chunk reads and verifies");
+        assert_eq!(part.stored.len() as u64, c.compressed_size as u64);
+        assert_eq!(part.data.len() as u64, c.uncompressed_size as u64);
+    }
+    // Far apart chunks are not merged (first and last chunk of the blob).
+    let far = [run[0], image.bootstrap.chunk(*chunks.last().unwrap()).unwrap()];
+    let before = ProxyStats::get(&st.blob_gets);
+    assert!(image.reader.read_chunks(&far).iter().all(Result::is_ok));
+    assert_eq!(ProxyStats::get(&st.blob_gets) - before, 2);
+    eprintln!("chunk reader: 8 adjacent chunks ({run_bytes} bytes) in 1 request; 2 distant chunks in 2");
+
+    // A RegistryBlobStore of its own.
     let docker_ref = naiad_registry::DockerReference::parse(&format!("{}/img:1-naiad", proxy.host())).unwrap();
     let sizes = image.blob_digests.iter().cloned().zip(blob_sizes.iter().copied());
     let store = RegistryBlobStore::open(&docker_ref, &options()).unwrap().with_blob_sizes(sizes);
-    let run: Vec<u32> = chunks.iter().copied().skip(1).take(8).collect();
-    let ranges: Vec<(u64, u64)> = run.iter().map(|&i| image.bootstrap.chunk(i).unwrap()).map(|c| (c.compressed_offset, c.compressed_size as u64)).collect();
     let digest = &image.blob_digests[largest as usize];
-    let before = ProxyStats::get(&st.blob_gets);
-    let parts = store.read_ranges(digest, &ranges).expect("read_ranges");
-    assert_eq!(ProxyStats::get(&st.blob_gets) - before, 1, "8 adjacent ranges in one request");
-    for ((&i, part), &(o, l)) in run.iter().zip(&parts).zip(&ranges) {
-        assert_eq!(part.len() as u64, l);
-        assert_eq!(part, &store.read_range(digest, o, l).unwrap());
-        naiad_format::decode_chunk(part, &image.bootstrap.chunk(i).unwrap()).expect("merged slice decodes");
-    }
-    // Far apart ranges are not merged (first and last chunk of the blob).
-    let far = [ranges[0], {
-        let c = image.bootstrap.chunk(*chunks.last().unwrap()).unwrap();
-        (c.compressed_offset, c.compressed_size as u64)
-    }];
-    let before = ProxyStats::get(&st.blob_gets);
-    store.read_ranges(digest, &far).unwrap();
-    assert_eq!(ProxyStats::get(&st.blob_gets) - before, 2);
-    eprintln!("read_ranges: 8 adjacent chunks ({} bytes) in 1 request; 2 distant chunks in 2; store stats {:?}", ranges.iter().map(|r| r.1).sum::<u64>(), store.client().stats());
 
     // Out-of-range reads fail without a request.
     let before = ProxyStats::get(&st.requests);

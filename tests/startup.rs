@@ -39,8 +39,8 @@ fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("naiad-startup-test-").tempdir_in("/tmp").expect("tempdir")
 }
 
-/// The largest request the daemon makes (fuse-daemon's fetch_plan::MAX_REQUEST).
-const MAX_REQUEST: u64 = 2 << 20;
+/// The largest request the daemon makes (by default).
+const MAX_REQUEST: u64 = naiad_reader::MergeLimits::DEFAULT_MAX_REQUEST;
 
 /// One trace record.
 #[derive(Debug, Clone, PartialEq, Eq)]

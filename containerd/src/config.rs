@@ -201,7 +201,7 @@ impl SnapshotterConfig {
             return Err(format!("prefetch.threads must be 1 to 32, not {}", p.threads));
         }
         let rate = naiad_fuse::size::parse_size(&p.rate).map_err(|e| format!("prefetch.rate: {e}"))?;
-        Ok(PrefetchConfig { enabled: p.enabled, threads: p.threads, rate: (rate > 0).then_some(rate), fetch_all: p.fetch_all, ..PrefetchConfig::default() })
+        Ok(PrefetchConfig { enabled: p.enabled, threads: p.threads, rate: (rate > 0).then_some(rate), fetch_all: p.fetch_all })
     }
 
     /// Where image mounts keep their sockets, pid files and logs.
@@ -226,6 +226,7 @@ impl SnapshotterConfig {
                 cache: self.cache_config()?,
                 runtime: runtime.clone(),
                 prefetch: self.prefetch_config()?,
+                merge: naiad_fuse::MergeLimits::default(),
                 record_trace: None,
                 api_socket: None,
             },

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use naiad_format::InodeKind;
-use naiad_registry::NaiadImage;
+use naiad_reader::ChunkReader;
 use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -29,7 +29,9 @@ impl CheckReport {
 /// Chunks verified per batch.
 const CHECK_BATCH: usize = 128;
 
-pub fn check(image: &NaiadImage) -> Result<CheckReport> {
+/// Checks the image `reader` reads, every chunk read through it.
+pub fn check(reader: &ChunkReader) -> Result<CheckReport> {
+    let image = reader.image();
     let b = &image.bootstrap;
     let mut report = CheckReport::default();
     // Batches of neighbouring chunks, so a registry answers each batch with
@@ -38,7 +40,7 @@ pub fn check(image: &NaiadImage) -> Result<CheckReport> {
     let bad: Vec<(u32, String)> = records
         .par_chunks(CHECK_BATCH)
         .enumerate()
-        .flat_map_iter(|(n, batch)| image.read_chunks(batch).into_iter().enumerate().filter_map(move |(k, r)| r.err().map(|e| ((n * CHECK_BATCH + k) as u32, e.to_string()))))
+        .flat_map_iter(|(n, batch)| reader.read_chunks(batch).into_iter().enumerate().filter_map(move |(k, r)| r.err().map(|e| ((n * CHECK_BATCH + k) as u32, e.to_string()))))
         .collect();
     report.chunks_checked = b.chunk_count() as u64;
     if !bad.is_empty() {

@@ -14,7 +14,8 @@
 use std::collections::HashMap;
 
 use naiad_format::{BlobRecord, ChunkDigest, ChunkRecord};
-use naiad_registry::{Digest, ImageRef, NaiadImage, OciLayout, RegistryOptions};
+use naiad_reader::{ChunkReader, MergeLimits, NaiadImage};
+use naiad_registry::{Digest, ImageRef, OciLayout, RegistryOptions};
 
 use crate::error::{ConvertError, Result};
 
@@ -49,7 +50,10 @@ pub enum Destination<'a> {
 }
 
 pub struct ChunkDict {
-    images: Vec<NaiadImage>,
+    /// The dictionary images, each with its chunk reader.
+    readers: Vec<ChunkReader>,
+    /// Dictionary blob id of each image's blob 0.
+    first_blob: Vec<u32>,
     pub blobs: Vec<DictBlob>,
     chunks: HashMap<ChunkDigest, DictChunk>,
 }
@@ -59,7 +63,7 @@ impl ChunkDict {
     /// registry can serve a registry destination only on the same host (a
     /// manifest can only reference blobs its registry holds).
     pub fn open(references: &[ImageRef], destination: Destination, options: &RegistryOptions) -> Result<Self> {
-        let mut dict = ChunkDict { images: Vec::new(), blobs: Vec::new(), chunks: HashMap::new() };
+        let mut dict = ChunkDict { readers: Vec::new(), first_blob: Vec::new(), blobs: Vec::new(), chunks: HashMap::new() };
         for reference in references {
             let bad = |reason: String| ConvertError::Invalid(format!("chunk dictionary {reference}: {reason}"));
             if let (ImageRef::Docker(d), Destination::Registry(dst)) = (reference, &destination) {
@@ -74,7 +78,7 @@ impl ChunkDict {
                 return Err(bad("a chunk dictionary is a naiad image in an OCI layout or a registry".into()));
             }
             let image = NaiadImage::open_with(reference, options).map_err(|e| bad(e.to_string()))?;
-            let n = dict.images.len();
+            let n = dict.readers.len();
             let first_blob = dict.blobs.len() as u32;
             for (i, digest) in image.blob_digests.iter().enumerate() {
                 let record = image.bootstrap.blob(i as u32).map_err(|e| bad(e.to_string()))?;
@@ -85,14 +89,15 @@ impl ChunkDict {
                 record.blob_index += first_blob;
                 dict.chunks.entry(record.digest).or_insert(DictChunk { record });
             }
-            dict.images.push(image);
+            dict.first_blob.push(first_blob);
+            dict.readers.push(ChunkReader::new(std::sync::Arc::new(image), MergeLimits::default()));
         }
         Ok(dict)
     }
 
     /// The dictionary images, in the order given.
     pub fn references(&self) -> Vec<&ImageRef> {
-        self.images.iter().map(|i| &i.reference).collect()
+        self.readers.iter().map(|r| &r.image().reference).collect()
     }
 
     /// The dictionary's chunk with this digest, if any.
@@ -100,24 +105,21 @@ impl ChunkDict {
         self.chunks.get(digest).copied()
     }
 
-    /// The stored bytes of dictionary chunks, read (merged per blob by the
-    /// store) and verified.
+    /// The stored bytes of dictionary chunks, read through each dictionary
+    /// image's chunk reader (merged into few requests) and verified.
     pub fn read_stored(&self, chunks: &[ChunkRecord]) -> Result<Vec<Vec<u8>>> {
-        // One read_ranges call per blob: the store merges near ranges.
-        let mut by_blob: HashMap<u32, Vec<usize>> = HashMap::new();
+        let mut by_image: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, c) in chunks.iter().enumerate() {
-            by_blob.entry(c.blob_index).or_default().push(i);
+            let blob = self.blobs.get(c.blob_index as usize).ok_or_else(|| ConvertError::Invalid(format!("chunk dictionary: no blob {}", c.blob_index)))?;
+            by_image.entry(blob.image).or_default().push(i);
         }
         let mut out = vec![Vec::new(); chunks.len()];
-        for (blob_id, positions) in by_blob {
-            let blob = &self.blobs[blob_id as usize];
-            let image = &self.images[blob.image];
-            let bad = |e: String| ConvertError::Invalid(format!("chunk dictionary {}: blob {}: {e}", image.reference, blob.digest));
-            let ranges: Vec<(u64, u64)> = positions.iter().map(|&i| (chunks[i].compressed_offset, chunks[i].compressed_size as u64)).collect();
-            let stored = image.store.read_ranges(&blob.digest, &ranges).map_err(|e| bad(e.to_string()))?;
-            for (&i, bytes) in positions.iter().zip(stored) {
-                naiad_format::decode_chunk(&bytes, &chunks[i]).map_err(|e| bad(e.to_string()))?;
-                out[i] = bytes;
+        for (n, positions) in by_image {
+            let reader = &self.readers[n];
+            // The image's own blob numbering.
+            let local: Vec<ChunkRecord> = positions.iter().map(|&i| ChunkRecord { blob_index: chunks[i].blob_index - self.first_blob[n], ..chunks[i] }).collect();
+            for (&i, r) in positions.iter().zip(reader.read_chunks(&local)) {
+                out[i] = r.map_err(|e| ConvertError::Invalid(format!("chunk dictionary {}: {e}", reader.image().reference)))?.stored;
             }
         }
         Ok(out)
@@ -132,7 +134,7 @@ impl ChunkDict {
         if layout.has_blob(&blob.digest) {
             return Ok(false);
         }
-        let image = &self.images[blob.image];
+        let image = self.readers[blob.image].image();
         let bad = |reason: String| ConvertError::Invalid(format!("chunk dictionary {}: blob {}: {reason}", image.reference, blob.digest));
         let mut writer = layout.blob_writer()?;
         let mut offset = 0;
@@ -155,7 +157,7 @@ impl ChunkDict {
     /// registry finds it there or mounts it from there).
     pub fn check_remote_blob(&self, id: usize) -> Result<()> {
         let blob = &self.blobs[id];
-        let image = &self.images[blob.image];
+        let image = self.readers[blob.image].image();
         let (Some(client), ImageRef::Docker(d)) = (image.registry_client(), &image.reference) else { return Ok(()) };
         match client.head_blob(&d.repository, &blob.digest)? {
             Some(size) if size == blob.record.size => Ok(()),
@@ -168,7 +170,7 @@ impl ChunkDict {
 
     /// The registry repository dictionary blob `id` can be mounted from.
     pub fn repository_of(&self, id: usize) -> Option<&str> {
-        match &self.images[self.blobs[id].image].reference {
+        match &self.readers[self.blobs[id].image].image().reference {
             ImageRef::Docker(d) => Some(d.repository.as_str()),
             _ => None,
         }

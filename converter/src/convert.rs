@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use naiad_registry::{open_source_with, push_image, Digest, ImageRef, NaiadImage, OciLayout, PushSummary, RegistryOptions, SourceImage};
+use naiad_reader::NaiadImage;
+use naiad_registry::{open_source_with, push_image, Digest, ImageRef, OciLayout, PushSummary, RegistryOptions, SourceImage};
 use serde::Serialize;
 
 use crate::bootstrap_writer::{write_bootstrap, TreeCounts};

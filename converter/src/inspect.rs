@@ -1,7 +1,7 @@
 //! `naiad inspect`: a summary of a naiad image from its bootstrap alone.
 
 use naiad_format::{Bootstrap, InodeKind};
-use naiad_registry::NaiadImage;
+use naiad_reader::NaiadImage;
 use serde::Serialize;
 
 use crate::error::{ConvertError, Result};

@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use naiad_format::{InodeKind, InodeRecord, ROOT_INO};
-use naiad_registry::NaiadImage;
+use naiad_reader::{ChunkReader, NaiadImage};
 
 use crate::error::{ConvertError, Result};
 
@@ -18,9 +18,9 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> ConvertError + '_ {
     move |source| ConvertError::Io { path: path.to_path_buf(), source }
 }
 
-/// Stored bytes of chunks fetched together (across files): a registry's
-/// merged request spans up to this much.
-const READ_AHEAD_STORED: u64 = 8 << 20;
+/// Stored bytes of chunks fetched together (across files): a few of the
+/// reader's largest requests, which it runs at once.
+const READ_AHEAD_STORED: u64 = 32 << 20;
 /// Decoded bytes one batch may hold in memory.
 const READ_AHEAD_DECODED: u64 = 64 << 20;
 
@@ -28,12 +28,13 @@ const READ_AHEAD_DECODED: u64 = 64 << 20;
 /// every regular file, in the order the unpack
 /// writes the files, read ahead in batches of up to [`READ_AHEAD_STORED`] stored bytes (and
 /// [`READ_AHEAD_DECODED`] decoded ones)
-/// across file boundaries: a batch's chunks of one blob are one call to the
-/// store, which merges near ranges into one request, so a tree of small
-/// files costs a request per few MiB rather than one per file. Each chunk's
+/// across file boundaries: a batch is one [`ChunkReader::read_chunks`] call,
+/// which merges near chunks into requests of up to its `max_request`, so a
+/// tree of small files costs a request per few MiB rather than one per file. Each chunk's
 /// result is kept until its file takes it, so an error names the file it
 /// belongs to. Holds one batch at a time.
 pub struct ChunkStream<'a> {
+    reader: &'a ChunkReader,
     image: &'a NaiadImage,
     /// Regular files in the order they are written, and where the next
     /// batch starts: (file, chunk of that file).
@@ -46,8 +47,8 @@ pub struct ChunkStream<'a> {
 
 impl<'a> ChunkStream<'a> {
     /// A stream over the chunks of `files` (inode numbers), in that order.
-    pub fn new(image: &'a NaiadImage, files: Vec<u32>) -> Self {
-        ChunkStream { image, files, next: (0, 0), taken: 0, ready: VecDeque::new() }
+    pub fn new(reader: &'a ChunkReader, files: Vec<u32>) -> Self {
+        ChunkStream { reader, image: reader.image(), files, next: (0, 0), taken: 0, ready: VecDeque::new() }
     }
 
     /// The regular files of the image in walk order, each once (the first
@@ -105,7 +106,7 @@ impl<'a> ChunkStream<'a> {
             batch.push(piece);
             self.next.1 += 1;
         }
-        let results: Vec<_> = self.image.read_chunks(&unique).into_iter().map(|r| r.map_err(|e| e.to_string())).collect();
+        let results: Vec<_> = self.reader.read_chunks(&unique).into_iter().map(|r| r.map(|c| c.data).map_err(|e| e.to_string())).collect();
         for piece in &batch {
             let bytes = match &results[index[&piece.chunk.digest]] {
                 Ok(data) => piece.slice(data).map(<[u8]>::to_vec).ok_or_else(|| format!("chunk {} is shorter than its piece", piece.chunk_index)),
@@ -172,13 +173,13 @@ pub struct UnpackOptions {
 }
 
 /// Writes the image's tree into `dest`, which must not exist or be empty.
-pub fn unpack_to_dir(image: &NaiadImage, dest: &Path, options: UnpackOptions) -> Result<()> {
+pub fn unpack_to_dir(reader: &ChunkReader, dest: &Path, options: UnpackOptions) -> Result<()> {
     if dest.exists() && (!dest.is_dir() || std::fs::read_dir(dest).map_err(io_at(dest))?.next().is_some()) {
         return Err(ConvertError::Invalid(format!("{}: exists and is not an empty directory", dest.display())));
     }
     let (parent, name) = sibling_temp(dest)?;
     let tmp = tempfile::Builder::new().prefix(&format!(".{name}.naiad-")).tempdir_in(&parent).map_err(io_at(&parent))?;
-    write_tree(image, tmp.path(), options)?;
+    write_tree(reader, tmp.path(), options)?;
     if dest.is_dir() {
         std::fs::remove_dir(dest).map_err(io_at(dest))?;
     }
@@ -215,9 +216,10 @@ fn apply_meta(path: &Path, inode: &InodeRecord, xattrs: &[(&[u8], &[u8])], optio
     Ok(())
 }
 
-fn write_tree(image: &NaiadImage, root: &Path, options: UnpackOptions) -> Result<()> {
+fn write_tree(reader: &ChunkReader, root: &Path, options: UnpackOptions) -> Result<()> {
+    let image = reader.image();
     let b = &image.bootstrap;
-    let mut stream = ChunkStream::new(image, ChunkStream::walk_order(image)?);
+    let mut stream = ChunkStream::new(reader, ChunkStream::walk_order(image)?);
     let mut first_path: HashMap<u32, PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
     b.walk(|path, ino, inode| -> Result<()> {
@@ -278,12 +280,12 @@ fn write_tree(image: &NaiadImage, root: &Path, options: UnpackOptions) -> Result
 
 /// Writes the image's tree as a tar file at `dest` (GNU long names, PAX
 /// records for xattrs and sub-second mtimes).
-pub fn unpack_to_tar(image: &NaiadImage, dest: &Path) -> Result<()> {
+pub fn unpack_to_tar(reader: &ChunkReader, dest: &Path) -> Result<()> {
     let (parent, name) = sibling_temp(dest)?;
     let tmp = tempfile::Builder::new().prefix(&format!(".{name}.naiad-")).tempfile_in(&parent).map_err(io_at(&parent))?;
     {
         let mut builder = tar::Builder::new(BufWriter::with_capacity(1 << 20, tmp.as_file()));
-        write_tar(image, &mut builder)?;
+        write_tar(reader, &mut builder)?;
         let mut w = builder.into_inner().map_err(io_at(dest))?;
         w.flush().map_err(io_at(dest))?;
     }
@@ -292,9 +294,10 @@ pub fn unpack_to_tar(image: &NaiadImage, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_tar<W: Write>(image: &NaiadImage, builder: &mut tar::Builder<W>) -> Result<()> {
+fn write_tar<W: Write>(reader: &ChunkReader, builder: &mut tar::Builder<W>) -> Result<()> {
+    let image = reader.image();
     let b = &image.bootstrap;
-    let mut stream = ChunkStream::new(image, ChunkStream::walk_order(image)?);
+    let mut stream = ChunkStream::new(reader, ChunkStream::walk_order(image)?);
     let mut first_path: HashMap<u32, Vec<u8>> = HashMap::new();
     b.walk(|path, ino, inode| -> Result<()> {
         let io = io_at(Path::new("tar"));

@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use naiad_format::bootstrap::hex;
 use naiad_format::{FileChunk, InodeKind};
+use naiad_reader::NaiadImage;
 use naiad_registry::verified_file::{self, MarkerState};
-use naiad_registry::NaiadImage;
 
 use crate::chunk_cache::ChunkCache;
 use crate::counters::inc;

@@ -10,7 +10,8 @@
 //! [`InFlight`] map, and whoever needs it meanwhile waits for that load
 //! instead of starting another. [`ChunkCache::get`] loads one chunk;
 //! [`ChunkCache::load_batch`] loads many, grouping those of one blob that lie
-//! close together into one store request (see [`crate::fetch_plan`]); it
+//! close together into one store request (see [`naiad_reader::fetch_plan`],
+//! under the fetcher's [`MergeLimits`]); it
 //! claims every chunk of a request before the request starts.
 
 use std::collections::{HashMap, HashSet};
@@ -23,10 +24,9 @@ use naiad_format::{ChunkDigest, ChunkRecord};
 use crate::counters::{add, inc, CounterSnapshot, Counters, Origin};
 use crate::disk_cache::{BlobSha256, DiskCache};
 use crate::error::{ChunkError, ChunkErrorKind};
-use crate::fetch_plan::{plan, MAX_REQUEST, MERGE_GAP};
-use crate::fetcher::{ChunkFetcher, FetchedChunk};
 use crate::inflight::InFlight;
 use crate::memory_cache::MemoryCache;
+use naiad_reader::{plan, ChunkFetcher, FetchedChunk, MergeLimits};
 
 /// The outcome of loading one chunk.
 pub type Loaded = Result<Arc<Vec<u8>>, ChunkError>;
@@ -263,11 +263,11 @@ impl ChunkCache {
     /// Loads `chunks` (most urgent first) into the caches with as few store
     /// requests as possible: chunks already cached or being loaded are
     /// skipped, the rest are claimed in the single-flight map and read in
-    /// merged requests (`gap`, `max_request`: see [`crate::fetch_plan`]).
+    /// merged requests planned under the fetcher's [`MergeLimits`].
     /// `before_claim` gets the stored bytes about to be read before anything
     /// is claimed, so a caller that must wait (a rate limit) does so without
     /// making readers wait for it.
-    pub fn load_batch(&self, chunks: &[ChunkRecord], origin: Origin, gap: u64, max_request: u64, before_claim: impl FnOnce(u64)) -> BatchOutcome {
+    pub fn load_batch(&self, chunks: &[ChunkRecord], origin: Origin, before_claim: impl FnOnce(u64)) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         let mut seen = HashSet::new();
         let mut wanted: Vec<ChunkRecord> = Vec::new();
@@ -306,7 +306,7 @@ impl ChunkCache {
             mine.insert(c.digest, claim);
             to_fetch.push(*c);
         }
-        for request in plan(&to_fetch, gap, max_request) {
+        for request in plan(&to_fetch, &self.fetcher.merge_limits()) {
             if origin == Origin::Demand {
                 add(&self.counters.misses, request.chunks.len() as u64);
             }
@@ -331,10 +331,9 @@ impl ChunkCache {
         out
     }
 
-    /// [`ChunkCache::load_batch`] for the missing chunks of one FUSE read,
-    /// with the daemon's merge limits.
+    /// [`ChunkCache::load_batch`] for the missing chunks of one FUSE read.
     pub fn load_for_read(&self, chunks: &[ChunkRecord]) -> HashMap<ChunkDigest, Loaded> {
-        self.load_batch(chunks, Origin::Demand, MERGE_GAP, MAX_REQUEST, |_| {}).loaded.into_iter().collect()
+        self.load_batch(chunks, Origin::Demand, |_| {}).loaded.into_iter().collect()
     }
 
     /// Whether a store request for a reader is running now.
@@ -351,6 +350,12 @@ impl ChunkCache {
         }
         let (disk, blob) = self.disk_for(chunk)?;
         disk.get(&blob, chunk)
+    }
+
+    /// The limits every store request of this cache is planned under (the
+    /// chunk source's).
+    pub fn merge_limits(&self) -> MergeLimits {
+        self.fetcher.merge_limits()
     }
 
     /// Whether the chunk is in memory or on disk (as far as this daemon knows).
@@ -477,6 +482,10 @@ mod tests {
         fn blob_sha256(&self, _: u32) -> Option<BlobSha256> {
             Some([2; 32])
         }
+        /// Requests of at most 8 of its 1000-byte chunks, gaps not bridged.
+        fn merge_limits(&self) -> MergeLimits {
+            MergeLimits { gap: 0, max_request: 8000 }
+        }
         fn fetch_many(&self, chunks: &[ChunkRecord]) -> Vec<Result<FetchedChunk, ChunkError>> {
             self.requests.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(self.delay);
@@ -517,7 +526,7 @@ mod tests {
         assert_eq!(fetcher.requests.load(Ordering::SeqCst), 1);
 
         let (c2, r2) = (cache.clone(), records.clone());
-        let batch = std::thread::spawn(move || c2.load_batch(&r2, Origin::Prefetch, 0, 8000, |_| {}));
+        let batch = std::thread::spawn(move || c2.load_batch(&r2, Origin::Prefetch, |_| {}));
         std::thread::sleep(std::time::Duration::from_millis(50));
         // Readers of chunks in flight wait instead of fetching.
         let readers: Vec<_> = [0usize, 7, 19]
@@ -543,7 +552,7 @@ mod tests {
         let fetched = fetcher.fetched.lock().unwrap().clone();
         assert_eq!(fetched.len(), HashSet::<ChunkDigest>::from_iter(fetched.iter().copied()).len(), "a chunk was fetched twice");
         // A second batch finds everything cached.
-        let again = cache.load_batch(&records, Origin::Prefetch, 0, 8000, |_| panic!("nothing to fetch"));
+        let again = cache.load_batch(&records, Origin::Prefetch, |_| panic!("nothing to fetch"));
         assert_eq!(again.cached.0, 20);
     }
 
@@ -589,7 +598,7 @@ mod tests {
         let disk = DiskCache::open(dir.path(), 1 << 20, counters.clone()).unwrap();
         let cache = ChunkCache::new(fetcher.clone(), MemoryCache::new(1 << 20), Some(disk), counters.clone());
         let blob0: Vec<ChunkRecord> = records.iter().filter(|c| c.blob_index == 0).copied().collect();
-        let out = cache.load_batch(&blob0, Origin::Background, 0, 1 << 20, |_| {});
+        let out = cache.load_batch(&blob0, Origin::Background, |_| {});
         assert_eq!(out.fetched.0, 3);
         // Into the disk cache (served from its queue at once), not memory.
         assert!(blob0.iter().all(|c| !cache.memory().contains(&c.digest) && cache.is_cached(c)));
@@ -623,8 +632,9 @@ mod tests {
         let loaded = cache.load_for_read(&records);
         assert_eq!(loaded.len(), 16);
         assert!(loaded.values().all(|r| r.as_ref().is_ok_and(|d| d.len() == 1000)));
-        assert_eq!(fetcher.requests.load(Ordering::SeqCst), 1);
+        // Under the fetcher's limits (8 chunks a request).
+        assert_eq!(fetcher.requests.load(Ordering::SeqCst), 2);
         let s = counters.snapshot();
-        assert_eq!((s.demand_requests, s.demand_chunks, s.misses, s.store_span_bytes), (1, 16, 16, 16000));
+        assert_eq!((s.demand_requests, s.demand_chunks, s.misses, s.store_span_bytes), (2, 16, 16, 16000));
     }
 }

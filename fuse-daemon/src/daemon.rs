@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 use std::os::fd::OwnedFd;
 
 use fuser::{Config, SessionACL};
-use naiad_registry::{BootstrapCache, ImageRef, NaiadImage};
+use naiad_reader::{BootstrapCache, ChunkReader, MergeLimits, NaiadImage};
+use naiad_registry::ImageRef;
 use nix::mount::MntFlags;
 use serde::{Deserialize, Serialize};
 
@@ -41,7 +42,6 @@ use crate::chunk_cache::ChunkCache;
 use crate::counters::Counters;
 use crate::disk_cache::DiskCache;
 use crate::error::FuseError;
-use crate::fetcher::StoreChunkFetcher;
 use crate::filesystem::NaiadFs;
 use crate::fuse_device;
 use crate::handoff::{self, DaemonMessage, Handoff, StartCause};
@@ -125,6 +125,10 @@ pub struct ServeConfig {
     pub runtime: RuntimePaths,
     /// Prefetch at mount and `--fetch-all`.
     pub prefetch: PrefetchConfig,
+    /// How chunk ranges are merged into store requests (every request of
+    /// the mount: reads, read-ahead, prefetch).
+    #[serde(default)]
+    pub merge: MergeLimits,
     /// Record the reads to this file (`--record-trace`).
     pub record_trace: Option<PathBuf>,
     /// Serve HTTP (`GET /metrics`) on this unix socket (`--api-socket`).
@@ -260,7 +264,7 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         _ => None,
     };
     let image = Arc::new(image);
-    let fetcher = Arc::new(StoreChunkFetcher::new(image.clone()));
+    let fetcher = Arc::new(ChunkReader::new(image.clone(), config.merge));
     let chunks = Arc::new(ChunkCache::new(fetcher, MemoryCache::new(config.cache.memory_bytes), disk, counters.clone()));
     let recorder = match &config.record_trace {
         Some(path) => Some(TraceRecorder::start(path, image.clone(), counters.clone())?),

@@ -62,7 +62,7 @@ use crate::counters::{add, inc, Counters};
 use crate::error::{FuseError, IoContext};
 
 /// The sha256 of a blob, which names its files in the cache.
-pub type BlobSha256 = [u8; 32];
+pub use naiad_reader::BlobSha256;
 
 /// Bytes (stored plus decoded) queued for the writer before readers wait.
 pub const WRITE_QUEUE_BYTES: u64 = 256 << 20;

@@ -28,14 +28,12 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use naiad_format::{Bootstrap, ChunkRecord, FileChunk, InodeKind, InodeRecord};
-use naiad_registry::NaiadImage;
+use naiad_reader::NaiadImage;
 
 use crate::attr::{dir_size, file_attr, file_type, BLOCK_SIZE};
 use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters, Origin};
-use crate::fetch_plan::MAX_REQUEST;
-use crate::fetch_plan::MERGE_GAP;
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
 use crate::read_ahead::{BackgroundLoads, ReadAhead};
 use crate::read_pool::ReadPool;
@@ -485,10 +483,10 @@ impl NaiadFs {
             return;
         }
         let Some(slot) = self.read_ahead_loads.try_start() else { return };
-        let (cache, max_request) = (self.chunks.clone(), self.read_ahead.max_window().max(MAX_REQUEST));
+        let cache = self.chunks.clone();
         // (A thread that cannot be spawned drops its slot with the closure.)
         let _ = std::thread::Builder::new().name("naiad-readahead".into()).spawn(move || {
-            cache.load_batch(&chunks, Origin::ReadAhead, MERGE_GAP, max_request, |_| {});
+            cache.load_batch(&chunks, Origin::ReadAhead, |_| {});
             drop(slot);
         });
     }

@@ -11,9 +11,8 @@
 //! - [`chunk_cache`]: [`ChunkCache`], the read path of chunks: memory,
 //!   then disk, then the fetcher, with concurrent loads of one chunk merged
 //!   and batches of chunks read with merged requests.
-//! - [`fetch_plan`]: which chunks one store request reads.
-//! - [`fetcher`]: [`ChunkFetcher`], where chunks come from (the image's blob
-//!   store: a local layout or a registry), and [`StoreChunkFetcher`].
+//!   Chunks come from a [`ChunkFetcher`]: the image's [`ChunkReader`]
+//!   (crate `naiad-reader`, which also plans every store request).
 //! - [`memory_cache`], [`disk_cache`] (per-blob cache files), [`inflight`]:
 //!   the tiers and the single-flight map the chunk cache is made of.
 //! - [`passthrough`], [`backing_files`]: opens the kernel serves itself
@@ -50,8 +49,6 @@ pub mod counters;
 pub mod daemon;
 pub mod disk_cache;
 pub mod error;
-pub mod fetch_plan;
-pub mod fetcher;
 pub mod filesystem;
 pub mod fuse_device;
 pub mod handoff;
@@ -78,12 +75,12 @@ pub use counters::{CounterBlock, CounterSnapshot, Counters, Origin, PrefetchSnap
 pub use daemon::{run_daemon, CacheConfig, MountConfig, ServeConfig};
 pub use disk_cache::DiskCache;
 pub use error::{ChunkError, FuseError};
-pub use fetcher::{ChunkFetcher, FetchedChunk, StoreChunkFetcher};
 pub use filesystem::NaiadFs;
 pub use handoff::DaemonConfig;
 pub use histogram::{Histogram, HistogramSnapshot};
 pub use memory_cache::MemoryCache;
 pub use metrics_server::MetricsServer;
+pub use naiad_reader::{ChunkFetcher, ChunkReader, FetchedChunk, MergeLimits};
 pub use prefetcher::{PrefetchConfig, Prefetcher};
 pub use runtime_paths::RuntimePaths;
 pub use stats_server::{query_stats, StatsReport, StatsServer};

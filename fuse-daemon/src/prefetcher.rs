@@ -4,8 +4,8 @@
 //! The set is the bootstrap's prefetch table (chunk indexes in the order a
 //! recorded workload first needed them). Its chunks are grouped into runs
 //! of chunks of one blob lying close together, each run read with one range
-//! request of at most [`PrefetchConfig::max_request`] bytes (a longer run is
-//! split), most urgent run first, by [`PrefetchConfig::threads`] workers.
+//! request planned under the chunk source's [`naiad_reader::MergeLimits`]
+//! (a longer run is split), most urgent run first, by [`PrefetchConfig::threads`] workers.
 //! Every request goes through [`ChunkCache::load_batch`], which claims its
 //! chunks in the single-flight map before the request starts: a reader
 //! needing one of them waits for that request instead of fetching again,
@@ -28,13 +28,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use naiad_format::{ChunkDigest, ChunkRecord};
-use naiad_registry::NaiadImage;
+use naiad_reader::NaiadImage;
 
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, get, set, state, Origin};
 use crate::error::FuseError;
-use crate::fetch_plan::{plan, Request, MAX_REQUEST, MERGE_GAP};
 use crate::size::format_size;
+use naiad_reader::{plan, Request};
 
 /// How and whether a mount prefetches.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -47,15 +47,11 @@ pub struct PrefetchConfig {
     pub rate: Option<u64>,
     /// Afterwards, fetch every other chunk of the image in the background.
     pub fetch_all: bool,
-    /// Largest request (bytes spanned).
-    pub max_request: u64,
-    /// Largest gap between chunks read with one request.
-    pub merge_gap: u64,
 }
 
 impl Default for PrefetchConfig {
     fn default() -> Self {
-        PrefetchConfig { enabled: true, threads: 2, rate: None, fetch_all: false, max_request: MAX_REQUEST, merge_gap: MERGE_GAP }
+        PrefetchConfig { enabled: true, threads: 2, rate: None, fetch_all: false }
     }
 }
 
@@ -217,7 +213,7 @@ impl Job {
         let counters = self.chunks.counters();
         let p = &counters.progress;
         let bytes: u64 = set_chunks.iter().map(|c| c.compressed_size as u64).sum();
-        let requests = plan(set_chunks, self.config.merge_gap, self.config.max_request);
+        let requests = plan(set_chunks, &self.chunks.merge_limits());
         let planned = requests.len();
         let start = Instant::now();
         let before = counters.snapshot();
@@ -262,7 +258,7 @@ impl Job {
         set(&p.background_bytes_total, bytes);
         set(&p.background_state, state::RUNNING);
         let start = Instant::now();
-        let requests = plan(rest, self.config.merge_gap, self.config.max_request);
+        let requests = plan(rest, &self.chunks.merge_limits());
         for r in &requests {
             // Low priority: let readers' requests go first.
             while self.chunks.demand_active() && !self.stopped() {
@@ -282,7 +278,7 @@ impl Job {
     fn run_request(&self, r: &Request, origin: Origin) {
         let stop = &*self.stop;
         let limiter = self.limiter.as_ref();
-        let out = self.chunks.load_batch(&r.chunks, origin, self.config.merge_gap, self.config.max_request, |bytes| {
+        let out = self.chunks.load_batch(&r.chunks, origin, |bytes| {
             if let Some(l) = limiter {
                 l.acquire(bytes, stop);
             }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use naiad_format::bootstrap::MAX_DEPTH;
 use naiad_format::{Bootstrap, ROOT_INO};
-use naiad_registry::NaiadImage;
+use naiad_reader::NaiadImage;
 
 use crate::counters::{inc, Counters};
 use crate::error::{FuseError, IoContext};

@@ -112,7 +112,7 @@ pub fn layer(data: &[u8]) {
     let (Some(from), Some(to)) = (parse(&format!("oci:{}:latest", src.display())), parse(&format!("oci:{}:naiad", tmp.path().join("dst").display()))) else { return };
     let opts = naiad_converter::ConvertOptions::default();
     if naiad_converter::convert(&from, &to, &opts).is_ok() {
-        if let Ok(image) = naiad_registry::NaiadImage::open(&to) {
+        if let Ok(image) = naiad_reader::NaiadImage::open(&to) {
             let _ = image.bootstrap.validate();
         }
     }

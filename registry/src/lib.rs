@@ -8,10 +8,9 @@
 //! - [`source`]: [`SourceImage`], an image opened for reading: its manifest,
 //!   config and layers, every blob verified against its digest.
 //! - [`store`]: [`BlobStore`], random access to blob bytes by (digest, offset,
-//!   length): what the FUSE daemon fetches chunks through.
-//! - [`naiad_image`]: a converted image opened for reading;
-//!   [`bootstrap_cache`]: its decoded bootstrap kept on disk for the next
-//!   open; [`verified_file`]: markers vouching for such derived files.
+//!   length), exactly the ranges asked for: what naiad's chunk reader
+//!   (`naiad-reader`) fetches chunks through.
+//! - [`verified_file`]: markers vouching for files derived from a blob.
 //!
 //! The registry (OCI distribution) client:
 //! - [`registry_options`]: [`RegistryOptions`], how registries are reached.
@@ -21,15 +20,13 @@
 //!   and mirrors.
 //! - [`remote_image`]: manifest (through indexes, by [`platform`]) and config.
 //! - [`blob_stream`]: a whole blob streamed, resumed after a broken connection.
-//! - [`remote_store`]: [`RegistryBlobStore`], lazy reads with HTTP ranges,
-//!   merged by [`range_plan`].
+//! - [`remote_store`]: [`RegistryBlobStore`], lazy reads with HTTP ranges.
 //! - [`blob_upload`], [`image_push`]: pushing an OCI layout's image.
 
 pub mod auth_challenge;
 pub mod authenticator;
 pub mod blob_stream;
 pub mod blob_upload;
-pub mod bootstrap_cache;
 pub mod credentials;
 pub mod digest;
 pub mod docker_archive;
@@ -38,9 +35,7 @@ pub mod error;
 pub mod image_push;
 pub mod layout;
 pub mod manifest;
-pub mod naiad_image;
 pub mod platform;
-pub mod range_plan;
 pub mod reference;
 pub mod registry_client;
 pub mod registry_options;
@@ -53,14 +48,12 @@ pub mod token_cache;
 pub mod verified_file;
 
 pub use blob_upload::BlobPushOutcome;
-pub use bootstrap_cache::BootstrapCache;
 pub use credentials::{CredentialStore, Credentials};
 pub use digest::{Digest, DigestReader, DigestWriter};
 pub use docker_ref::DockerReference;
 pub use error::RegistryError;
 pub use image_push::{push_image, PushSummary};
 pub use layout::OciLayout;
-pub use naiad_image::{ChunkReadError, NaiadImage};
 pub use platform::Platform;
 pub use reference::ImageRef;
 pub use registry_client::{RegistryClient, RegistryStats};

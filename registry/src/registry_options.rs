@@ -36,8 +36,6 @@ pub struct RegistryOptions {
     pub retry_base_delay: Duration,
     /// Cap on one backoff delay (also on a Retry-After the server asks for).
     pub retry_max_delay: Duration,
-    /// Ranges of one blob closer than this are fetched in one request.
-    pub range_merge_gap: u64,
     /// Blobs larger than this are uploaded in PATCH chunks of this size;
     /// smaller ones in one PUT.
     pub upload_chunk_size: u64,
@@ -60,7 +58,6 @@ impl Default for RegistryOptions {
             max_attempts: 5,
             retry_base_delay: Duration::from_millis(200),
             retry_max_delay: Duration::from_secs(10),
-            range_merge_gap: 64 << 10,
             upload_chunk_size: 16 << 20,
             mirror_cooldown: Duration::from_secs(30),
             platform: None,
@@ -95,7 +92,6 @@ impl std::fmt::Debug for RegistryOptions {
             .field("max_attempts", &self.max_attempts)
             .field("retry_base_delay", &self.retry_base_delay)
             .field("retry_max_delay", &self.retry_max_delay)
-            .field("range_merge_gap", &self.range_merge_gap)
             .field("upload_chunk_size", &self.upload_chunk_size)
             .field("mirror_cooldown", &self.mirror_cooldown)
             .field("platform", &self.platform)

@@ -7,8 +7,8 @@
 //! Range and answers 200 with the whole blob is tolerated only for reads
 //! within its first [`MAX_UNRANGED_PREFIX`] bytes (the prefix is read and
 //! sliced); further in it is an error (a mirror doing so is skipped for
-//! the origin). Close ranges are merged into one request by
-//! [`BlobStore::read_ranges`].
+//! the origin). Each range asked for is one request (which ranges to read
+//! together is decided by naiad's reader, not here).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -19,29 +19,21 @@ use reqwest::header::{CONTENT_RANGE, RANGE};
 use crate::digest::Digest;
 use crate::docker_ref::DockerReference;
 use crate::error::{RegistryError, Result};
-use crate::range_plan::{merge_ranges, slice_of, MergedSpan};
 use crate::registry_client::{AttemptError, RegistryClient, MAX_UNRANGED_PREFIX};
 use crate::registry_options::RegistryOptions;
 use crate::store::BlobStore;
-
-/// Largest span [`RegistryBlobStore::read_ranges`] merges ranges into.
-pub const MAX_MERGED_SPAN: u64 = 8 << 20;
-/// Spans of one `read_ranges` call fetched at the same time.
-const PARALLEL_SPANS: usize = 4;
 
 pub struct RegistryBlobStore {
     client: RegistryClient,
     repository: String,
     /// Blob sizes from the manifest, to check ranges before asking.
     sizes: HashMap<Digest, u64>,
-    merge_gap: u64,
 }
 
 impl RegistryBlobStore {
     /// A store for the blobs of `repository` served by `client`'s registry.
     pub fn new(client: RegistryClient, repository: &str) -> Self {
-        let merge_gap = client.options().range_merge_gap;
-        RegistryBlobStore { client, repository: repository.to_string(), sizes: HashMap::new(), merge_gap }
+        RegistryBlobStore { client, repository: repository.to_string(), sizes: HashMap::new() }
     }
 
     /// A store for the repository of `reference`.
@@ -53,12 +45,6 @@ impl RegistryBlobStore {
     /// without a request.
     pub fn with_blob_sizes(mut self, sizes: impl IntoIterator<Item = (Digest, u64)>) -> Self {
         self.sizes.extend(sizes);
-        self
-    }
-
-    /// Ranges closer than `gap` bytes are merged by `read_ranges`.
-    pub fn with_merge_gap(mut self, gap: u64) -> Self {
-        self.merge_gap = gap;
         self
     }
 
@@ -148,26 +134,7 @@ impl RegistryBlobStore {
             _ => Err(AttemptError::Fatal(self.client.http_error(what, resp))),
         }
     }
-
-    fn fetch_span(&self, digest: &Digest, span: &MergedSpan, ranges: &[(u64, u64)]) -> Result<SpanParts> {
-        let data = self.fetch(digest, span.offset, span.len)?;
-        span.members
-            .iter()
-            .map(|&i| {
-                let (o, l) = ranges[i];
-                slice_of(span, &data, o, l).map(|d| (i, d)).ok_or_else(|| RegistryError::RangeOutOfBounds {
-                    digest: digest.to_string(),
-                    offset: o,
-                    len: l,
-                    size: span.offset + data.len() as u64,
-                })
-            })
-            .collect()
-    }
 }
-
-/// The ranges one span was cut into: (index in the request, bytes).
-type SpanParts = Vec<(usize, Vec<u8>)>;
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`).
 fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
@@ -181,35 +148,6 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
 impl BlobStore for RegistryBlobStore {
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.fetch(digest, offset, len)
-    }
-
-    fn read_ranges(&self, digest: &Digest, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
-        for &(o, l) in ranges {
-            self.check_bounds(digest, o, l)?;
-        }
-        let spans = merge_ranges(ranges, self.merge_gap, MAX_MERGED_SPAN);
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; ranges.len()];
-        if spans.len() == 1 {
-            for (i, d) in self.fetch_span(digest, &spans[0], ranges)? {
-                out[i] = Some(d);
-            }
-        } else {
-            for group in spans.chunks(PARALLEL_SPANS) {
-                let results: Vec<Result<SpanParts>> = std::thread::scope(|scope| {
-                    let handles: Vec<_> = group.iter().map(|span| scope.spawn(move || self.fetch_span(digest, span, ranges))).collect();
-                    handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(RegistryError::Config("range reader thread panicked".into())))).collect()
-                });
-                for r in results {
-                    for (i, d) in r? {
-                        out[i] = Some(d);
-                    }
-                }
-            }
-        }
-        out.into_iter()
-            .enumerate()
-            .map(|(i, d)| d.ok_or_else(|| RegistryError::RangeOutOfBounds { digest: digest.to_string(), offset: ranges[i].0, len: ranges[i].1, size: 0 }))
-            .collect()
     }
 
     fn describe(&self) -> String {

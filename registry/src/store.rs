@@ -1,7 +1,9 @@
-//! [`BlobStore`]: random access to blob bytes, the interface every chunk
-//! source implements for the FUSE daemon and for `naiad check`/`unpack`:
-//! a local OCI layout ([`LayoutBlobStore`]) or a registry read with HTTP
-//! range requests ([`crate::RegistryBlobStore`]).
+//! [`BlobStore`]: random access to blob bytes, what naiad's chunk reader
+//! (`naiad-reader`) reads through: a local OCI layout ([`LayoutBlobStore`])
+//! or a registry read with HTTP range requests
+//! ([`crate::RegistryBlobStore`]). A store reads exactly the range it is
+//! given, in one request; which ranges are read together is the reader's
+//! decision, not the store's.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,13 +18,6 @@ use crate::layout::OciLayout;
 pub trait BlobStore: Send + Sync {
     /// Reads exactly `len` bytes of blob `digest` from `offset`.
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>>;
-    /// Reads several `(offset, len)` ranges of blob `digest`, returning
-    /// their bytes in the order asked. Stores where a request is costly
-    /// (a registry) merge ranges that lie close together into one request;
-    /// this default reads them one by one.
-    fn read_ranges(&self, digest: &Digest, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
-        ranges.iter().map(|&(offset, len)| self.read_range(digest, offset, len)).collect()
-    }
     /// A short description for logs and errors (`oci:/path`).
     fn describe(&self) -> String;
 }

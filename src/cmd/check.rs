@@ -1,8 +1,12 @@
 //! `naiad check SRC`.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use clap::Args;
-use naiad_registry::{ImageRef, NaiadImage};
+
+use naiad_reader::{ChunkReader, NaiadImage};
+use naiad_registry::ImageRef;
 
 use crate::cmd::registry_flags::RegistryFlags;
 
@@ -17,7 +21,7 @@ pub struct CheckArgs {
 pub fn run(a: CheckArgs) -> Result<i32> {
     let reference = ImageRef::parse(&a.source)?;
     let image = NaiadImage::open_with(&reference, &a.registry.options()?).with_context(|| format!("checking {reference}"))?;
-    let report = naiad_converter::check::check(&image)?;
+    let report = naiad_converter::check::check(&ChunkReader::new(Arc::new(image), a.registry.merge_limits()))?;
     for p in &report.problems {
         eprintln!("naiad: {reference}: {p}");
     }

@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use naiad_registry::{ImageRef, NaiadImage};
+use naiad_reader::NaiadImage;
+use naiad_registry::ImageRef;
 
 use crate::cmd::registry_flags::RegistryFlags;
 

@@ -99,7 +99,6 @@ impl DaemonOptions {
             threads: self.prefetch_threads as usize,
             rate: (self.prefetch_rate > 0).then_some(self.prefetch_rate),
             fetch_all: self.fetch_all,
-            ..PrefetchConfig::default()
         }
     }
 
@@ -130,6 +129,7 @@ impl DaemonOptions {
                 cache: CacheConfig { memory_bytes: self.memory_cache, disk_dir: (self.cache_size > 0).then(|| abs(&self.cache_dir)), disk_bytes: self.cache_size },
                 runtime,
                 prefetch: self.prefetch_config(),
+                merge: self.registry.merge_limits(),
                 record_trace: self.record_trace.as_deref().map(abs),
                 api_socket: self.api_socket.as_deref().map(abs),
             },

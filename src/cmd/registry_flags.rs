@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use naiad_reader::MergeLimits;
 use naiad_registry::{Credentials, Platform, RegistryOptions};
 
 #[derive(Args, Clone)]
@@ -45,6 +46,9 @@ pub struct RegistryFlags {
     /// Ranges of a blob closer than this are fetched in one request (e.g. 64K).
     #[arg(long, value_name = "SIZE", default_value = "64K", env = "NAIAD_RANGE_MERGE_GAP", value_parser = crate::cmd::parse_size)]
     pub range_merge_gap: u64,
+    /// Largest range request for chunks (e.g. 8M): the limit of every merged read.
+    #[arg(long, value_name = "SIZE", default_value = "8M", env = "NAIAD_MAX_REQUEST", value_parser = crate::cmd::parse_size)]
+    pub max_request: u64,
     /// Blobs larger than this are pushed in PATCH chunks of this size (e.g. 16M).
     #[arg(long, value_name = "SIZE", default_value = "16M", env = "NAIAD_UPLOAD_CHUNK_SIZE", value_parser = crate::cmd::parse_size)]
     pub upload_chunk_size: u64,
@@ -66,6 +70,7 @@ impl std::fmt::Debug for RegistryFlags {
             .field("retries", &self.retries)
             .field("retry_delay", &self.retry_delay)
             .field("range_merge_gap", &self.range_merge_gap)
+            .field("max_request", &self.max_request)
             .field("upload_chunk_size", &self.upload_chunk_size)
             .field("platform", &self.platform)
             .finish()
@@ -80,6 +85,12 @@ fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
 }
 
 impl RegistryFlags {
+    /// How chunk reads are merged into requests (`--range-merge-gap`,
+    /// `--max-request`): the one limit of the daemon, `check` and `unpack`.
+    pub fn merge_limits(&self) -> MergeLimits {
+        MergeLimits { gap: self.range_merge_gap, max_request: self.max_request.max(1) }
+    }
+
     /// The options these flags describe.
     pub fn options(&self) -> Result<RegistryOptions> {
         let credentials = match &self.creds {
@@ -101,7 +112,6 @@ impl RegistryFlags {
             min_transfer_rate: self.min_transfer_rate.max(1),
             max_attempts: self.retries.saturating_add(1),
             retry_base_delay: self.retry_delay,
-            range_merge_gap: self.range_merge_gap,
             upload_chunk_size: self.upload_chunk_size.max(1),
             platform,
             ..RegistryOptions::default()

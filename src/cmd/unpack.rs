@@ -1,10 +1,13 @@
 //! `naiad unpack SRC DIR` and `naiad unpack SRC --tar FILE`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use naiad_registry::{ImageRef, NaiadImage};
+
+use naiad_reader::{ChunkReader, NaiadImage};
+use naiad_registry::ImageRef;
 
 use crate::cmd::registry_flags::RegistryFlags;
 
@@ -30,6 +33,7 @@ pub struct UnpackArgs {
 pub fn run(a: UnpackArgs) -> Result<i32> {
     let reference = ImageRef::parse(&a.source)?;
     let image = NaiadImage::open_with(&reference, &a.registry.options()?).with_context(|| format!("opening {reference}"))?;
+    let image = ChunkReader::new(Arc::new(image), a.registry.merge_limits());
     match (&a.dir, &a.tar) {
         (Some(dir), None) => naiad_converter::unpack::unpack_to_dir(&image, dir, naiad_converter::unpack::UnpackOptions { no_devices: a.no_devices, no_setuid: a.no_setuid })
             .with_context(|| format!("unpacking {reference} into {}", dir.display()))?,

@@ -5,7 +5,7 @@
 //!
 //! A bootstrap is stored as `<dir>/<sha256 of its layer>`: the raw bytes,
 //! written to a temporary name, fsync'd and renamed, then marked
-//! ([`crate::verified_file`]) with the layer digest. Opening maps the file
+//! ([`naiad_registry::verified_file`]) with the layer digest. Opening maps the file
 //! read-only (zero-copy) if its marker still matches; header and table
 //! bounds are checked again, the checksum and the full validation are not
 //! (the marker vouches that the bytes are those validated). Anything else
@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use naiad_format::Bootstrap;
 
-use crate::digest::Digest;
-use crate::verified_file::{self, MarkerState};
+use naiad_registry::verified_file::{self, MarkerState};
+use naiad_registry::Digest;
 
 /// Bootstraps a cache directory keeps.
 pub const KEEP: usize = 32;

@@ -1,18 +1,44 @@
-//! Planning store requests: which chunks are read together. Chunks of one
-//! blob whose stored bytes lie close together (gap at most `gap` bytes) are
-//! read with one range request, as long as the request stays within
-//! `max_request` bytes; a longer run is split into several requests. Used
-//! for the chunks one FUSE read is missing and for the prefetch set.
+//! Planning store requests: which chunks are read together. This is the
+//! only place naiad merges ranges: the FUSE daemon (a read's missing
+//! chunks, read-ahead windows, the prefetch set, `--fetch-all`), `naiad
+//! check` and `naiad unpack` all plan with [`plan`] under one
+//! [`MergeLimits`], and a store fetches exactly the requests planned.
+//!
+//! Chunks of one blob whose stored bytes lie close together (gap at most
+//! [`MergeLimits::gap`] bytes) are read with one range request, as long as
+//! the request stays within [`MergeLimits::max_request`] bytes; a longer run
+//! is split into several requests.
 
 use std::collections::{HashMap, HashSet};
 
 use naiad_format::ChunkRecord;
+use serde::{Deserialize, Serialize};
 
-/// Largest gap (bytes of other chunks) between two chunks read with one
-/// request: reading it costs less than another request.
-pub const MERGE_GAP: u64 = 64 << 10;
-/// Largest request (bytes spanned) the daemon makes.
-pub const MAX_REQUEST: u64 = 2 << 20;
+/// How far apart chunks may lie to be read with one request, and how large
+/// one request may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeLimits {
+    /// Largest gap (bytes of other chunks) between two chunks read with one
+    /// request: reading it costs less than another round trip
+    /// (`--range-merge-gap`).
+    pub gap: u64,
+    /// Largest request (bytes spanned) (`--max-request`).
+    pub max_request: u64,
+}
+
+impl MergeLimits {
+    /// 64 KiB: about 5 ms at 100 Mbit/s, a quarter of a 20 ms round trip.
+    pub const DEFAULT_GAP: u64 = 64 << 10;
+    /// 8 MiB: the largest read-ahead window, and at most one request per
+    /// 8 MiB when a whole blob is read (`unpack`, `check`).
+    pub const DEFAULT_MAX_REQUEST: u64 = 8 << 20;
+}
+
+impl Default for MergeLimits {
+    fn default() -> Self {
+        MergeLimits { gap: Self::DEFAULT_GAP, max_request: Self::DEFAULT_MAX_REQUEST }
+    }
+}
 
 /// One planned store request: chunks of one blob, by offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +59,9 @@ fn end(c: &ChunkRecord) -> u64 {
 }
 
 /// Groups `chunks` (most urgent first; duplicates by digest are dropped)
-/// into requests, returned most urgent first.
-pub fn plan(chunks: &[ChunkRecord], gap: u64, max_request: u64) -> Vec<Request> {
+/// into requests under `limits`, returned most urgent first.
+pub fn plan(chunks: &[ChunkRecord], limits: &MergeLimits) -> Vec<Request> {
+    let MergeLimits { gap, max_request } = *limits;
     let mut seen = HashSet::new();
     let mut by_blob: HashMap<u32, Vec<(usize, ChunkRecord)>> = HashMap::new();
     for (pos, c) in chunks.iter().enumerate() {
@@ -87,7 +114,7 @@ mod tests {
             chunk(5, 0, 1100, 50),
             chunk(1, 0, 1000, 100), // duplicate
         ];
-        let p = plan(&chunks, 1000, 1 << 20);
+        let p = plan(&chunks, &MergeLimits { gap: 1000, max_request: 1 << 20 });
         assert_eq!(p.len(), 3);
         // Blob 0's first run holds chunks 3, 1, 5 by offset; its priority is chunk 1's.
         assert_eq!(p[0].chunks.iter().map(|c| c.digest[0]).collect::<Vec<_>>(), vec![3, 1, 5]);
@@ -99,11 +126,11 @@ mod tests {
     #[test]
     fn splits_long_runs() {
         let chunks: Vec<ChunkRecord> = (0..10u8).map(|i| chunk(i, 0, i as u64 * 100, 100)).collect();
-        let p = plan(&chunks, 0, 300);
+        let p = plan(&chunks, &MergeLimits { gap: 0, max_request: 300 });
         assert_eq!(p.iter().map(|r| r.chunks.len()).collect::<Vec<_>>(), vec![3, 3, 3, 1]);
         assert!(p.iter().all(|r| r.len <= 300));
         // A chunk larger than the cap is a request of its own.
-        let p = plan(&[chunk(1, 0, 0, 1000), chunk(2, 0, 1000, 10)], 0, 300);
+        let p = plan(&[chunk(1, 0, 0, 1000), chunk(2, 0, 1000, 10)], &MergeLimits { gap: 0, max_request: 300 });
         assert_eq!(p.len(), 2);
     }
 }

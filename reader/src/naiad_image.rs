@@ -1,27 +1,25 @@
 //! Opening a converted (naiad) image: find the bootstrap layer in the
 //! manifest, decompress and validate it, and give a [`BlobStore`] for its
 //! chunk blobs. This is all a reader (the FUSE daemon, `naiad check`,
-//! `naiad unpack`) needs before its first chunk read.
+//! `naiad unpack`) needs before its first chunk read, which goes through
+//! [`crate::ChunkReader`].
 //!
 //! The image may be in an OCI layout (chunks read from the blob files) or
 //! in a registry (`docker://`: the bootstrap is downloaded, chunks are read
-//! lazily with HTTP range requests through a [`crate::RegistryBlobStore`]).
+//! lazily with HTTP range requests through a
+//! [`naiad_registry::RegistryBlobStore`]).
 
 use std::io::Read;
 use std::sync::Arc;
 
 use naiad_format::oci::{ANNOTATION_BOOTSTRAP_DIGEST, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
-use naiad_format::{decode_chunk, Bootstrap, ChunkRecord};
+use naiad_format::Bootstrap;
 use serde_json::Value;
 
+use naiad_registry::error::{RegistryError, Result};
+use naiad_registry::{open_source_with, BlobStore, Digest, ImageRef, LayerBlob, RegistryClient, RegistryOptions, RegistryStats, SourceImage};
+
 use crate::bootstrap_cache::BootstrapCache;
-use crate::digest::Digest;
-use crate::error::{RegistryError, Result};
-use crate::reference::ImageRef;
-use crate::registry_client::{RegistryClient, RegistryStats};
-use crate::registry_options::RegistryOptions;
-use crate::source::{open_source_with, LayerBlob, SourceImage};
-use crate::store::BlobStore;
 
 /// Largest bootstrap naiad accepts, uncompressed.
 pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
@@ -69,17 +67,6 @@ pub struct NaiadImage {
     pub bootstrap_cached: bool,
     /// The registry client chunks are read through, for a `docker://` image.
     registry: Option<RegistryClient>,
-}
-
-/// What went wrong reading one chunk.
-#[derive(Debug, thiserror::Error)]
-pub enum ChunkReadError {
-    #[error("chunk index {0} out of range")]
-    NoSuchChunk(u32),
-    #[error("blob {blob} at offset {offset}: {source}")]
-    Store { blob: String, offset: u64, source: RegistryError },
-    #[error("blob {blob} at offset {offset}: {source}")]
-    Corrupt { blob: String, offset: u64, source: naiad_format::FormatError },
 }
 
 impl NaiadImage {
@@ -172,57 +159,5 @@ impl NaiadImage {
     /// The registry client chunks are read through, for a `docker://` image.
     pub fn registry_client(&self) -> Option<&RegistryClient> {
         self.registry.as_ref()
-    }
-
-    /// Reads, decompresses and verifies chunk `index` from the store.
-    pub fn read_chunk(&self, index: u32) -> std::result::Result<Vec<u8>, ChunkReadError> {
-        let chunk = self.bootstrap.chunk(index).map_err(|_| ChunkReadError::NoSuchChunk(index))?;
-        self.read_chunk_record(&chunk)
-    }
-
-    /// Reads, decompresses and verifies the chunk `chunk` describes.
-    pub fn read_chunk_record(&self, chunk: &ChunkRecord) -> std::result::Result<Vec<u8>, ChunkReadError> {
-        let blob = self.blob_digests.get(chunk.blob_index as usize).ok_or(ChunkReadError::NoSuchChunk(chunk.blob_index))?;
-        let stored = self.store.read_range(blob, chunk.compressed_offset, chunk.compressed_size as u64).map_err(|source| ChunkReadError::Store {
-            blob: blob.to_string(),
-            offset: chunk.compressed_offset,
-            source,
-        })?;
-        decode_chunk(&stored, chunk).map_err(|source| ChunkReadError::Corrupt { blob: blob.to_string(), offset: chunk.compressed_offset, source })
-    }
-
-    /// Reads, decompresses and verifies several chunks, asking the store for
-    /// each blob's ranges together (a registry merges near ones into one
-    /// request). Results come in the order of `chunks`. When a blob's batch
-    /// fails, its chunks are read one by one so each error names its chunk.
-    pub fn read_chunks(&self, chunks: &[ChunkRecord]) -> Vec<std::result::Result<Vec<u8>, ChunkReadError>> {
-        let mut out: Vec<Option<std::result::Result<Vec<u8>, ChunkReadError>>> = (0..chunks.len()).map(|_| None).collect();
-        let mut by_blob: std::collections::BTreeMap<u32, Vec<usize>> = std::collections::BTreeMap::new();
-        for (i, c) in chunks.iter().enumerate() {
-            by_blob.entry(c.blob_index).or_default().push(i);
-        }
-        for (blob_index, members) in by_blob {
-            let Some(blob) = self.blob_digests.get(blob_index as usize) else {
-                for i in members {
-                    out[i] = Some(Err(ChunkReadError::NoSuchChunk(blob_index)));
-                }
-                continue;
-            };
-            let ranges: Vec<(u64, u64)> = members.iter().map(|&i| (chunks[i].compressed_offset, chunks[i].compressed_size as u64)).collect();
-            match self.store.read_ranges(blob, &ranges) {
-                Ok(stored) if stored.len() == members.len() => {
-                    for (data, &i) in stored.iter().zip(&members) {
-                        let c = &chunks[i];
-                        out[i] = Some(decode_chunk(data, c).map_err(|source| ChunkReadError::Corrupt { blob: blob.to_string(), offset: c.compressed_offset, source }));
-                    }
-                }
-                _ => {
-                    for &i in &members {
-                        out[i] = Some(self.read_chunk_record(&chunks[i]));
-                    }
-                }
-            }
-        }
-        out.into_iter().map(|r| r.unwrap_or(Err(ChunkReadError::NoSuchChunk(u32::MAX)))).collect()
     }
 }

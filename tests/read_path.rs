@@ -1,0 +1,79 @@
+//! One read path: `naiad unpack` (and `check`) and the FUSE daemon's caches
+//! read chunks through the same [`ChunkReader`], so one [`MergeLimits`]
+//! governs the store requests of both. A counting store under the image
+//! records every request the store is asked for.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use naiad_fuse::{ChunkCache, Counters, MemoryCache, Origin};
+use naiad_reader::{ChunkReader, MergeLimits, NaiadImage};
+use naiad_registry::{BlobStore, Digest, ImageRef};
+
+/// A store that records the length of every range it is asked for.
+struct CountingStore {
+    inner: Arc<dyn BlobStore>,
+    requests: Mutex<Vec<u64>>,
+}
+
+impl BlobStore for CountingStore {
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> naiad_registry::error::Result<Vec<u8>> {
+        self.requests.lock().unwrap().push(len);
+        self.inner.read_range(digest, offset, len)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+fn open_counted(layout: &std::path::Path) -> (Arc<NaiadImage>, Arc<CountingStore>) {
+    let mut image = NaiadImage::open(&ImageRef::parse(&format!("oci:{}:latest", layout.display())).unwrap()).expect("open the converted image");
+    let store = Arc::new(CountingStore { inner: image.store.clone(), requests: Mutex::new(Vec::new()) });
+    image.store = store.clone();
+    (Arc::new(image), store)
+}
+
+#[test]
+fn one_merge_limit_governs_the_daemon_and_unpack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::generated_image(tmp.path(), common::Compression::Gzip);
+    let dst = tmp.path().join("naiad");
+    let out = common::naiad().args(["convert", "--quiet", &format!("oci:{}:latest", src.display()), &format!("oci:{}:latest", dst.display())]).output().unwrap();
+    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+
+    let (probe, _) = open_counted(&dst);
+    let records: Vec<_> = (0..probe.bootstrap.chunk_count()).map(|i| probe.bootstrap.chunk(i).unwrap()).collect();
+    let largest_chunk = records.iter().map(|c| c.compressed_size as u64).max().unwrap();
+    let stored: u64 = records.iter().map(|c| c.compressed_size as u64).sum();
+    assert!(stored > 1 << 20, "the image has {stored} stored bytes, too few to split");
+
+    // Requests made by unpack and by the daemon's chunk cache, each on a
+    // fresh image whose reader plans under `limits`.
+    let requests = |limits: MergeLimits| -> (Vec<u64>, Vec<u64>) {
+        let (image, store) = open_counted(&dst);
+        let reader = ChunkReader::new(image.clone(), limits);
+        naiad_converter::unpack::unpack_to_tar(&reader, &tmp.path().join("out.tar")).expect("unpack");
+        let unpack = std::mem::take(&mut *store.requests.lock().unwrap());
+        let (image, store) = open_counted(&dst);
+        let cache = ChunkCache::new(Arc::new(ChunkReader::new(image, limits)), MemoryCache::new(256 << 20), None, Arc::new(Counters::default()));
+        let outcome = cache.load_batch(&records, Origin::Prefetch, |_| {});
+        assert_eq!(outcome.failed.0, 0);
+        let daemon = std::mem::take(&mut *store.requests.lock().unwrap());
+        (unpack, daemon)
+    };
+    let mut counts = Vec::new();
+    for max_request in [128 << 10, 1 << 20] {
+        let limits = MergeLimits { gap: 64 << 10, max_request };
+        let (unpack, daemon) = requests(limits);
+        for (who, lens) in [("unpack", &unpack), ("daemon", &daemon)] {
+            let over: Vec<_> = lens.iter().filter(|&&l| l > max_request.max(largest_chunk)).collect();
+            assert!(over.is_empty(), "{who}: requests over the {max_request}-byte limit: {over:?}");
+            assert!(lens.len() as u64 >= stored.div_ceil(max_request.max(largest_chunk)), "{who}: {} requests for {stored} bytes", lens.len());
+        }
+        eprintln!("max_request {max_request}: unpack {} requests, daemon {} requests ({stored} stored bytes)", unpack.len(), daemon.len());
+        counts.push((unpack.len(), daemon.len()));
+    }
+    // The larger limit means fewer requests, for both.
+    assert!(counts[1].0 < counts[0].0 && counts[1].1 < counts[0].1, "{counts:?}");
+}
