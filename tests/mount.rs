@@ -725,3 +725,56 @@ fn random_reads_fetch_one_chunk_each_and_sequential_reads_read_ahead() {
     drop(f);
     m.umount();
 }
+
+/// Programs and shared libraries are loaded whole at their first read (a
+/// process faults their pages in all over the file); other files are not:
+/// a 4 KiB read of a data file fetches one chunk.
+#[test]
+fn libraries_are_loaded_whole_at_their_first_read() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    if !fuse_available() {
+        return;
+    }
+    const SIZE: usize = 4 << 20;
+    let tmp = tempdir();
+    let lib = Prng(0x006c_6962).bytes(SIZE);
+    let data = Prng(0x6461_7461).bytes(SIZE);
+    files_layout(&tmp.path().join("src"), &[("libbig.so.1".to_string(), lib.clone()), ("data.bin".to_string(), data.clone())]);
+    let store = tmp.path().join("naiad");
+    check(
+        naiad()
+            .args(["convert", "--quiet", "--chunking", "fixed", "--chunk-size", "1M"])
+            .arg(format!("oci:{}:latest", tmp.path().join("src").display()))
+            .arg(format!("oci:{}:{NAIAD_TAG}", store.display())),
+    );
+    let image = format!("oci:{}:{NAIAD_TAG}", store.display());
+    let counter = |m: &MountGuard, name: &str| m.stats()["counters"][name].as_u64().unwrap();
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let read_4k = |name: &str| {
+        let f = fs::File::open(m.path(name)).unwrap();
+        // SAFETY: advice on a descriptor we own.
+        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) }, 0);
+        let mut buf = vec![0u8; 4096];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    };
+
+    assert_eq!(read_4k("libbig.so.1"), lib[..4096]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&m, "store_chunks") < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(counter(&m, "store_chunks"), 4, "the library's 4 chunks are loaded after one 4 KiB read");
+    // (The load may claim the first chunk before the reader does.)
+    assert!(counter(&m, "read_ahead_chunks") >= 3, "the rest came by read-ahead");
+
+    assert_eq!(read_4k("data.bin"), data[..4096]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter(&m, "store_chunks"), 5, "a data file's 4 KiB read fetches its one chunk");
+
+    // The library is served from the cache now.
+    assert!(fs::read(m.path("libbig.so.1")).unwrap() == lib);
+    assert_eq!(counter(&m, "store_chunks"), 5);
+    m.umount();
+}

@@ -287,7 +287,7 @@ fn range_reads_are_lazy_merged_and_reuse_connections() {
     // Connections are reused: many requests, few connections.
     let (conns, reqs) = (ProxyStats::get(&st.connections), ProxyStats::get(&st.requests));
     eprintln!("connection reuse: {reqs} requests over {conns} connections");
-    assert!(conns <= 3 && reqs >= 10, "{conns} connections for {reqs} requests");
+    assert!(conns <= 3 && reqs >= 8, "{conns} connections for {reqs} requests");
 
     // Concurrent readers share the store (several requests in flight).
     let image = Arc::new(image);

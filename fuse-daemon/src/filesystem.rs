@@ -174,6 +174,9 @@ pub struct NaiadFs {
     prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
     /// Whether each inode asked about has a chunk in the prefetch table.
     prefetch_files: std::sync::Mutex<HashMap<u32, bool>>,
+    /// Programs and libraries looked up and not read yet, loaded whole at
+    /// their first read ([`crate::read_ahead::loads_whole`]).
+    whole_file_pending: std::sync::Mutex<std::collections::HashSet<u32>>,
 }
 
 /// Read-ahead loads that may run at once; a window asked for beyond that
@@ -217,6 +220,7 @@ impl NaiadFs {
             read_ahead_loads: BackgroundLoads::new(READ_AHEAD_LOADS),
             prefetch_chunks: Default::default(),
             prefetch_files: Default::default(),
+            whole_file_pending: Default::default(),
         }
     }
 
@@ -316,6 +320,11 @@ impl NaiadFs {
         match self.bootstrap().lookup(p, name.as_bytes()).map_err(|_| Errno::EIO)? {
             Some(child) => {
                 let (i, r, kind) = self.inode(INodeNo(child as u64))?;
+                if kind == InodeKind::RegularFile && self.read_ahead.max_window() > 0 && crate::read_ahead::loads_whole(name.as_bytes(), r.mode, r.size) {
+                    if let Ok(mut pending) = self.whole_file_pending.lock() {
+                        pending.insert(i);
+                    }
+                }
                 if let Some(rec) = self.recorder.as_ref().filter(|_| kind == InodeKind::RegularFile && r.nlink > 1) {
                     rec.note_lookup(p, name.as_bytes(), i);
                 }
@@ -425,7 +434,10 @@ impl NaiadFs {
             Err(e) => reply.error(e),
             Ok(None) => reply.data(&[]),
             Ok(Some(job)) => {
-                if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size) {
+                let first_whole = self.whole_file_pending.lock().map(|mut p| p.remove(&job.ino)).unwrap_or(false);
+                if first_whole {
+                    self.start_read_ahead(job.ino, 0, job.file_size);
+                } else if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size) {
                     self.start_read_ahead(job.ino, from, to);
                 }
                 // Read to its end: maybe all local now (no RELEASE comes
@@ -470,23 +482,30 @@ impl NaiadFs {
     }
 
     /// Loads the chunks of `[from, to)` of inode `ino` that no cache holds,
-    /// in the background, with requests as large as the window; not for a
-    /// file the prefetch table covers ([`NaiadFs::in_prefetch_set`]).
+    /// in the background, one window of the largest request's size after
+    /// the other (each claimed only when its turn comes, so a reader
+    /// faulting in a later part meanwhile fetches it itself rather than
+    /// waiting); not for a file the prefetch table covers
+    /// ([`NaiadFs::in_prefetch_set`]).
     fn start_read_ahead(&self, ino: u32, from: u64, to: u64) {
         if self.in_prefetch_set(ino) {
             return;
         }
         let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return };
         // (load_batch drops duplicates: a chunk group's pieces share one.)
-        let chunks: Vec<ChunkRecord> = pieces.iter().map(|p| p.chunk).filter(|c| !self.chunks.is_cached(c)).collect();
-        if chunks.is_empty() {
+        let pieces: Vec<_> = pieces.into_iter().filter(|p| !self.chunks.is_cached(&p.chunk)).collect();
+        if pieces.is_empty() {
             return;
         }
         let Some(slot) = self.read_ahead_loads.try_start() else { return };
         let cache = self.chunks.clone();
+        let window = cache.merge_limits().max_request.max(1);
         // (A thread that cannot be spawned drops its slot with the closure.)
         let _ = std::thread::Builder::new().name("naiad-readahead".into()).spawn(move || {
-            cache.load_batch(&chunks, Origin::ReadAhead, |_| {});
+            for part in pieces.chunk_by(|a, b| a.file_offset.saturating_sub(from) / window == b.file_offset.saturating_sub(from) / window) {
+                let chunks: Vec<ChunkRecord> = part.iter().map(|p| p.chunk).collect();
+                cache.load_batch(&chunks, Origin::ReadAhead, |_| {});
+            }
             drop(slot);
         });
     }

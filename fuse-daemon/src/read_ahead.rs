@@ -15,6 +15,13 @@
 //! image's prefetch table (a recorded startup) covers is not read ahead:
 //! the recording knows which of its bytes are needed. Which chunks a window
 //! needs, and with how many requests, is the chunk cache's business.
+//!
+//! Programs and shared libraries are not read in streams: the dynamic
+//! loader maps them and the process faults their pages in, all over the
+//! file, one round trip each. [`loads_whole`] names such files by what a
+//! lookup sees (an executable mode, or a `.so` name) and their size; the
+//! filesystem loads one whole in the background at its first read, so its
+//! faults wait for a few large requests instead of hundreds of small ones.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Condvar, Mutex};
@@ -27,6 +34,22 @@ pub const BASE_WINDOW: u64 = 512 << 10;
 /// Default largest window (`--read-ahead-max`): at 100 Mbit/s and 20 ms RTT about 3 bandwidth-delay
 /// products, large enough that one request per window costs little.
 pub const MAX_WINDOW: u64 = 8 << 20;
+/// Smallest file [`loads_whole`] picks: below it a few reads fetch it.
+pub const WHOLE_FILE_MIN: u64 = 1 << 20;
+/// Largest file [`loads_whole`] picks.
+pub const WHOLE_FILE_MAX: u64 = 512 << 20;
+
+/// Whether a regular file named `name` with `mode` and `size` is loaded
+/// whole at its first read: an executable (any `x` bit) or a shared library
+/// (`*.so`, `*.so.N...`) of [`WHOLE_FILE_MIN`]..=[`WHOLE_FILE_MAX`] bytes.
+pub fn loads_whole(name: &[u8], mode: u32, size: u64) -> bool {
+    if !(WHOLE_FILE_MIN..=WHOLE_FILE_MAX).contains(&size) {
+        return false;
+    }
+    let shared_object = name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.");
+    mode & 0o111 != 0 || shared_object
+}
+
 /// How far a read may start from where the last one ended and still count
 /// as sequential.
 pub const SLACK: u64 = 1 << 20;
@@ -156,6 +179,18 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn whole_files_are_programs_and_libraries_of_some_size() {
+        assert!(loads_whole(b"libnode.so.108", 0o100644, 80 * MIB));
+        assert!(loads_whole(b"_multiarray_umath.cpython-311-x86_64-linux-gnu.so", 0o100644, 7 * MIB));
+        assert!(loads_whole(b"python3.11", 0o100755, 7 * MIB));
+        // Too small, too large, or neither program nor library.
+        assert!(!loads_whole(b"libc.so.6", 0o100755, 900 << 10));
+        assert!(!loads_whole(b"libhuge.so", 0o100644, 600 * MIB));
+        assert!(!loads_whole(b"data.sqlite", 0o100644, 50 * MIB));
+        assert!(!loads_whole(b"notes.solution", 0o100644, 5 * MIB));
+    }
 
     #[test]
     fn sequential_reads_grow_the_window_up_to_its_cap() {
