@@ -671,6 +671,20 @@ fn a_chunk_dict_image_mounts_like_its_source_and_reuses_the_old_cache() {
     assert!(second * 5 < first, "version 2 fetched {second} bytes after version 1's {first}");
 }
 
+/// `files` as a one-layer image under `dir/src`, converted with fixed 1 MiB
+/// chunks into `dir/naiad`; returns the converted image's reference.
+fn fixed_chunk_image(dir: &Path, files: &[(String, Vec<u8>)]) -> String {
+    files_layout(&dir.join("src"), files);
+    let store = dir.join("naiad");
+    check(
+        naiad()
+            .args(["convert", "--quiet", "--chunking", "fixed", "--chunk-size", "1M"])
+            .arg(format!("oci:{}:latest", dir.join("src").display()))
+            .arg(format!("oci:{}:{NAIAD_TAG}", store.display())),
+    );
+    format!("oci:{}:{NAIAD_TAG}", store.display())
+}
+
 /// Read-ahead: 4 KiB reads at random offsets of a 256 MiB file fetch at
 /// most one chunk each (the kernel's own readahead off, as a random-access
 /// program asks with POSIX_FADV_RANDOM); reading it straight through makes
@@ -686,16 +700,8 @@ fn random_reads_fetch_one_chunk_each_and_sequential_reads_read_ahead() {
     const SIZE: usize = 256 << 20;
     let tmp = tempdir();
     let data = Prng(0x7265_6164).bytes(SIZE);
-    files_layout(&tmp.path().join("src"), &[("big.bin".to_string(), data.clone())]);
-    let store = tmp.path().join("naiad");
-    check(
-        naiad()
-            .args(["convert", "--quiet", "--chunking", "fixed", "--chunk-size", "1M"])
-            .arg(format!("oci:{}:latest", tmp.path().join("src").display()))
-            .arg(format!("oci:{}:{NAIAD_TAG}", store.display())),
-    );
-    let image = format!("oci:{}:{NAIAD_TAG}", store.display());
-    let counter = |m: &MountGuard, name: &str| m.stats()["counters"][name].as_u64().unwrap();
+    let image = fixed_chunk_image(tmp.path(), &[("big.bin".to_string(), data.clone())]);
+    let counter = |m: &MountGuard, name: &str| m.counter(name);
 
     let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache-random"));
     let f = fs::File::open(m.path("big.bin")).unwrap();
@@ -740,16 +746,8 @@ fn libraries_are_loaded_whole_at_their_first_read() {
     let tmp = tempdir();
     let lib = Prng(0x006c_6962).bytes(SIZE);
     let data = Prng(0x6461_7461).bytes(SIZE);
-    files_layout(&tmp.path().join("src"), &[("libbig.so.1".to_string(), lib.clone()), ("data.bin".to_string(), data.clone())]);
-    let store = tmp.path().join("naiad");
-    check(
-        naiad()
-            .args(["convert", "--quiet", "--chunking", "fixed", "--chunk-size", "1M"])
-            .arg(format!("oci:{}:latest", tmp.path().join("src").display()))
-            .arg(format!("oci:{}:{NAIAD_TAG}", store.display())),
-    );
-    let image = format!("oci:{}:{NAIAD_TAG}", store.display());
-    let counter = |m: &MountGuard, name: &str| m.stats()["counters"][name].as_u64().unwrap();
+    let image = fixed_chunk_image(tmp.path(), &[("libbig.so.1".to_string(), lib.clone()), ("data.bin".to_string(), data.clone())]);
+    let counter = |m: &MountGuard, name: &str| m.counter(name);
     let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
     let read_4k = |name: &str| {
         let f = fs::File::open(m.path(name)).unwrap();
