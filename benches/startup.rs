@@ -20,7 +20,9 @@
 //! and HTTP requests that crossed the link. Each figure is the median of
 //! NAIAD_BENCH_RUNS runs (default 3). Output: a table on stdout, and
 //! `target/naiad-bench/startup.{md,svg}` (override with NAIAD_BENCH_OUT).
-//! NAIAD_BENCH_IMAGES=python3,nodejs picks images.
+//! NAIAD_BENCH_IMAGES=python3,nodejs picks images. NAIAD_BENCH_HOLD=FILE
+//! sets everything up, writes the servers' addresses to FILE and waits
+//! until FILE is removed, for looking at one case by hand.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -155,6 +157,16 @@ fn main() {
     let upstream: SocketAddr = host.parse().expect("registry address");
     let link = LinkEmulator::start(upstream, LinkParams { bits_per_second: 100_000_000, rtt: Duration::from_millis(20) }).expect("link emulator");
     let loopback = LinkEmulator::start(upstream, LinkParams { bits_per_second: 0, rtt: Duration::ZERO }).expect("counting proxy");
+    if let Some(hold) = std::env::var_os("NAIAD_BENCH_HOLD") {
+        // For looking at one case by hand: the servers stay up until the
+        // file named by NAIAD_BENCH_HOLD is removed.
+        std::fs::write(&hold, format!("registry {host}\nlink {}\nloopback {}\n", link.addr, loopback.addr)).expect("write NAIAD_BENCH_HOLD");
+        eprintln!("startup bench: holding: registry {host}, 100 Mbit/s link {}, loopback {}; remove {} to stop", link.addr, loopback.addr, Path::new(&hold).display());
+        while Path::new(&hold).exists() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        return;
+    }
     let mut results = Vec::new();
     for (scenario, proxy) in [("loopback", &loopback), ("100 Mbit/s, 20 ms RTT", &link)] {
         let via = proxy.addr.to_string();

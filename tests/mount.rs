@@ -685,6 +685,40 @@ fn fixed_chunk_image(dir: &Path, files: &[(String, Vec<u8>)]) -> String {
     format!("oci:{}:{NAIAD_TAG}", store.display())
 }
 
+/// A package's modules are read one after another: the first small file
+/// of a directory read from the store loads the directory's other small
+/// files in the background, and another directory's files are left alone.
+#[test]
+fn the_first_cold_small_file_of_a_directory_loads_the_rest_of_it() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let mut files: Vec<(String, Vec<u8>)> = vec![("other/x.py".to_string(), Prng(0x6f74).bytes(100 << 10))];
+    files.extend((0..16u64).map(|i| (format!("pkg/m{i:02}.py"), Prng(0x706b_6700 + i).bytes(20 << 10))));
+    let src = tmp.path().join("src");
+    files_layout(&src, &files);
+    let image = format!("oci:{}:{NAIAD_TAG}", tmp.path().join("naiad").display());
+    check(naiad().args(["convert", "--quiet"]).arg(format!("oci:{}:latest", src.display())).arg(&image));
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+
+    assert!(fs::read(m.path("pkg/m00.py")).unwrap() == files[1].1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while m.counter("read_ahead_requests") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(m.counter("read_ahead_chunks") >= 2, "the directory's other chunk groups were loaded");
+    let requests = m.counter("store_requests");
+    for (name, data) in &files[1..] {
+        assert!(&fs::read(m.path(name)).unwrap() == data, "{name}");
+    }
+    assert_eq!(m.counter("store_requests"), requests, "the whole directory was local after its first file");
+    assert!(fs::read(m.path("other/x.py")).unwrap() == files[0].1);
+    assert!(m.counter("store_requests") > requests, "another directory was not loaded with it");
+    m.umount();
+}
+
 /// Read-ahead: 4 KiB reads at random offsets of a 256 MiB file fetch at
 /// most one chunk each (the kernel's own readahead off, as a random-access
 /// program asks with POSIX_FADV_RANDOM); reading it straight through makes
@@ -732,47 +766,56 @@ fn random_reads_fetch_one_chunk_each_and_sequential_reads_read_ahead() {
     m.umount();
 }
 
-/// Programs and shared libraries are loaded whole at their first read (a
-/// process faults their pages in all over the file); other files are not:
-/// a 4 KiB read of a data file fetches one chunk.
+/// Programs and shared libraries are loaded by 2 MiB window at the first
+/// read in each (a process faults their pages in all over the file), and
+/// the windows never touched are not fetched; other files are not: a 4 KiB
+/// read of a data file fetches one chunk.
 #[test]
-fn libraries_are_loaded_whole_at_their_first_read() {
+fn libraries_are_loaded_by_window_at_the_first_read_in_each() {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     if !fuse_available() {
         return;
     }
-    const SIZE: usize = 4 << 20;
+    const SIZE: usize = 6 << 20;
     let tmp = tempdir();
     let lib = Prng(0x006c_6962).bytes(SIZE);
     let data = Prng(0x6461_7461).bytes(SIZE);
     let image = fixed_chunk_image(tmp.path(), &[("libbig.so.1".to_string(), lib.clone()), ("data.bin".to_string(), data.clone())]);
     let counter = |m: &MountGuard, name: &str| m.counter(name);
     let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
-    let read_4k = |name: &str| {
+    let read_4k = |name: &str, at: usize| {
         let f = fs::File::open(m.path(name)).unwrap();
         // SAFETY: advice on a descriptor we own.
         assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) }, 0);
         let mut buf = vec![0u8; 4096];
-        f.read_exact_at(&mut buf, 0).unwrap();
+        f.read_exact_at(&mut buf, at as u64).unwrap();
         buf
     };
+    let wait_for_chunks = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while counter(&m, "store_chunks") < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        counter(&m, "store_chunks")
+    };
 
-    assert_eq!(read_4k("libbig.so.1"), lib[..4096]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while counter(&m, "store_chunks") < 4 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(counter(&m, "store_chunks"), 4, "the library's 4 chunks are loaded after one 4 KiB read");
+    // The library's 6 chunks are 3 windows of 2; a read in the first
+    // loads chunks 0 and 1, one in the last loads 4 and 5.
+    assert_eq!(read_4k("libbig.so.1", 0), lib[..4096]);
+    assert_eq!(wait_for_chunks(2), 2, "one 4 KiB read loads its window, 2 of the library's 6 chunks");
     // (The load may claim the first chunk before the reader does.)
-    assert!(counter(&m, "read_ahead_chunks") >= 3, "the rest came by read-ahead");
+    assert!(counter(&m, "read_ahead_chunks") >= 1, "the rest of the window came by read-ahead");
+    let at = (5 << 20) + 100;
+    assert_eq!(read_4k("libbig.so.1", at), lib[at..at + 4096]);
+    assert_eq!(wait_for_chunks(4), 4, "a read in the last window loads it, and nothing between");
 
-    assert_eq!(read_4k("data.bin"), data[..4096]);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(counter(&m, "store_chunks"), 5, "a data file's 4 KiB read fetches its one chunk");
+    assert_eq!(read_4k("data.bin", 0), data[..4096]);
+    assert_eq!(wait_for_chunks(5), 5, "a data file's 4 KiB read fetches its one chunk");
 
-    // The library is served from the cache now.
+    // The library is whole once read through (its middle window now).
     assert!(fs::read(m.path("libbig.so.1")).unwrap() == lib);
-    assert_eq!(counter(&m, "store_chunks"), 5);
+    assert_eq!(counter(&m, "store_chunks"), 7);
     m.umount();
 }

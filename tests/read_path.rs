@@ -77,3 +77,61 @@ fn one_merge_limit_governs_the_daemon_and_unpack() {
     // The larger limit means fewer requests, for both.
     assert!(counts[1].0 < counts[0].0 && counts[1].1 < counts[0].1, "{counts:?}");
 }
+
+/// A store that shows each range it reads as growing prefixes, 4 KiB at
+/// a time, as a registry's body arrives, noting how much it has shown.
+struct TricklingStore {
+    inner: Arc<dyn BlobStore>,
+    shown: std::sync::atomic::AtomicU64,
+}
+
+impl BlobStore for TricklingStore {
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> naiad_registry::error::Result<Vec<u8>> {
+        self.inner.read_range(digest, offset, len)
+    }
+    fn read_range_progressive(&self, digest: &Digest, offset: u64, len: u64, arrived: &mut dyn FnMut(&[u8])) -> naiad_registry::error::Result<Vec<u8>> {
+        let data = self.inner.read_range(digest, offset, len)?;
+        for end in (4096..data.len()).step_by(4096).chain([data.len()]) {
+            self.shown.store(end as u64, std::sync::atomic::Ordering::SeqCst);
+            arrived(&data[..end]);
+        }
+        Ok(data)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn chunks_are_handed_over_as_their_bytes_arrive() {
+    use naiad_reader::ChunkFetcher;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::generated_image(tmp.path(), common::Compression::Gzip);
+    let dst = tmp.path().join("naiad");
+    let out = common::naiad().args(["convert", "--quiet", &format!("oci:{}:latest", src.display()), &format!("oci:{}:latest", dst.display())]).output().unwrap();
+    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    let mut image = NaiadImage::open(&ImageRef::parse(&format!("oci:{}:latest", dst.display())).unwrap()).expect("open the converted image");
+    let store = Arc::new(TricklingStore { inner: image.store.clone(), shown: Default::default() });
+    image.store = store.clone();
+    let image = Arc::new(image);
+    // The chunks of blob 0 as one request.
+    let chunks: Vec<_> = (0..image.bootstrap.chunk_count()).map(|i| image.bootstrap.chunk(i).unwrap()).filter(|c| c.blob_index == 0).collect();
+    let limits = MergeLimits { gap: u64::MAX / 4, max_request: u64::MAX / 4 };
+    assert_eq!(naiad_reader::plan(&chunks, &limits).len(), 1);
+    let span_end = chunks.iter().map(|c| c.compressed_offset + c.compressed_size as u64).max().unwrap();
+    let span = span_end - chunks.iter().map(|c| c.compressed_offset).min().unwrap();
+    assert!(chunks.len() > 4 && span > 64 << 10, "{} chunks over {span} bytes: too few", chunks.len());
+
+    let reader = ChunkReader::new(image.clone(), limits);
+    let mut handed = vec![0u32; chunks.len()];
+    let mut shown_at_first = None;
+    reader.fetch_many(&chunks, &mut |i, r| {
+        let data = r.expect("a verified chunk");
+        assert_eq!(data.data.len() as u32, chunks[i].uncompressed_size);
+        handed[i] += 1;
+        shown_at_first.get_or_insert(store.shown.load(std::sync::atomic::Ordering::SeqCst));
+    });
+    assert!(handed.iter().all(|&n| n == 1), "every chunk handed over once: {handed:?}");
+    let first = shown_at_first.unwrap();
+    assert!(first < span, "the first chunk waited for the whole request ({first} of {span} bytes shown)");
+}

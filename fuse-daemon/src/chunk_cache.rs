@@ -141,7 +141,7 @@ impl ChunkCache {
         }
         inc(&self.counters.misses);
         let one = std::slice::from_ref(chunk);
-        let mut results = self.fetch_request(one, Origin::Demand);
+        let mut results = self.fetch_request(one, Origin::Demand, &mut |_, _| {});
         self.persist(one, &mut results);
         results.into_iter().next().map(|f| f.loaded).unwrap_or_else(|| abandoned(chunk))
     }
@@ -180,10 +180,12 @@ impl ChunkCache {
     }
 
     /// One store request for `chunks` (one blob), results kept in memory
-    /// (background ones: queued for the disk cache) and counted. The caller
-    /// hands the results to whoever waits for them, then calls
-    /// [`ChunkCache::persist`], so readers never wait for the disk writer.
-    fn fetch_request(&self, chunks: &[ChunkRecord], origin: Origin) -> Vec<Fetched> {
+    /// (background ones: queued for the disk cache) and counted. Each
+    /// result goes to `on_result` as soon as its chunk has arrived, so
+    /// whoever waits for it can go on while the rest of the request is
+    /// still coming in; the caller then calls [`ChunkCache::persist`] on
+    /// the returned results, so readers never wait for the disk writer.
+    fn fetch_request(&self, chunks: &[ChunkRecord], origin: Origin, on_result: &mut dyn FnMut(&ChunkRecord, &Fetched)) -> Vec<Fetched> {
         let c = &self.counters;
         let _active = (origin == Origin::Demand).then(|| {
             self.demand_active.fetch_add(1, Ordering::SeqCst);
@@ -195,20 +197,19 @@ impl ChunkCache {
         add(&c.store_span_bytes, span_end.saturating_sub(span_start));
         let o = c.origin(origin);
         inc(&o.requests);
-        let mut results = self.fetcher.fetch_many(chunks).into_iter();
-        let mut out = Vec::with_capacity(chunks.len());
+        let mut out: Vec<Option<Fetched>> = chunks.iter().map(|_| None).collect();
         let mut failed = 0;
-        for chunk in chunks {
-            let r = match results.next() {
-                Some(r) => r,
-                None => Err(ChunkError {
-                    kind: ChunkErrorKind::Unavailable,
-                    digest: hex(&chunk.digest),
-                    blob: None,
-                    offset: chunk.compressed_offset,
-                    message: format!("{} returned no result for this chunk", self.fetcher.describe()),
-                }),
-            };
+        // Result `i` (None: the fetcher gave none), counted, kept and
+        // passed on; a second result for the same chunk is ignored.
+        let mut take = |i: usize, r: Option<Result<FetchedChunk, ChunkError>>| {
+            let (Some(chunk), Some(slot)) = (chunks.get(i), out.get_mut(i)) else { return };
+            if slot.is_some() {
+                return;
+            }
+            let r = r.unwrap_or_else(|| {
+                let message = format!("{} returned no result for this chunk", self.fetcher.describe());
+                Err(ChunkError { kind: ChunkErrorKind::Unavailable, digest: hex(&chunk.digest), blob: None, offset: chunk.compressed_offset, message })
+            });
             let read = r.is_ok() || r.as_ref().is_err_and(|e| e.kind == ChunkErrorKind::Corrupt);
             if read {
                 inc(&c.store_chunks);
@@ -217,7 +218,7 @@ impl ChunkCache {
                 add(&o.bytes, chunk.compressed_size as u64);
                 add(&o.raw_bytes, chunk.uncompressed_size as u64);
             }
-            match r {
+            let fetched = match r {
                 Ok(FetchedChunk { stored, data }) => {
                     let first = self.fetched.lock().unwrap_or_else(|p| p.into_inner()).insert(chunk.digest);
                     if !first {
@@ -238,7 +239,7 @@ impl ChunkCache {
                         }
                         _ => self.memory.insert(chunk.digest, data.clone()),
                     }
-                    out.push(Fetched { loaded: Ok(data), stored });
+                    Fetched { loaded: Ok(data), stored }
                 }
                 Err(e) => {
                     inc(&c.errors);
@@ -250,14 +251,20 @@ impl ChunkCache {
                         tracing::warn!(blob, offset = e.offset, "{origin:?}: cannot read chunk {} from {}: {}", e.digest, self.fetcher.describe(), e.message);
                     }
                     failed += 1;
-                    out.push(Fetched { loaded: Err(e), stored: None });
+                    Fetched { loaded: Err(e), stored: None }
                 }
-            }
+            };
+            on_result(chunk, &fetched);
+            *slot = Some(fetched);
+        };
+        self.fetcher.fetch_many(chunks, &mut |i, r| take(i, Some(r)));
+        for i in 0..chunks.len() {
+            take(i, None);
         }
         if failed > 1 && origin != Origin::Demand {
             tracing::warn!("{origin:?}: {failed} of {} chunks of this request failed; readers will fetch them themselves", chunks.len());
         }
-        out
+        out.into_iter().flatten().collect()
     }
 
     /// Loads `chunks` (most urgent first) into the caches with as few store
@@ -311,8 +318,7 @@ impl ChunkCache {
                 add(&self.counters.misses, request.chunks.len() as u64);
             }
             out.requests += 1;
-            let mut results = self.fetch_request(&request.chunks, origin);
-            for (c, f) in request.chunks.iter().zip(&results) {
+            let mut results = self.fetch_request(&request.chunks, origin, &mut |c, f| {
                 let r = &f.loaded;
                 if r.is_ok() {
                     bump(&mut out.fetched, c);
@@ -323,7 +329,7 @@ impl ChunkCache {
                 if let Some(claim) = mine.remove(&c.digest) {
                     claim.complete(r.clone());
                 }
-            }
+            });
             self.persist(&request.chunks, &mut results);
         }
         // Anything left (cannot happen: plan keeps every chunk) is abandoned
@@ -467,17 +473,27 @@ mod tests {
     }
 
     /// Chunks as stored bytes of one blob; fetch_many counts requests and
-    /// can be held so readers arrive while a batch is in flight.
+    /// can be held so readers arrive while a batch is in flight, or hold
+    /// the rest of a request after its first chunk until `gate` opens.
     struct BlobFetcher {
         chunks: HashMap<ChunkDigest, Vec<u8>>,
         requests: AtomicUsize,
         fetched: Mutex<Vec<ChunkDigest>>,
         delay: std::time::Duration,
+        gate: Option<Mutex<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl BlobFetcher {
+        fn new(chunks: HashMap<ChunkDigest, Vec<u8>>, delay: std::time::Duration) -> Self {
+            BlobFetcher { chunks, requests: AtomicUsize::new(0), fetched: Mutex::new(Vec::new()), delay, gate: None }
+        }
     }
 
     impl ChunkFetcher for BlobFetcher {
         fn fetch(&self, chunk: &ChunkRecord) -> Result<FetchedChunk, ChunkError> {
-            self.fetch_many(std::slice::from_ref(chunk)).pop().unwrap()
+            let mut out = None;
+            self.fetch_many(std::slice::from_ref(chunk), &mut |_, r| out = Some(r));
+            out.unwrap()
         }
         fn blob_sha256(&self, _: u32) -> Option<BlobSha256> {
             Some([2; 32])
@@ -486,17 +502,19 @@ mod tests {
         fn merge_limits(&self) -> MergeLimits {
             MergeLimits { gap: 0, max_request: 8000 }
         }
-        fn fetch_many(&self, chunks: &[ChunkRecord]) -> Vec<Result<FetchedChunk, ChunkError>> {
+        fn fetch_many(&self, chunks: &[ChunkRecord], each: &mut dyn FnMut(usize, Result<FetchedChunk, ChunkError>)) {
             self.requests.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(self.delay);
-            chunks
-                .iter()
-                .map(|c| {
-                    self.fetched.lock().unwrap().push(c.digest);
-                    let data = self.chunks[&c.digest].clone();
-                    Ok(FetchedChunk { stored: data.clone(), data })
-                })
-                .collect()
+            for (i, c) in chunks.iter().enumerate() {
+                if i == 1 {
+                    if let Some(gate) = &self.gate {
+                        let _ = gate.lock().unwrap().recv_timeout(std::time::Duration::from_secs(10));
+                    }
+                }
+                self.fetched.lock().unwrap().push(c.digest);
+                let data = self.chunks[&c.digest].clone();
+                each(i, Ok(FetchedChunk { stored: data.clone(), data }));
+            }
         }
         fn describe(&self) -> String {
             "blob".into()
@@ -518,7 +536,7 @@ mod tests {
     #[test]
     fn batches_merge_and_readers_wait_for_them() {
         let (records, map) = blob_of(20);
-        let fetcher = Arc::new(BlobFetcher { chunks: map, requests: AtomicUsize::new(0), fetched: Mutex::new(Vec::new()), delay: std::time::Duration::from_millis(200) });
+        let fetcher = Arc::new(BlobFetcher::new(map, std::time::Duration::from_millis(200)));
         let counters = Arc::new(Counters::default());
         let cache = Arc::new(ChunkCache::new(fetcher.clone(), MemoryCache::new(1 << 20), None, counters.clone()));
         // Chunk 3 is already cached.
@@ -626,7 +644,7 @@ mod tests {
     #[test]
     fn reads_merge_missing_chunks() {
         let (records, map) = blob_of(16);
-        let fetcher = Arc::new(BlobFetcher { chunks: map, requests: AtomicUsize::new(0), fetched: Mutex::new(Vec::new()), delay: std::time::Duration::ZERO });
+        let fetcher = Arc::new(BlobFetcher::new(map, std::time::Duration::ZERO));
         let counters = Arc::new(Counters::default());
         let cache = ChunkCache::new(fetcher.clone(), MemoryCache::new(1 << 20), None, counters.clone());
         let loaded = cache.load_for_read(&records);
@@ -636,5 +654,30 @@ mod tests {
         assert_eq!(fetcher.requests.load(Ordering::SeqCst), 2);
         let s = counters.snapshot();
         assert_eq!((s.demand_requests, s.demand_chunks, s.misses, s.store_span_bytes), (2, 16, 16, 16000));
+    }
+
+    #[test]
+    fn a_reader_gets_its_chunk_while_the_rest_of_the_request_is_coming() {
+        let (records, map) = blob_of(8);
+        let (open_gate, gate) = std::sync::mpsc::channel();
+        let fetcher = Arc::new(BlobFetcher { gate: Some(Mutex::new(gate)), ..BlobFetcher::new(map, std::time::Duration::ZERO) });
+        let cache = Arc::new(ChunkCache::new(fetcher.clone(), MemoryCache::new(1 << 20), None, Arc::new(Counters::default())));
+        let (c2, r2) = (cache.clone(), records.clone());
+        // One request of 8 chunks; the fetcher holds after the first.
+        let batch = std::thread::spawn(move || c2.load_batch(&r2, Origin::Prefetch, |_| {}));
+        while fetcher.fetched.lock().unwrap().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let (done, got) = std::sync::mpsc::channel();
+        let (c3, first) = (cache.clone(), records[0]);
+        std::thread::spawn(move || done.send(c3.get(&first).map(|d| d.len())));
+        let first_result = got.recv_timeout(std::time::Duration::from_secs(5));
+        let handed_over = fetcher.fetched.lock().unwrap().len();
+        open_gate.send(()).unwrap();
+        assert_eq!(first_result.expect("the reader of chunk 0 waited for the whole request").unwrap(), 1000);
+        assert_eq!(handed_over, 1, "the request was still held after its first chunk");
+        let out = batch.join().unwrap();
+        assert_eq!((out.requests, out.fetched.0), (1, 8));
+        assert_eq!(fetcher.requests.load(Ordering::SeqCst), 1, "the reader did not fetch itself");
     }
 }

@@ -35,7 +35,7 @@ use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters, Origin};
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
-use crate::read_ahead::{BackgroundLoads, ReadAhead};
+use crate::read_ahead::{BackgroundLoads, DirectoryLoads, MappedWindows, ReadAhead, DIRECTORY_LOAD_MAX, DIRECTORY_SCAN_MAX, SMALL_FILE_MAX};
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
 
@@ -87,6 +87,8 @@ struct ReadJob {
     reaches_end: bool,
     /// The file's size.
     file_size: u64,
+    /// The directory the file was first found in.
+    parent: u32,
 }
 
 impl ReadJob {
@@ -174,13 +176,19 @@ pub struct NaiadFs {
     prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
     /// Whether each inode asked about has a chunk in the prefetch table.
     prefetch_files: std::sync::Mutex<HashMap<u32, bool>>,
-    /// Programs and libraries looked up and not read yet, loaded whole at
-    /// their first read ([`crate::read_ahead::loads_whole`]).
-    whole_file_pending: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// Programs and libraries seen at lookup, loaded by window
+    /// ([`crate::read_ahead::loads_by_window`]).
+    mapped_files: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// The windows of those being loaded or loaded.
+    mapped_windows: MappedWindows,
+    /// Directories whose small files are read from the store, to load the
+    /// rest of one in the background ([`DirectoryLoads`]).
+    directory_loads: DirectoryLoads,
 }
 
-/// Read-ahead loads that may run at once; a window asked for beyond that
-/// is left to the reader's own requests.
+/// Read-ahead loads (windows, whole files, directories) that may run at
+/// once; a window asked for beyond that is left to the reader's own
+/// requests, a whole file or directory is tried again at its next read.
 const READ_AHEAD_LOADS: usize = 4;
 
 /// An inode number from the kernel as a bootstrap inode number.
@@ -220,7 +228,9 @@ impl NaiadFs {
             read_ahead_loads: BackgroundLoads::new(READ_AHEAD_LOADS),
             prefetch_chunks: Default::default(),
             prefetch_files: Default::default(),
-            whole_file_pending: Default::default(),
+            mapped_files: Default::default(),
+            mapped_windows: Default::default(),
+            directory_loads: Default::default(),
         }
     }
 
@@ -320,9 +330,9 @@ impl NaiadFs {
         match self.bootstrap().lookup(p, name.as_bytes()).map_err(|_| Errno::EIO)? {
             Some(child) => {
                 let (i, r, kind) = self.inode(INodeNo(child as u64))?;
-                if kind == InodeKind::RegularFile && self.read_ahead.max_window() > 0 && crate::read_ahead::loads_whole(name.as_bytes(), r.mode, r.size) {
-                    if let Ok(mut pending) = self.whole_file_pending.lock() {
-                        pending.insert(i);
+                if kind == InodeKind::RegularFile && self.read_ahead.max_window() > 0 && crate::read_ahead::loads_by_window(name.as_bytes(), r.mode, r.size) {
+                    if let Ok(mut mapped) = self.mapped_files.lock() {
+                        mapped.insert(i);
                     }
                 }
                 if let Some(rec) = self.recorder.as_ref().filter(|_| kind == InodeKind::RegularFile && r.nlink > 1) {
@@ -398,7 +408,17 @@ impl NaiadFs {
             inc(&self.counters.read_errors);
             Errno::EIO
         })?;
-        Ok(Some(ReadJob { cache: self.chunks.clone(), counters: self.counters.clone(), ino: i, offset, end, chunks, reaches_end: end == r.size, file_size: r.size }))
+        Ok(Some(ReadJob {
+            cache: self.chunks.clone(),
+            counters: self.counters.clone(),
+            ino: i,
+            offset,
+            end,
+            chunks,
+            reaches_end: end == r.size,
+            file_size: r.size,
+            parent: r.parent,
+        }))
     }
 
     /// Serves a read from the backing file of `ino` if it has one; gives
@@ -434,10 +454,17 @@ impl NaiadFs {
             Err(e) => reply.error(e),
             Ok(None) => reply.data(&[]),
             Ok(Some(job)) => {
-                let first_whole = self.whole_file_pending.lock().map(|mut p| p.remove(&job.ino)).unwrap_or(false);
-                if first_whole {
-                    self.start_read_ahead(job.ino, 0, job.file_size);
-                } else if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size) {
+                let missing = job.missing();
+                // Programs and libraries: the windows this read falls in.
+                let mapped = !missing.is_empty() && self.mapped_files.lock().map(|m| m.contains(&job.ino)).unwrap_or(false);
+                if mapped {
+                    for (from, to) in self.mapped_windows.start(job.ino, job.offset, job.end, job.file_size) {
+                        if !self.start_read_ahead(job.ino, from, to) {
+                            self.mapped_windows.forget(job.ino, from);
+                        }
+                    }
+                }
+                if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size) {
                     self.start_read_ahead(job.ino, from, to);
                 }
                 // Read to its end: maybe all local now (no RELEASE comes
@@ -448,7 +475,15 @@ impl NaiadFs {
                         b.offer(ino);
                     }
                 };
-                let missing = job.missing();
+                if !missing.is_empty()
+                    && !mapped
+                    && job.file_size <= SMALL_FILE_MAX
+                    && self.read_ahead.max_window() > 0
+                    && self.directory_loads.observe_cold_read(job.parent)
+                    && !self.start_directory_load(job.parent)
+                {
+                    self.directory_loads.forget(job.parent);
+                }
                 match &self.pool {
                     // Waiting for the store happens off the FUSE worker.
                     Some(pool) if !missing.is_empty() => {
@@ -486,18 +521,19 @@ impl NaiadFs {
     /// the other (each claimed only when its turn comes, so a reader
     /// faulting in a later part meanwhile fetches it itself rather than
     /// waiting); not for a file the prefetch table covers
-    /// ([`NaiadFs::in_prefetch_set`]).
-    fn start_read_ahead(&self, ino: u32, from: u64, to: u64) {
+    /// ([`NaiadFs::in_prefetch_set`]). False if it could not start (all
+    /// read-ahead slots busy).
+    fn start_read_ahead(&self, ino: u32, from: u64, to: u64) -> bool {
         if self.in_prefetch_set(ino) {
-            return;
+            return true;
         }
-        let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return };
+        let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return true };
         // (load_batch drops duplicates: a chunk group's pieces share one.)
         let pieces: Vec<_> = pieces.into_iter().filter(|p| !self.chunks.is_cached(&p.chunk)).collect();
         if pieces.is_empty() {
-            return;
+            return true;
         }
-        let Some(slot) = self.read_ahead_loads.try_start() else { return };
+        let Some(slot) = self.read_ahead_loads.try_start() else { return false };
         let cache = self.chunks.clone();
         let window = cache.merge_limits().max_request.max(1);
         // (A thread that cannot be spawned drops its slot with the closure.)
@@ -508,6 +544,51 @@ impl NaiadFs {
             }
             drop(slot);
         });
+        true
+    }
+
+    /// Loads the small files of directory `dir` that no cache holds in the
+    /// background, with as few requests as the merge limits allow; not if
+    /// they are more than [`DIRECTORY_LOAD_MAX`] stored bytes or the
+    /// directory has more than [`DIRECTORY_SCAN_MAX`] entries, and not the
+    /// files the prefetch table covers. False if it should have started
+    /// but could not (all read-ahead slots busy).
+    fn start_directory_load(&self, dir: u32) -> bool {
+        let b = self.bootstrap();
+        let mut chunks: Vec<ChunkRecord> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut stored = 0u64;
+        for pos in 0.. {
+            let Ok(Some(entry)) = b.dir_entry(dir, pos) else { break };
+            if pos >= DIRECTORY_SCAN_MAX {
+                return true;
+            }
+            let Ok(rec) = b.inode(entry.ino) else { continue };
+            if rec.kind() != Some(InodeKind::RegularFile) || rec.size > SMALL_FILE_MAX || self.in_prefetch_set(entry.ino) {
+                continue;
+            }
+            let Ok(pieces) = b.file_chunks_in_range(entry.ino, 0, rec.size) else { continue };
+            for p in pieces {
+                if seen.insert(p.chunk.digest) && !self.chunks.is_cached(&p.chunk) {
+                    stored += p.chunk.compressed_size as u64;
+                    chunks.push(p.chunk);
+                }
+            }
+            if stored > DIRECTORY_LOAD_MAX {
+                return true;
+            }
+        }
+        if chunks.is_empty() {
+            return true;
+        }
+        let Some(slot) = self.read_ahead_loads.try_start() else { return false };
+        let cache = self.chunks.clone();
+        // (A thread that cannot be spawned drops its slot with the closure.)
+        let _ = std::thread::Builder::new().name("naiad-dirload".into()).spawn(move || {
+            cache.load_batch(&chunks, Origin::ReadAhead, |_| {});
+            drop(slot);
+        });
+        true
     }
 
     fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {

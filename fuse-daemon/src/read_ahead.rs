@@ -18,10 +18,23 @@
 //!
 //! Programs and shared libraries are not read in streams: the dynamic
 //! loader maps them and the process faults their pages in, all over the
-//! file, one round trip each. [`loads_whole`] names such files by what a
-//! lookup sees (an executable mode, or a `.so` name) and their size; the
-//! filesystem loads one whole in the background at its first read, so its
-//! faults wait for a few large requests instead of hundreds of small ones.
+//! file, one round trip each. [`loads_by_window`] names such files by what
+//! a lookup sees (an executable mode, or a `.so` name) and their size; the
+//! filesystem loads each [`MAPPED_WINDOW`] of one in the background at the
+//! first fault in it ([`MappedWindows`]), so the faults wait for a few
+//! large requests instead of hundreds of small ones, and the parts of a
+//! large library that are never touched are not fetched (loading such
+//! files whole measured slower: a 30 MB data library of which 0.6 MB is
+//! read held up every other read on the link).
+//!
+//! Small files are read in bursts by directory: an interpreter importing a
+//! package reads one module after another from the same directory, each a
+//! round trip of its own. At the first small file of a directory read from
+//! the store, the filesystem loads the directory's other small files in
+//! the background, in few large requests (once per directory:
+//! [`DirectoryLoads`]), unless they are more than
+//! [`DIRECTORY_LOAD_MAX`] stored bytes (then it is not a package but a
+//! store of unrelated files, such as a library directory).
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Condvar, Mutex};
@@ -34,20 +47,102 @@ pub const BASE_WINDOW: u64 = 512 << 10;
 /// Default largest window (`--read-ahead-max`): at 100 Mbit/s and 20 ms RTT about 3 bandwidth-delay
 /// products, large enough that one request per window costs little.
 pub const MAX_WINDOW: u64 = 8 << 20;
-/// Smallest file [`loads_whole`] picks: below it a few reads fetch it.
+/// Smallest file [`loads_by_window`] picks: below it a few reads fetch it
+/// (and loading more small libraries so measured slower: their bytes hold
+/// up the reads of others on the link).
 pub const WHOLE_FILE_MIN: u64 = 1 << 20;
-/// Largest file [`loads_whole`] picks.
+/// Largest file [`loads_by_window`] picks.
 pub const WHOLE_FILE_MAX: u64 = 512 << 20;
+/// The unit in which [`loads_by_window`] files are loaded.
+pub const MAPPED_WINDOW: u64 = 2 << 20;
 
 /// Whether a regular file named `name` with `mode` and `size` is loaded
-/// whole at its first read: an executable (any `x` bit) or a shared library
+/// by [`MAPPED_WINDOW`]s: an executable (any `x` bit) or a shared library
 /// (`*.so`, `*.so.N...`) of [`WHOLE_FILE_MIN`]..=[`WHOLE_FILE_MAX`] bytes.
-pub fn loads_whole(name: &[u8], mode: u32, size: u64) -> bool {
+pub fn loads_by_window(name: &[u8], mode: u32, size: u64) -> bool {
     if !(WHOLE_FILE_MIN..=WHOLE_FILE_MAX).contains(&size) {
         return false;
     }
     let shared_object = name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.");
     mode & 0o111 != 0 || shared_object
+}
+
+/// Windows of mapped files remembered by [`MappedWindows`].
+const WINDOWS: usize = 65536;
+
+/// Which [`MAPPED_WINDOW`]s of which files have been started, so each is
+/// loaded once.
+pub struct MappedWindows {
+    started: Mutex<LruCache<(u32, u64), ()>>,
+}
+
+impl Default for MappedWindows {
+    fn default() -> Self {
+        MappedWindows { started: Mutex::new(LruCache::new(NonZeroUsize::new(WINDOWS).unwrap_or(NonZeroUsize::MIN))) }
+    }
+}
+
+impl MappedWindows {
+    /// The windows (file ranges, within `size`) that the read of
+    /// `[offset, end)` of inode `ino` falls in and that were not started
+    /// yet; they count as started from now on.
+    pub fn start(&self, ino: u32, offset: u64, end: u64, size: u64) -> Vec<(u64, u64)> {
+        let Ok(mut started) = self.started.lock() else { return Vec::new() };
+        let last = end.max(offset + 1).min(size.max(1)) - 1;
+        (offset / MAPPED_WINDOW..=last / MAPPED_WINDOW)
+            .filter(|k| started.put((ino, *k), ()).is_none())
+            .map(|k| (k * MAPPED_WINDOW, ((k + 1) * MAPPED_WINDOW).min(size)))
+            .filter(|(from, to)| from < to)
+            .collect()
+    }
+
+    /// The window starting at `from` could not be loaded; the next read in
+    /// it tries again.
+    pub fn forget(&self, ino: u32, from: u64) {
+        if let Ok(mut started) = self.started.lock() {
+            started.pop(&(ino, from / MAPPED_WINDOW));
+        }
+    }
+}
+
+/// Largest file that counts as a small file for [`DirectoryLoads`].
+pub const SMALL_FILE_MAX: u64 = 1 << 20;
+/// Largest directory (stored bytes of its small files not cached yet)
+/// loaded by a [`DirectoryLoads`] burst.
+pub const DIRECTORY_LOAD_MAX: u64 = 4 << 20;
+/// Most entries of a directory scanned for a [`DirectoryLoads`] burst
+/// (on the FUSE worker); a larger directory is not loaded.
+pub const DIRECTORY_SCAN_MAX: u64 = 2048;
+/// Directories remembered by [`DirectoryLoads`].
+const DIRECTORIES: usize = 4096;
+
+/// Which directories have had their small files loaded, so each is
+/// loaded once, at the first of its small files read from the store.
+pub struct DirectoryLoads {
+    started: Mutex<LruCache<u32, ()>>,
+}
+
+impl Default for DirectoryLoads {
+    fn default() -> Self {
+        DirectoryLoads { started: Mutex::new(LruCache::new(NonZeroUsize::new(DIRECTORIES).unwrap_or(NonZeroUsize::MIN))) }
+    }
+}
+
+impl DirectoryLoads {
+    /// Notes that a small file of directory `dir` is being read from the
+    /// store; true when the directory's load should start now (once per
+    /// directory, unless [`DirectoryLoads::forget`] is called).
+    pub fn observe_cold_read(&self, dir: u32) -> bool {
+        let Ok(mut started) = self.started.lock() else { return false };
+        started.put(dir, ()).is_none()
+    }
+
+    /// The load of `dir` could not start; the next cold read tries again.
+    pub fn forget(&self, dir: u32) {
+        if let Ok(mut started) = self.started.lock() {
+            started.pop(&dir);
+        }
+    }
 }
 
 /// How far a read may start from where the last one ended and still count
@@ -181,15 +276,39 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    fn whole_files_are_programs_and_libraries_of_some_size() {
-        assert!(loads_whole(b"libnode.so.108", 0o100644, 80 * MIB));
-        assert!(loads_whole(b"_multiarray_umath.cpython-311-x86_64-linux-gnu.so", 0o100644, 7 * MIB));
-        assert!(loads_whole(b"python3.11", 0o100755, 7 * MIB));
+    fn programs_and_libraries_of_some_size_load_by_window() {
+        assert!(loads_by_window(b"libnode.so.108", 0o100644, 80 * MIB));
+        assert!(loads_by_window(b"_multiarray_umath.cpython-311-x86_64-linux-gnu.so", 0o100644, 7 * MIB));
+        assert!(loads_by_window(b"python3.11", 0o100755, 7 * MIB));
         // Too small, too large, or neither program nor library.
-        assert!(!loads_whole(b"libc.so.6", 0o100755, 900 << 10));
-        assert!(!loads_whole(b"libhuge.so", 0o100644, 600 * MIB));
-        assert!(!loads_whole(b"data.sqlite", 0o100644, 50 * MIB));
-        assert!(!loads_whole(b"notes.solution", 0o100644, 5 * MIB));
+        assert!(!loads_by_window(b"libc.so.6", 0o100755, 900 << 10));
+        assert!(!loads_by_window(b"libhuge.so", 0o100644, 600 * MIB));
+        assert!(!loads_by_window(b"data.sqlite", 0o100644, 50 * MIB));
+        assert!(!loads_by_window(b"notes.solution", 0o100644, 5 * MIB));
+    }
+
+    #[test]
+    fn mapped_files_load_each_window_touched_once() {
+        let w = MappedWindows::default();
+        let size = 5 * MIB;
+        assert_eq!(w.start(3, 4096, 8192, size), vec![(0, 2 * MIB)], "the window of the first fault");
+        assert_eq!(w.start(3, 100, 200, size), vec![], "a window is loaded once");
+        assert_eq!(w.start(3, 2 * MIB - 10, 2 * MIB + 10, size), vec![(2 * MIB, 4 * MIB)], "a read across a boundary: the new window only");
+        assert_eq!(w.start(3, 5 * MIB - 1, 5 * MIB, size), vec![(4 * MIB, 5 * MIB)], "the last window ends with the file");
+        assert_eq!(w.start(4, 0, 1, size), vec![(0, 2 * MIB)], "per file");
+        w.forget(3, 2 * MIB + 5);
+        assert_eq!(w.start(3, 3 * MIB, 3 * MIB + 1, size), vec![(2 * MIB, 4 * MIB)], "a window that could not load is tried again");
+    }
+
+    #[test]
+    fn a_directory_is_loaded_once_unless_its_load_could_not_start() {
+        let loads = DirectoryLoads::default();
+        assert!(loads.observe_cold_read(10), "the first cold read starts it");
+        assert!(!loads.observe_cold_read(10), "once per directory");
+        assert!(loads.observe_cold_read(11), "another directory counts on its own");
+        loads.forget(11);
+        assert!(loads.observe_cold_read(11), "a load that could not start is tried again");
+        assert!(!loads.observe_cold_read(10));
     }
 
     #[test]

@@ -49,9 +49,14 @@ pub trait ChunkFetcher: Send + Sync {
 
     /// Reads several chunks (a request planned under
     /// [`ChunkFetcher::merge_limits`]) with as few store requests as the
-    /// source allows; one result per chunk, in order.
-    fn fetch_many(&self, chunks: &[ChunkRecord]) -> Vec<Result<FetchedChunk, ChunkError>> {
-        chunks.iter().map(|c| self.fetch(c)).collect()
+    /// source allows, handing each chunk's result to `each`, with its
+    /// index in `chunks`, as soon as it is ready: the chunks at the front of
+    /// a large request are usable before its end has arrived. Every index
+    /// is handed over exactly once.
+    fn fetch_many(&self, chunks: &[ChunkRecord], each: &mut dyn FnMut(usize, Result<FetchedChunk, ChunkError>)) {
+        for (i, c) in chunks.iter().enumerate() {
+            each(i, self.fetch(c));
+        }
     }
 
     /// The limits requests to this source are planned under.
@@ -115,12 +120,17 @@ impl ChunkReader {
     pub fn read_chunks(&self, chunks: &[ChunkRecord]) -> Vec<Result<FetchedChunk, ChunkError>> {
         let requests = plan(chunks, &self.limits);
         let mut by_digest: HashMap<ChunkDigest, Result<FetchedChunk, ChunkError>> = HashMap::with_capacity(chunks.len());
+        let collect = |r: &Request| {
+            let mut out = Vec::with_capacity(r.chunks.len());
+            self.read_request(r, &mut |c, result| out.push((c.digest, result)));
+            out
+        };
         if requests.len() == 1 {
-            by_digest.extend(self.read_request(&requests[0]));
+            by_digest.extend(collect(&requests[0]));
         } else {
             for group in requests.chunks(PARALLEL_REQUESTS) {
                 std::thread::scope(|scope| {
-                    let handles: Vec<_> = group.iter().map(|r| scope.spawn(move || self.read_request(r))).collect();
+                    let handles: Vec<_> = group.iter().map(|r| scope.spawn(move || collect(r))).collect();
                     for (h, r) in handles.into_iter().zip(group) {
                         match h.join() {
                             Ok(results) => by_digest.extend(results),
@@ -142,36 +152,46 @@ impl ChunkReader {
     }
 
     /// One request: one store read of the bytes it spans, cut into its
-    /// chunks, each decoded and verified.
-    fn read_request(&self, r: &Request) -> Vec<(ChunkDigest, Result<FetchedChunk, ChunkError>)> {
+    /// chunks, each decoded, verified and handed to `each` as soon as its
+    /// last byte has arrived (in the order the chunks end in the blob).
+    /// Every chunk of the request is handed over exactly once.
+    fn read_request(&self, r: &Request, each: &mut dyn FnMut(&ChunkRecord, Result<FetchedChunk, ChunkError>)) {
         let Some(blob) = self.image.blob_digests.get(r.blob_index as usize) else {
-            return r.chunks.iter().map(|c| (c.digest, Err(chunk_error(c, ChunkErrorKind::Unavailable, None, format!("blob index {} out of range", c.blob_index))))).collect();
+            for c in &r.chunks {
+                each(c, Err(chunk_error(c, ChunkErrorKind::Unavailable, None, format!("blob index {} out of range", c.blob_index))));
+            }
+            return;
         };
-        let span = match self.image.store.read_range(blob, r.offset, r.len) {
-            Ok(span) => span,
-            Err(e) => {
-                return r
-                    .chunks
-                    .iter()
-                    .map(|c| (c.digest, Err(chunk_error(c, ChunkErrorKind::Unavailable, Some(blob.to_string()), format!("blob {blob} at offset {}: {e}", c.compressed_offset)))))
-                    .collect()
+        let mut by_end: Vec<&ChunkRecord> = r.chunks.iter().collect();
+        by_end.sort_by_key(|c| c.compressed_offset + c.compressed_size as u64);
+        let mut ready = 0;
+        // The chunks that lie wholly within `prefix` (the request's bytes
+        // from its start) and were not handed over yet.
+        let mut hand_over = |prefix: &[u8], each: &mut dyn FnMut(&ChunkRecord, Result<FetchedChunk, ChunkError>)| {
+            while let Some(c) = by_end.get(ready) {
+                let start = (c.compressed_offset - r.offset) as usize;
+                let Some(stored) = prefix.get(start..start + c.compressed_size as usize) else { break };
+                let result = match decode_chunk(stored, c) {
+                    Ok(data) => Ok(FetchedChunk { stored: stored.to_vec(), data }),
+                    Err(e) => Err(chunk_error(c, ChunkErrorKind::Corrupt, Some(blob.to_string()), format!("blob {blob} at offset {}: {e}", c.compressed_offset))),
+                };
+                each(c, result);
+                ready += 1;
             }
         };
-        r.chunks
-            .iter()
-            .map(|c| {
-                let start = (c.compressed_offset - r.offset) as usize;
-                let stored = span.get(start..start + c.compressed_size as usize).map(<[u8]>::to_vec);
-                let result = match stored {
-                    None => Err(chunk_error(c, ChunkErrorKind::Unavailable, Some(blob.to_string()), format!("blob {blob}: the store returned {} of {} bytes", span.len(), r.len))),
-                    Some(stored) => match decode_chunk(&stored, c) {
-                        Ok(data) => Ok(FetchedChunk { stored, data }),
-                        Err(e) => Err(chunk_error(c, ChunkErrorKind::Corrupt, Some(blob.to_string()), format!("blob {blob} at offset {}: {e}", c.compressed_offset))),
-                    },
-                };
-                (c.digest, result)
-            })
-            .collect()
+        let started = std::time::Instant::now();
+        let read = self.image.store.read_range_progressive(blob, r.offset, r.len, &mut |prefix| hand_over(prefix, each));
+        tracing::debug!("read {} bytes ({} chunks) at {} of blob {blob} in {:?}", r.len, r.chunks.len(), r.offset, started.elapsed());
+        let problem = match read {
+            Ok(span) => {
+                hand_over(&span, each);
+                format!("the store returned {} of {} bytes", span.len(), r.len)
+            }
+            Err(e) => e.to_string(),
+        };
+        for c in &by_end[ready..] {
+            each(c, Err(chunk_error(c, ChunkErrorKind::Unavailable, Some(blob.to_string()), format!("blob {blob} at offset {}: {problem}", c.compressed_offset))));
+        }
     }
 }
 
@@ -181,8 +201,21 @@ impl ChunkFetcher for ChunkReader {
         results.pop().unwrap_or_else(|| Err(chunk_error(chunk, ChunkErrorKind::Unavailable, None, "no result".into())))
     }
 
-    fn fetch_many(&self, chunks: &[ChunkRecord]) -> Vec<Result<FetchedChunk, ChunkError>> {
-        self.read_chunks(chunks)
+    fn fetch_many(&self, chunks: &[ChunkRecord], each: &mut dyn FnMut(usize, Result<FetchedChunk, ChunkError>)) {
+        let mut positions: HashMap<ChunkDigest, Vec<usize>> = HashMap::with_capacity(chunks.len());
+        for (i, c) in chunks.iter().enumerate() {
+            positions.entry(c.digest).or_default().push(i);
+        }
+        for request in plan(chunks, &self.limits) {
+            self.read_request(&request, &mut |c, result| {
+                if let Some((last, others)) = positions.get(&c.digest).and_then(|p| p.split_last()) {
+                    for &i in others {
+                        each(i, result.clone());
+                    }
+                    each(*last, result);
+                }
+            });
+        }
     }
 
     fn merge_limits(&self) -> MergeLimits {

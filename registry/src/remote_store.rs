@@ -65,8 +65,9 @@ impl RegistryBlobStore {
         Ok(())
     }
 
-    /// One range GET (mirrors first), checked and read in full.
-    fn fetch(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
+    /// One range GET (mirrors first), checked and read in full; `arrived`
+    /// sees the body's prefix as it grows.
+    fn fetch(&self, digest: &Digest, offset: u64, len: u64, arrived: &mut dyn FnMut(&[u8])) -> Result<Vec<u8>> {
         self.check_bounds(digest, offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -74,12 +75,12 @@ impl RegistryBlobStore {
         let end = offset + len - 1;
         let what = format!("blob {digest} of {}/{} bytes {offset}-{end}", self.client.registry(), self.repository);
         let headers = vec![(RANGE, format!("bytes={offset}-{end}"))];
-        let data = self.client.blob_request(&self.repository, digest, &headers, &what, |resp| self.read_ranged(resp, digest, offset, len, &what))?;
+        let data = self.client.blob_request(&self.repository, digest, &headers, &what, |resp| self.read_ranged(resp, digest, offset, len, &what, &mut *arrived))?;
         self.client.count_blob_bytes(data.len() as u64);
         Ok(data)
     }
 
-    fn read_ranged(&self, resp: Response, digest: &Digest, offset: u64, len: u64, what: &str) -> std::result::Result<Vec<u8>, AttemptError> {
+    fn read_ranged(&self, resp: Response, digest: &Digest, offset: u64, len: u64, what: &str, arrived: &mut dyn FnMut(&[u8])) -> std::result::Result<Vec<u8>, AttemptError> {
         let host = self.client.registry().to_string();
         let truncated =
             |got: usize| AttemptError::Retryable(RegistryError::Network { host: host.clone(), what: what.to_string(), reason: format!("body truncated ({got} of {len} bytes)") });
@@ -100,7 +101,7 @@ impl RegistryBlobStore {
                 }
                 let mut data = Vec::with_capacity(len as usize);
                 let deadline = self.client.options().body_deadline(len);
-                crate::registry_client::DeadlineReader::new(resp, deadline).take(len + 1).read_to_end(&mut data).map_err(read_error)?;
+                read_progressively(crate::registry_client::DeadlineReader::new(resp, deadline).take(len + 1), &mut data, arrived).map_err(read_error)?;
                 if (data.len() as u64) < len {
                     return Err(truncated(data.len()));
                 }
@@ -124,7 +125,9 @@ impl RegistryBlobStore {
                 if (data.len() as u64) < need {
                     return Err(truncated(data.len().saturating_sub(offset as usize)));
                 }
-                Ok(data.split_off(offset as usize))
+                let data = data.split_off(offset as usize);
+                arrived(&data);
+                Ok(data)
             }
             416 => {
                 let size = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit('/').next()).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -132,6 +135,35 @@ impl RegistryBlobStore {
             }
             404 => Err(AttemptError::Fatal(RegistryError::BlobNotFound { digest: digest.to_string(), store: self.describe() })),
             _ => Err(AttemptError::Fatal(self.client.http_error(what, resp))),
+        }
+    }
+}
+
+/// How much of a body is read before the prefix is shown again.
+const PROGRESS_STEP: usize = 64 << 10;
+
+/// Reads `body` to its end into `data`, calling `arrived` with all of
+/// `data` whenever another [`PROGRESS_STEP`] (or the last piece) is in.
+fn read_progressively(mut body: impl Read, data: &mut Vec<u8>, arrived: &mut dyn FnMut(&[u8])) -> std::io::Result<()> {
+    let mut shown = 0;
+    loop {
+        let start = data.len();
+        data.resize(start + PROGRESS_STEP, 0);
+        let read = body.read(&mut data[start..]);
+        data.truncate(start + *read.as_ref().unwrap_or(&0));
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 || data.len() - shown >= PROGRESS_STEP {
+            if data.len() > shown {
+                arrived(data);
+                shown = data.len();
+            }
+            if n == 0 {
+                return Ok(());
+            }
         }
     }
 }
@@ -147,7 +179,11 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
 
 impl BlobStore for RegistryBlobStore {
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
-        self.fetch(digest, offset, len)
+        self.fetch(digest, offset, len, &mut |_| {})
+    }
+
+    fn read_range_progressive(&self, digest: &Digest, offset: u64, len: u64, arrived: &mut dyn FnMut(&[u8])) -> Result<Vec<u8>> {
+        self.fetch(digest, offset, len, arrived)
     }
 
     fn describe(&self) -> String {
@@ -157,7 +193,38 @@ impl BlobStore for RegistryBlobStore {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_content_range;
+    use super::{parse_content_range, read_progressively, PROGRESS_STEP};
+
+    /// A body that arrives in pieces of `piece` bytes.
+    struct Trickle<'a> {
+        rest: &'a [u8],
+        piece: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.piece.min(buf.len()).min(self.rest.len());
+            buf[..n].copy_from_slice(&self.rest[..n]);
+            self.rest = &self.rest[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_body_is_shown_as_growing_prefixes_while_it_arrives() {
+        let body: Vec<u8> = (0..(5 * PROGRESS_STEP + 100)).map(|i| (i % 251) as u8).collect();
+        let mut seen = Vec::new();
+        let mut data = Vec::new();
+        read_progressively(Trickle { rest: &body, piece: 10_000 }, &mut data, &mut |prefix| {
+            assert_eq!(prefix, &body[..prefix.len()], "always a prefix of the body");
+            seen.push(prefix.len());
+        })
+        .unwrap();
+        assert_eq!(data, body);
+        assert!(seen.len() >= 5, "shown while arriving, not only at the end: {seen:?}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "growing: {seen:?}");
+        assert_eq!(seen.last(), Some(&body.len()), "the whole body last");
+    }
 
     #[test]
     fn content_range() {

@@ -3,7 +3,10 @@
 //! or a registry read with HTTP range requests
 //! ([`crate::RegistryBlobStore`]). A store reads exactly the range it is
 //! given, in one request; which ranges are read together is the reader's
-//! decision, not the store's.
+//! decision, not the store's. A store that receives a range piece by piece
+//! (a registry) shows the reader each longer prefix as it arrives
+//! ([`BlobStore::read_range_progressive`]), so the chunks at the front of a
+//! large request are usable before its last byte is in.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,6 +21,15 @@ use crate::layout::OciLayout;
 pub trait BlobStore: Send + Sync {
     /// Reads exactly `len` bytes of blob `digest` from `offset`.
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// [`BlobStore::read_range`], calling `arrived` with the bytes of the
+    /// range received so far (always a prefix of the range, growing; a
+    /// retried attempt starts again from a shorter one) as they come in.
+    /// The default reads the whole range, then shows it once.
+    fn read_range_progressive(&self, digest: &Digest, offset: u64, len: u64, arrived: &mut dyn FnMut(&[u8])) -> Result<Vec<u8>> {
+        let data = self.read_range(digest, offset, len)?;
+        arrived(&data);
+        Ok(data)
+    }
     /// A short description for logs and errors (`oci:/path`).
     fn describe(&self) -> String;
 }
