@@ -221,7 +221,7 @@ struct StartedDaemon {
     api: Option<MetricsServer>,
     start: Instant,
     bootstraps: Option<BootstrapCache>,
-    read_ahead: BackgroundLoads,
+    read_ahead: Vec<BackgroundLoads>,
 }
 
 /// Removes the socket at `path` so that this daemon can listen there: the
@@ -393,7 +393,8 @@ impl StartedDaemon {
             }
         }
         // What read-ahead is fetching still goes to the disk cache.
-        if !read_ahead.wait_idle(READ_AHEAD_EXIT_WAIT) {
+        let deadline = std::time::Instant::now() + READ_AHEAD_EXIT_WAIT;
+        if !read_ahead.iter().all(|loads| loads.wait_idle(deadline.saturating_duration_since(std::time::Instant::now()))) {
             tracing::warn!("{}: read-ahead still running after {:?}; its chunks are not cached", mp.display(), READ_AHEAD_EXIT_WAIT);
         }
         log_summary(mp, start, &chunks);

@@ -172,6 +172,10 @@ pub struct NaiadFs {
     read_ahead: Arc<ReadAhead>,
     /// Read-ahead loads running now (at most [`READ_AHEAD_LOADS`]).
     read_ahead_loads: BackgroundLoads,
+    /// Window loads of programs and libraries running now.
+    window_loads: BackgroundLoads,
+    /// Directory loads running now.
+    directory_loads_running: BackgroundLoads,
     /// The prefetch table's chunk indexes, read at the first read-ahead.
     prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
     /// Whether each inode asked about has a chunk in the prefetch table.
@@ -186,10 +190,15 @@ pub struct NaiadFs {
     directory_loads: DirectoryLoads,
 }
 
-/// Read-ahead loads (windows, whole files, directories) that may run at
-/// once; a window asked for beyond that is left to the reader's own
-/// requests, a whole file or directory is tried again at its next read.
+/// Background loads that may run at once, per kind: sequential
+/// read-ahead, windows of programs and libraries, and directories (each
+/// kind has its own slots, so a burst of one never starves the others). A
+/// sequential window asked for beyond that is left to the reader's own
+/// requests; a program's window or a directory is tried again at its next
+/// read.
 const READ_AHEAD_LOADS: usize = 4;
+const WINDOW_LOADS: usize = 4;
+const DIRECTORY_LOADS: usize = 2;
 
 /// An inode number from the kernel as a bootstrap inode number.
 fn ino32(ino: INodeNo) -> Option<u32> {
@@ -226,6 +235,8 @@ impl NaiadFs {
             zero_digests: Default::default(),
             read_ahead: Default::default(),
             read_ahead_loads: BackgroundLoads::new(READ_AHEAD_LOADS),
+            window_loads: BackgroundLoads::new(WINDOW_LOADS),
+            directory_loads_running: BackgroundLoads::new(DIRECTORY_LOADS),
             prefetch_chunks: Default::default(),
             prefetch_files: Default::default(),
             mapped_files: Default::default(),
@@ -248,8 +259,8 @@ impl NaiadFs {
     }
 
     /// The read-ahead loads running in the background, to wait for at exit.
-    pub fn background_loads(&self) -> BackgroundLoads {
-        self.read_ahead_loads.clone()
+    pub fn background_loads(&self) -> Vec<BackgroundLoads> {
+        vec![self.read_ahead_loads.clone(), self.window_loads.clone(), self.directory_loads_running.clone()]
     }
 
     /// Serves reads that must wait for the store on `pool`.
@@ -330,17 +341,24 @@ impl NaiadFs {
         match self.bootstrap().lookup(p, name.as_bytes()).map_err(|_| Errno::EIO)? {
             Some(child) => {
                 let (i, r, kind) = self.inode(INodeNo(child as u64))?;
-                if kind == InodeKind::RegularFile && self.read_ahead.max_window() > 0 && crate::read_ahead::loads_by_window(name.as_bytes(), r.mode, r.size) {
-                    if let Ok(mut mapped) = self.mapped_files.lock() {
-                        mapped.insert(i);
-                    }
-                }
+                self.note_name(i, &r, kind, name.as_bytes());
                 if let Some(rec) = self.recorder.as_ref().filter(|_| kind == InodeKind::RegularFile && r.nlink > 1) {
                     rec.note_lookup(p, name.as_bytes(), i);
                 }
                 Ok(Some(self.attr_of(i, &r, kind)?))
             }
             None => Ok(None),
+        }
+    }
+
+    /// What a name shows of a file the kernel learns of (by lookup, or by
+    /// readdirplus, after which it looks the name up no more): programs
+    /// and libraries are loaded by window.
+    fn note_name(&self, ino: u32, r: &InodeRecord, kind: InodeKind, name: &[u8]) {
+        if kind == InodeKind::RegularFile && self.read_ahead.max_window() > 0 && crate::read_ahead::loads_by_window(name, r.mode, r.size) {
+            if let Ok(mut mapped) = self.mapped_files.lock() {
+                mapped.insert(ino);
+            }
         }
     }
 
@@ -459,13 +477,13 @@ impl NaiadFs {
                 let mapped = !missing.is_empty() && self.mapped_files.lock().map(|m| m.contains(&job.ino)).unwrap_or(false);
                 if mapped {
                     for (from, to) in self.mapped_windows.start(job.ino, job.offset, job.end, job.file_size) {
-                        if !self.start_read_ahead(job.ino, from, to) {
+                        if !self.start_read_ahead(job.ino, from, to, &self.window_loads) {
                             self.mapped_windows.forget(job.ino, from);
                         }
                     }
                 }
                 if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size) {
-                    self.start_read_ahead(job.ino, from, to);
+                    self.start_read_ahead(job.ino, from, to, &self.read_ahead_loads);
                 }
                 // Read to its end: maybe all local now (no RELEASE comes
                 // with zero-message opens). Offered once answered.
@@ -522,8 +540,8 @@ impl NaiadFs {
     /// faulting in a later part meanwhile fetches it itself rather than
     /// waiting); not for a file the prefetch table covers
     /// ([`NaiadFs::in_prefetch_set`]). False if it could not start (all
-    /// read-ahead slots busy).
-    fn start_read_ahead(&self, ino: u32, from: u64, to: u64) -> bool {
+    /// slots of `loads` busy).
+    fn start_read_ahead(&self, ino: u32, from: u64, to: u64, loads: &BackgroundLoads) -> bool {
         if self.in_prefetch_set(ino) {
             return true;
         }
@@ -533,7 +551,7 @@ impl NaiadFs {
         if pieces.is_empty() {
             return true;
         }
-        let Some(slot) = self.read_ahead_loads.try_start() else { return false };
+        let Some(slot) = loads.try_start() else { return false };
         let cache = self.chunks.clone();
         let window = cache.merge_limits().max_request.max(1);
         // (A thread that cannot be spawned drops its slot with the closure.)
@@ -552,7 +570,7 @@ impl NaiadFs {
     /// they are more than [`DIRECTORY_LOAD_MAX`] stored bytes or the
     /// directory has more than [`DIRECTORY_SCAN_MAX`] entries, and not the
     /// files the prefetch table covers. False if it should have started
-    /// but could not (all read-ahead slots busy).
+    /// but could not (all directory-load slots busy).
     fn start_directory_load(&self, dir: u32) -> bool {
         let b = self.bootstrap();
         let mut chunks: Vec<ChunkRecord> = Vec::new();
@@ -581,7 +599,7 @@ impl NaiadFs {
         if chunks.is_empty() {
             return true;
         }
-        let Some(slot) = self.read_ahead_loads.try_start() else { return false };
+        let Some(slot) = self.directory_loads_running.try_start() else { return false };
         let cache = self.chunks.clone();
         // (A thread that cannot be spawned drops its slot with the closure.)
         let _ = std::thread::Builder::new().name("naiad-dirload".into()).spawn(move || {
@@ -744,8 +762,10 @@ impl Filesystem for NaiadFs {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let listed = self.list_dir(ino, offset, |child, _, name, next| {
-            let attr = self.attr(INodeNo(child as u64))?;
+        let listed = self.list_dir(ino, offset, |child, kind, name, next| {
+            let (i, r, _) = self.inode(INodeNo(child as u64))?;
+            self.note_name(i, &r, kind, name);
+            let attr = self.attr_of(i, &r, kind)?;
             Ok(reply.add(INodeNo(child as u64), next, OsStr::from_bytes(name), &self.ttl, &attr, Generation(0)))
         });
         match listed {

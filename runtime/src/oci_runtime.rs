@@ -15,8 +15,8 @@
 //! stop signals are passed on to it ([`crate::signals`]), which passes them
 //! on to the container. A command that ignores them (PID 1 drops signals it
 //! has no handler for) is killed [`KILL_GRACE`] later. Afterwards the
-//! container is always deleted (`delete --force`), also when the runtime
-//! itself was killed. Between fork and exec the runtime's child makes only
+//! container is always deleted (`delete --force` when the runtime left its
+//! state behind), also when the runtime itself was killed. Between fork and exec the runtime's child makes only
 //! system calls with arguments prepared beforehand: the caller may have
 //! other threads.
 
@@ -110,8 +110,12 @@ pub fn run(spec: &RunSpec) -> Result<i32, RuntimeError> {
     signals::forward_to(Some(pid));
     let code = wait_or_kill(pid, &runtime, &state, &id);
     signals::forward_to(None);
-    // The container goes whatever happened to the runtime.
-    let _ = Command::new(&runtime).arg("--root").arg(&state).args(["delete", "--force"]).arg(&id).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    // The container goes whatever happened to the runtime. A runtime that
+    // ended its `run` itself removed its state directory with the
+    // container; one that was killed, or failed, left it behind.
+    if state.join(&id).exists() {
+        let _ = Command::new(&runtime).arg("--root").arg(&state).args(["delete", "--force"]).arg(&id).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
     code
 }
 
