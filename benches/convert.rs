@@ -13,11 +13,20 @@
 //!   files, tar + gzip -6), converted alone: chunk blob + compressed
 //!   bootstrap against the gzip layer, with chunk groups (the default) and
 //!   without (`--small-files 0`). Skip with NAIAD_BENCH_SKIP_DJANGO=1.
+//! - Batched unpack: the python3 image and the Django layer, converted
+//!   into a real registry (CNCF Distribution on loopback) and unpacked
+//!   from it by `naiad unpack` through a counting proxy: HTTP requests,
+//!   seconds, and requests per 4 MiB of chunk blobs (skipped with the
+//!   Django layer).
 //! - A layer holding one 3 GiB file: the converter's peak RSS (skip with
 //!   NAIAD_BENCH_SKIP_BIG=1).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/link_emulator.rs"]
+mod link_emulator;
+#[path = "../tests/common/registry_server.rs"]
+mod registry_server;
 
 use std::io::Write;
 use std::path::Path;
@@ -135,13 +144,50 @@ fn django(scratch: &Path) {
     println!();
 }
 
+/// `naiad unpack` from a registry, through a counting proxy: requests and
+/// seconds against the image's chunk blob bytes.
+fn unpack_from_registry(images: &[(&str, String)], scratch: &Path) {
+    use registry_server::{Distribution, RegistryAuth};
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_naiad"));
+    let naiad = |args: &[&str]| {
+        let out = std::process::Command::new(&bin).args(args).output().expect("run naiad");
+        assert!(out.status.success(), "naiad {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let registry = Distribution::start(RegistryAuth::None, None);
+    let proxy =
+        link_emulator::LinkEmulator::start(registry.host().parse().expect("registry address"), link_emulator::LinkParams { bits_per_second: 0, rtt: std::time::Duration::ZERO })
+            .expect("counting proxy");
+    println!("`naiad unpack` from a registry on loopback (requests counted by a proxy)");
+    println!("{:<22} {:>8} {:>10} {:>9} {:>9} {:>15}", "image", "files", "blobs MB", "requests", "seconds", "requests/4 MiB");
+    for (name, src) in images {
+        let dst = format!("docker://{}/{name}:naiad", registry.host());
+        naiad(&["convert", "--quiet", src, &dst]);
+        let v: serde_json::Value = serde_json::from_str(&naiad(&["inspect", "--json", &dst])).expect("inspect json");
+        let blobs: u64 = v["blobs"].as_array().map(|b| b.iter().map(|x| x["size"].as_u64().unwrap_or(0)).sum()).unwrap_or(0);
+        let files = v["files"].as_u64().unwrap_or(0);
+        let out = scratch.join(format!("unpacked-{name}"));
+        proxy.counters.reset();
+        let t = Instant::now();
+        naiad(&["unpack", &format!("docker://{}/{name}:naiad", proxy.addr), &out.display().to_string()]);
+        let seconds = t.elapsed().as_secs_f64();
+        let (_, _, requests) = proxy.counters.snapshot();
+        let _ = std::fs::remove_dir_all(&out);
+        println!("{:<22} {:>8} {:>10.2} {:>9} {:>9.2} {:>15.2}", name, files, blobs as f64 / 1e6, requests, seconds, requests as f64 / (blobs as f64 / (4 << 20) as f64).max(1.0));
+    }
+    println!();
+}
+
 fn main() {
     let deb = common::debian_image();
     let scratch = tempfile::Builder::new().prefix("naiad-bench-").tempdir_in("/tmp").expect("scratch dir");
     defaults_speed(&deb, scratch.path());
+    let mut unpacked = vec![("python3", format!("oci:{}:latest", deb.layout.display()))];
     if std::env::var_os("NAIAD_BENCH_SKIP_DJANGO").is_none() {
         django(scratch.path());
+        unpacked.push(("django", format!("oci:{}:latest", django_layer().0.display())));
     }
+    unpack_from_registry(&unpacked, scratch.path());
     println!("naiad convert benchmark ({} runs each, best run shown)", RUNS);
     println!("{:<28} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9} {:>10} {:>7}", "mode", "MB in", "seconds", "MB/s", "inodes", "boot B/f", "bootz B/f", "blobs MB", "dedup");
     let modes = [("fixed 1 MiB", Chunking::Fixed { size: 1 << 20 }), ("cdc 16K/64K/256K", Chunking::ContentDefined { min: 16 << 10, avg: 64 << 10, max: 256 << 10 })];

@@ -34,13 +34,19 @@ fn open_counted(layout: &std::path::Path) -> (Arc<NaiadImage>, Arc<CountingStore
     (Arc::new(image), store)
 }
 
+/// The generated test image, converted by `naiad convert` into `dir/naiad`.
+fn converted_image(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = common::generated_image(dir, common::Compression::Gzip);
+    let dst = dir.join("naiad");
+    let out = common::naiad().args(["convert", "--quiet", &format!("oci:{}:latest", src.display()), &format!("oci:{}:latest", dst.display())]).output().unwrap();
+    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    dst
+}
+
 #[test]
 fn one_merge_limit_governs_the_daemon_and_unpack() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = common::generated_image(tmp.path(), common::Compression::Gzip);
-    let dst = tmp.path().join("naiad");
-    let out = common::naiad().args(["convert", "--quiet", &format!("oci:{}:latest", src.display()), &format!("oci:{}:latest", dst.display())]).output().unwrap();
-    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    let dst = converted_image(tmp.path());
 
     let (probe, _) = open_counted(&dst);
     let records: Vec<_> = (0..probe.bootstrap.chunk_count()).map(|i| probe.bootstrap.chunk(i).unwrap()).collect();
@@ -106,10 +112,7 @@ impl BlobStore for TricklingStore {
 fn chunks_are_handed_over_as_their_bytes_arrive() {
     use naiad_reader::ChunkFetcher;
     let tmp = tempfile::tempdir().unwrap();
-    let src = common::generated_image(tmp.path(), common::Compression::Gzip);
-    let dst = tmp.path().join("naiad");
-    let out = common::naiad().args(["convert", "--quiet", &format!("oci:{}:latest", src.display()), &format!("oci:{}:latest", dst.display())]).output().unwrap();
-    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    let dst = converted_image(tmp.path());
     let mut image = NaiadImage::open(&ImageRef::parse(&format!("oci:{}:latest", dst.display())).unwrap()).expect("open the converted image");
     let store = Arc::new(TricklingStore { inner: image.store.clone(), shown: Default::default() });
     image.store = store.clone();
