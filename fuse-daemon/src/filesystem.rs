@@ -170,7 +170,7 @@ pub struct NaiadFs {
     zero_digests: std::sync::Mutex<HashMap<u32, naiad_format::ChunkDigest>>,
     /// Sequential read-ahead per file.
     read_ahead: Arc<ReadAhead>,
-    /// Read-ahead loads running now (at most [`READ_AHEAD_LOADS`]).
+    /// Sequential read-ahead loads running now (at most [`READ_AHEAD_LOADS`]).
     read_ahead_loads: BackgroundLoads,
     /// Window loads of programs and libraries running now.
     window_loads: BackgroundLoads,
@@ -180,7 +180,7 @@ pub struct NaiadFs {
     prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
     /// Whether each inode asked about has a chunk in the prefetch table.
     prefetch_files: std::sync::Mutex<HashMap<u32, bool>>,
-    /// Programs and libraries seen at lookup, loaded by window
+    /// Programs and libraries seen at lookup or in readdirplus, loaded by window
     /// ([`crate::read_ahead::loads_by_window`]).
     mapped_files: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// The windows of those being loaded or loaded.
@@ -551,13 +551,19 @@ impl NaiadFs {
         if pieces.is_empty() {
             return true;
         }
+        let window = self.chunks.merge_limits().max_request.max(1);
+        let batches = pieces.chunk_by(|a, b| a.file_offset.saturating_sub(from) / window == b.file_offset.saturating_sub(from) / window);
+        self.load_in_background(loads, "naiad-readahead", batches.map(|part| part.iter().map(|p| p.chunk).collect()).collect())
+    }
+
+    /// Loads `batches` one after the other on a thread of its own, under a
+    /// slot of `loads`; false if all its slots are busy.
+    fn load_in_background(&self, loads: &BackgroundLoads, thread: &str, batches: Vec<Vec<ChunkRecord>>) -> bool {
         let Some(slot) = loads.try_start() else { return false };
         let cache = self.chunks.clone();
-        let window = cache.merge_limits().max_request.max(1);
         // (A thread that cannot be spawned drops its slot with the closure.)
-        let _ = std::thread::Builder::new().name("naiad-readahead".into()).spawn(move || {
-            for part in pieces.chunk_by(|a, b| a.file_offset.saturating_sub(from) / window == b.file_offset.saturating_sub(from) / window) {
-                let chunks: Vec<ChunkRecord> = part.iter().map(|p| p.chunk).collect();
+        let _ = std::thread::Builder::new().name(thread.into()).spawn(move || {
+            for chunks in batches {
                 cache.load_batch(&chunks, Origin::ReadAhead, |_| {});
             }
             drop(slot);
@@ -599,14 +605,7 @@ impl NaiadFs {
         if chunks.is_empty() {
             return true;
         }
-        let Some(slot) = self.directory_loads_running.try_start() else { return false };
-        let cache = self.chunks.clone();
-        // (A thread that cannot be spawned drops its slot with the closure.)
-        let _ = std::thread::Builder::new().name("naiad-dirload".into()).spawn(move || {
-            cache.load_batch(&chunks, Origin::ReadAhead, |_| {});
-            drop(slot);
-        });
-        true
+        self.load_in_background(&self.directory_loads_running, "naiad-dirload", vec![chunks])
     }
 
     fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {

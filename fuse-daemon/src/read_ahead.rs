@@ -19,7 +19,8 @@
 //! Programs and shared libraries are not read in streams: the dynamic
 //! loader maps them and the process faults their pages in, all over the
 //! file, one round trip each. [`loads_by_window`] names such files by what
-//! a lookup sees (an executable mode, or a `.so` name) and their size; the
+//! a lookup or readdirplus shows (an executable mode, or a `.so` name) and
+//! their size; the
 //! filesystem loads each [`MAPPED_WINDOW`] of one in the background at the
 //! first fault in it ([`MappedWindows`]), so the faults wait for a few
 //! large requests instead of hundreds of small ones, and the parts of a
@@ -48,19 +49,19 @@ pub const BASE_WINDOW: u64 = 512 << 10;
 /// products, large enough that one request per window costs little.
 pub const MAX_WINDOW: u64 = 8 << 20;
 /// Smallest file [`loads_by_window`] picks: below it a few reads fetch it
-/// (and loading more small libraries so measured slower: their bytes hold
-/// up the reads of others on the link).
-pub const WHOLE_FILE_MIN: u64 = 1 << 20;
+/// (picking smaller libraries too measured slower: their windows held up
+/// the reads of others on the link).
+pub const MAPPED_FILE_MIN: u64 = 1 << 20;
 /// Largest file [`loads_by_window`] picks.
-pub const WHOLE_FILE_MAX: u64 = 512 << 20;
+pub const MAPPED_FILE_MAX: u64 = 512 << 20;
 /// The unit in which [`loads_by_window`] files are loaded.
 pub const MAPPED_WINDOW: u64 = 2 << 20;
 
 /// Whether a regular file named `name` with `mode` and `size` is loaded
 /// by [`MAPPED_WINDOW`]s: an executable (any `x` bit) or a shared library
-/// (`*.so`, `*.so.N...`) of [`WHOLE_FILE_MIN`]..=[`WHOLE_FILE_MAX`] bytes.
+/// (`*.so`, `*.so.N...`) of [`MAPPED_FILE_MIN`]..=[`MAPPED_FILE_MAX`] bytes.
 pub fn loads_by_window(name: &[u8], mode: u32, size: u64) -> bool {
-    if !(WHOLE_FILE_MIN..=WHOLE_FILE_MAX).contains(&size) {
+    if !(MAPPED_FILE_MIN..=MAPPED_FILE_MAX).contains(&size) {
         return false;
     }
     let shared_object = name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.");
