@@ -172,8 +172,17 @@ state = "{state}"
     }
 
     /// CRI PullImage, as a kubelet sends it; the image's id on success.
+    /// containerd's CRI plugin starts after its socket is up and answers
+    /// "server is not initialized yet" until then; like a kubelet waiting
+    /// for its runtime to be ready, this asks again for up to 30 s.
     pub fn cri_pull(&self, image: &str, auth: Option<(&str, &str)>) -> Result<String, String> {
-        cri::pull(&self.socket, image, auth)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match cri::pull(&self.socket, image, auth) {
+                Err(e) if e.contains("not initialized yet") && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                result => return result,
+            }
+        }
     }
 
     /// CRI RemoveImage.
