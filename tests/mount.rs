@@ -698,15 +698,11 @@ fn the_first_cold_small_file_of_a_directory_loads_the_rest_of_it() {
     files.extend((0..16u64).map(|i| (format!("pkg/m{i:02}.py"), Prng(0x706b_6700 + i).bytes(20 << 10))));
     let src = tmp.path().join("src");
     files_layout(&src, &files);
-    let image = format!("oci:{}:{NAIAD_TAG}", tmp.path().join("naiad").display());
-    check(naiad().args(["convert", "--quiet"]).arg(format!("oci:{}:latest", src.display())).arg(&image));
+    let image = convert(&src, "latest", &tmp.path().join("naiad"));
     let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
 
     assert!(fs::read(m.path("pkg/m00.py")).unwrap() == files[1].1);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while m.counter("read_ahead_requests") == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(20), || m.counter("read_ahead_requests") > 0);
     std::thread::sleep(Duration::from_millis(300));
     assert!(m.counter("read_ahead_chunks") >= 2, "the directory's other chunk groups were loaded");
     let requests = m.counter("store_requests");
@@ -719,6 +715,17 @@ fn the_first_cold_small_file_of_a_directory_loads_the_rest_of_it() {
     m.umount();
 }
 
+/// `path` opened with POSIX_FADV_RANDOM, as a random-access program asks:
+/// the kernel's own readahead is off, so each read reaches the daemon as
+/// it is.
+fn open_for_random_reads(path: &Path) -> fs::File {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path).unwrap();
+    // SAFETY: advice on a descriptor we own.
+    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) }, 0);
+    f
+}
+
 /// Read-ahead: 4 KiB reads at random offsets of a 256 MiB file fetch at
 /// most one chunk each (the kernel's own readahead off, as a random-access
 /// program asks with POSIX_FADV_RANDOM); reading it straight through makes
@@ -726,7 +733,6 @@ fn the_first_cold_small_file_of_a_directory_loads_the_rest_of_it() {
 /// growing windows.
 #[test]
 fn random_reads_fetch_one_chunk_each_and_sequential_reads_read_ahead() {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     if !fuse_available() {
         return;
@@ -738,9 +744,7 @@ fn random_reads_fetch_one_chunk_each_and_sequential_reads_read_ahead() {
     let counter = |m: &MountGuard, name: &str| m.counter(name);
 
     let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache-random"));
-    let f = fs::File::open(m.path("big.bin")).unwrap();
-    // SAFETY: advice on a descriptor we own.
-    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) }, 0);
+    let f = open_for_random_reads(&m.path("big.bin"));
     let mut rng = Prng(42);
     let mut buf = vec![0u8; 4096];
     for _ in 0..48 {
@@ -772,7 +776,6 @@ fn random_reads_fetch_one_chunk_each_and_sequential_reads_read_ahead() {
 /// read of a data file fetches one chunk.
 #[test]
 fn libraries_are_loaded_by_window_at_the_first_read_in_each() {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     if !fuse_available() {
         return;
@@ -785,18 +788,13 @@ fn libraries_are_loaded_by_window_at_the_first_read_in_each() {
     let counter = |m: &MountGuard, name: &str| m.counter(name);
     let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
     let read_4k = |name: &str, at: usize| {
-        let f = fs::File::open(m.path(name)).unwrap();
-        // SAFETY: advice on a descriptor we own.
-        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) }, 0);
+        let f = open_for_random_reads(&m.path(name));
         let mut buf = vec![0u8; 4096];
         f.read_exact_at(&mut buf, at as u64).unwrap();
         buf
     };
     let wait_for_chunks = |n: u64| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while counter(&m, "store_chunks") < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(Duration::from_secs(20), || counter(&m, "store_chunks") >= n);
         std::thread::sleep(Duration::from_millis(200));
         counter(&m, "store_chunks")
     };
