@@ -170,6 +170,23 @@ fn optimize_records_the_startup_set_and_lays_it_out_first() {
     assert!(std::fs::read_to_string(&trace2).unwrap().contains("\"/usr/lib/os-release\""), "the symlink target is what was read");
 }
 
+/// The image's config is read while the daemon mounts it: when the image
+/// cannot be opened, the error names it and what is wrong, and nothing is
+/// left behind.
+#[test]
+fn an_image_that_cannot_be_opened_fails_naming_it() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    let missing = format!("oci:{}:latest", tmp.path().join("no-such-layout").display());
+    let (out, prefix) = run(tmp.path(), &[&missing, "--", "true"]);
+    assert!(!out.status.success(), "naiad run of a missing image exited {}", out.status);
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("opening image {missing}")), "{err}");
+    assert_cleaned_up(&prefix);
+}
+
 #[test]
 fn a_stop_signal_during_setup_leaves_nothing_behind() {
     if !fuse_available() {

@@ -49,6 +49,7 @@ use crate::memory_cache::MemoryCache;
 use crate::metrics_server::MetricsServer;
 use crate::passthrough::Passthrough;
 use crate::prefetcher::{PrefetchConfig, Prefetcher};
+use crate::program_loads::{self, ProgramLoad};
 use crate::read_ahead::BackgroundLoads;
 use crate::read_pool::ReadPool;
 use crate::runtime_paths::RuntimePaths;
@@ -83,6 +84,10 @@ pub struct MountConfig {
     /// Largest sequential read-ahead window (`--read-ahead-max`); 0: none.
     #[serde(default = "default_read_ahead_max")]
     pub read_ahead_max: u64,
+    /// The program the mount is about to run, loaded ahead with the
+    /// libraries it needs ([`crate::program_loads`]; lazy mounts only).
+    #[serde(default)]
+    pub program: ProgramLoad,
 }
 
 fn default_read_ahead_max() -> u64 {
@@ -91,7 +96,16 @@ fn default_read_ahead_max() -> u64 {
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { threads: 4, ttl: Duration::from_secs(86400), allow_other: true, suid: false, dev: false, passthrough: false, read_ahead_max: default_read_ahead_max() }
+        MountConfig {
+            threads: 4,
+            ttl: Duration::from_secs(86400),
+            allow_other: true,
+            suid: false,
+            dev: false,
+            passthrough: false,
+            read_ahead_max: default_read_ahead_max(),
+            program: ProgramLoad::Off,
+        }
     }
 }
 
@@ -322,6 +336,9 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     // Files the prefetch completed get their backing files.
     let on_done = backing.map(|b| Box::new(move || b.offer_all()) as Box<dyn Fn() + Send + Sync>);
     let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start, on_done)?;
+    if config.prefetch.enabled && config.mount.read_ahead_max > 0 {
+        program_loads::start(image.clone(), chunks.clone(), &config.mount.program);
+    }
     handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[])
         .map_err(|source| FuseError::Io { path: "supervisor channel".into(), source })?;
     match handoff.cause {

@@ -24,6 +24,8 @@
 //!   waiting for the store, so FUSE workers stay free for metadata.
 //! - [`prefetcher`]: [`Prefetcher`], the startup set fetched at mount, and
 //!   `--fetch-all`.
+//! - [`program_loads`]: without a startup set, the program a mount is about
+//!   to run and the libraries it needs, loaded at mount.
 //! - [`trace_recorder`]: [`TraceRecorder`], `--record-trace`.
 //! - [`counters`], [`histogram`]: [`Counters`], per-mount statistics and
 //!   their renderings; the read-latency histogram.
@@ -60,6 +62,7 @@ pub mod metrics_server;
 pub mod mountinfo;
 pub mod passthrough;
 pub mod prefetcher;
+pub mod program_loads;
 pub mod read_ahead;
 pub mod read_pool;
 pub mod runtime_paths;
@@ -82,6 +85,7 @@ pub use memory_cache::MemoryCache;
 pub use metrics_server::MetricsServer;
 pub use naiad_reader::{ChunkFetcher, ChunkReader, FetchedChunk, MergeLimits};
 pub use prefetcher::{PrefetchConfig, Prefetcher};
+pub use program_loads::ProgramLoad;
 pub use runtime_paths::RuntimePaths;
 pub use stats_server::{query_stats, StatsReport, StatsServer};
 pub use supervisor::{supervise, SupervisorOptions};

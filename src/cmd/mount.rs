@@ -26,7 +26,7 @@ use naiad_fuse::launcher;
 use naiad_fuse::runtime_paths::{canonical_mountpoint, RuntimePaths, DEFAULT_RUN_DIR};
 use naiad_fuse::supervisor::{self, SupervisorOptions};
 use naiad_fuse::PrefetchConfig;
-use naiad_fuse::{mountinfo, DaemonConfig, FSTYPE};
+use naiad_fuse::{mountinfo, DaemonConfig, ProgramLoad, FSTYPE};
 
 use crate::cmd::parse_size;
 use naiad_registry::ImageRef;
@@ -173,6 +173,11 @@ pub struct MountArgs {
     /// Seconds to wait for the mount to become ready.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
+    /// Load this program (a path in the image, or a name on the image's
+    /// PATH) and the shared libraries it needs at mount, as `naiad run`
+    /// does for its command; not for an image with a startup set.
+    #[arg(long, value_name = "PROGRAM")]
+    pub load_program: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -246,7 +251,8 @@ pub fn mount(a: MountArgs) -> Result<i32> {
     ImageRef::parse(&a.source).with_context(|| format!("image {}", a.source))?;
     let mp = prepare_mountpoint(&a.mountpoint)?;
     daemon::check_fuse_device()?;
-    let mount = MountConfig { allow_other: !a.private, suid: a.suid, dev: a.dev, ..MountConfig::default() };
+    let program = a.load_program.clone().map(ProgramLoad::Named).unwrap_or_default();
+    let mount = MountConfig { allow_other: !a.private, suid: a.suid, dev: a.dev, program, ..MountConfig::default() };
     let config = a.daemon.daemon_config(&a.source, &mp, mount, a.log_file.as_deref())?;
     if a.foreground {
         let options = SupervisorOptions { exe: std::env::current_exe().context("finding the naiad executable")?, log_to_file: false };

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use naiad_fuse::{daemon, mountinfo, MountConfig, FSTYPE};
+use naiad_fuse::{daemon, mountinfo, MountConfig, ProgramLoad, FSTYPE};
 use naiad_registry::{open_source_with, ImageRef};
 use naiad_runtime::{ProcessSpec, RunSpec, DEFAULT_PATH};
 use serde_json::Value;
@@ -168,27 +168,48 @@ pub fn run(a: RunArgs) -> Result<i32> {
         })
     };
     let reference = ImageRef::parse(&a.source).with_context(|| format!("image {}", a.source))?;
-    let image = open_source_with(&reference, &a.daemon.registry.options()?).with_context(|| format!("opening image {}", a.source))?;
-    let cfg = image.config.get("config");
-    let argv = command_line(&a, cfg);
-    if argv.is_empty() {
-        bail!("image {} has no Entrypoint or Cmd; give a command after --", a.source);
-    }
+    let registry = a.daemon.registry.options()?;
     daemon::check_fuse_device()?;
 
     let mut rd = RunDir::create()?;
     rd.keep_upper = a.keep;
-    let config = a.daemon.daemon_config(&a.source, &rd.lower, MountConfig::default(), None)?;
+    // The daemon loads the program ahead (in a lazy image): the one given,
+    // else the image's entrypoint. (Given a command and an image with an
+    // Entrypoint, the guess is the command's first word, which then is
+    // not a program and loads nothing.)
+    let program = match a.entrypoint.as_deref().filter(|e| !e.is_empty()).or(a.command.first().map(String::as_str)) {
+        Some(p) => ProgramLoad::Named(p.to_string()),
+        None => ProgramLoad::ImageEntrypoint,
+    };
+    let config = a.daemon.daemon_config(&a.source, &rd.lower, MountConfig { program, ..MountConfig::default() }, None)?;
     rd.log_file = Some(config.log_file.clone());
     if let Some(code) = stopped("before the mount") {
         return Ok(code);
     }
     let exe = std::env::current_exe().context("finding the naiad executable")?;
-    let spawned = match launcher::launch(&config, &exe, Duration::from_secs(120), &|| naiad_runtime::stop_signal().is_some()) {
-        Ok(s) => s,
-        Err(e) => return stopped("while mounting").map(Ok).unwrap_or(Err(e.into())),
+    // The image's config (command, user, environment) is read while the
+    // daemon mounts the image: both fetch the manifest and the config, and
+    // over a slow link doing it side by side saves their round trips.
+    let (opened, launched) = std::thread::scope(|s| {
+        let opening = s.spawn(|| open_source_with(&reference, &registry));
+        let launched = launcher::launch(&config, &exe, Duration::from_secs(120), &|| naiad_runtime::stop_signal().is_some());
+        (opening.join(), launched)
+    });
+    if let Ok(spawned) = &launched {
+        rd.daemon_pid = Some(spawned.pid);
+    }
+    let image = match opened {
+        Ok(result) => result.with_context(|| format!("opening image {}", a.source))?,
+        Err(_) => bail!("opening image {}: the reading thread panicked", a.source),
     };
-    rd.daemon_pid = Some(spawned.pid);
+    if let Err(e) = launched {
+        return stopped("while mounting").map(Ok).unwrap_or(Err(e.into()));
+    }
+    let cfg = image.config.get("config");
+    let argv = command_line(&a, cfg);
+    if argv.is_empty() {
+        bail!("image {} has no Entrypoint or Cmd; give a command after --", a.source);
+    }
 
     let user_spec = a.user.clone().or_else(|| cfg.and_then(|c| c.get("User")).and_then(Value::as_str).map(String::from)).unwrap_or_default();
     let user = naiad_runtime::resolve_user(&rd.lower, &user_spec).with_context(|| format!("user {user_spec:?} of image {}", a.source))?;
