@@ -221,8 +221,9 @@ impl SnapshotterConfig {
                 source: source.to_string(),
                 // A container rootfs: setuid binaries work (the overlay on
                 // top decides for the container); device nodes come from
-                // the runtime, not the image.
-                mount: MountConfig { allow_other: true, suid: true, dev: false, ..MountConfig::default() },
+                // the runtime, not the image. A container usually runs the
+                // image's entrypoint: it is loaded at mount (lazy images).
+                mount: MountConfig { allow_other: true, suid: true, dev: false, program: naiad_fuse::ProgramLoad::ImageEntrypoint, ..MountConfig::default() },
                 cache: self.cache_config()?,
                 runtime: runtime.clone(),
                 prefetch: self.prefetch_config()?,
