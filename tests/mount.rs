@@ -863,28 +863,5 @@ fn a_program_and_its_libraries_are_loaded_at_mount() {
     });
     assert!(settled, "the program was not loaded: {}", m.stats());
     assert_eq!(first_pages(&m), 0, "the program, its interpreter and its libraries were loaded at mount");
-
-    // A library the program opens later (an extension module): its first
-    // read loads the libraries it needs.
-    let settle = |m: &MountGuard| {
-        let mut last = u64::MAX;
-        wait_until(Duration::from_secs(30), || {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = m.counter("store_requests");
-            std::mem::replace(&mut last, now) == now
-        })
-    };
-    let module = "usr/lib/python3.11/lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so";
-    let needs = ["usr/lib/x86_64-linux-gnu/libssl.so.3", "usr/lib/x86_64-linux-gnu/libcrypto.so.3"];
-    let before = m.counter("store_requests");
-    assert!(fs::read(m.path(module)).unwrap() == fs::read(debian.reference_rootfs.join(module)).unwrap());
-    assert!(m.counter("store_requests") > before, "the module was not local");
-    assert!(settle(&m));
-    let before = m.counter("store_requests");
-    for rel in needs {
-        let mut page = vec![0u8; 4096];
-        open_for_random_reads(&m.path(rel)).read_at(&mut page, 0).unwrap();
-    }
-    assert_eq!(m.counter("store_requests"), before, "the libraries the module needs were loaded at its first read");
     m.umount();
 }

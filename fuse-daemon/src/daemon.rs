@@ -296,15 +296,11 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         }
         _ => None,
     };
-    // Programs (and the libraries they open) are loaded ahead on a lazy
-    // mount that runs one, unless read-ahead or prefetch are off.
-    let loads_programs = config.mount.program != ProgramLoad::Off && config.prefetch.enabled && config.mount.read_ahead_max > 0;
     let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl)
         .with_recorder(recorder.clone())
         .with_read_pool(pool)
         .with_backing_files(backing.clone(), passthrough)
-        .with_read_ahead(config.mount.read_ahead_max)
-        .with_library_loads(loads_programs);
+        .with_read_ahead(config.mount.read_ahead_max);
     let read_ahead = fs.background_loads();
 
     let report = stats_report(config, &image, &chunks, &counters, start, handoff.supervisor_pid, handoff.generation);
@@ -340,7 +336,7 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     // Files the prefetch completed get their backing files.
     let on_done = backing.map(|b| Box::new(move || b.offer_all()) as Box<dyn Fn() + Send + Sync>);
     let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start, on_done)?;
-    if loads_programs {
+    if config.prefetch.enabled && config.mount.read_ahead_max > 0 {
         program_loads::start(image.clone(), chunks.clone(), &config.mount.program);
     }
     handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[])

@@ -185,11 +185,6 @@ pub struct NaiadFs {
     mapped_files: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// The windows of those being loaded or loaded.
     mapped_windows: MappedWindows,
-    /// Load the libraries a shared library needs at its first read
-    /// ([`crate::program_loads::start_library`]).
-    library_loads: bool,
-    /// Shared libraries seen at lookup or in readdirplus and not read yet.
-    unread_libraries: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// Directories whose small files are read from the store, to load the
     /// rest of one in the background ([`DirectoryLoads`]).
     directory_loads: DirectoryLoads,
@@ -246,17 +241,8 @@ impl NaiadFs {
             prefetch_files: Default::default(),
             mapped_files: Default::default(),
             mapped_windows: Default::default(),
-            library_loads: false,
-            unread_libraries: Default::default(),
             directory_loads: Default::default(),
         }
-    }
-
-    /// At the first read of a shared library, loads the libraries it needs
-    /// in the background (as the program a mount runs is loaded at mount).
-    pub fn with_library_loads(mut self, on: bool) -> Self {
-        self.library_loads = on;
-        self
     }
 
     /// Reports every read to `recorder` (`--record-trace`).
@@ -369,11 +355,6 @@ impl NaiadFs {
     /// readdirplus, after which it looks the name up no more): programs
     /// and libraries are loaded by window.
     fn note_name(&self, ino: u32, r: &InodeRecord, kind: InodeKind, name: &[u8]) {
-        if self.library_loads && kind == InodeKind::RegularFile && crate::read_ahead::is_shared_object_name(name) {
-            if let Ok(mut unread) = self.unread_libraries.lock() {
-                unread.insert(ino);
-            }
-        }
         if kind == InodeKind::RegularFile && self.read_ahead.max_window() > 0 && crate::read_ahead::loads_by_window(name, r.mode, r.size) {
             if let Ok(mut mapped) = self.mapped_files.lock() {
                 mapped.insert(ino);
@@ -492,11 +473,6 @@ impl NaiadFs {
             Ok(None) => reply.data(&[]),
             Ok(Some(job)) => {
                 let missing = job.missing();
-                // A shared library's header read from the store: a process
-                // is loading it, and next the libraries it needs.
-                if !missing.is_empty() && job.offset == 0 && self.library_loads && self.unread_libraries.lock().is_ok_and(|mut u| u.remove(&job.ino)) {
-                    crate::program_loads::start_library(self.image.clone(), self.chunks.clone(), job.ino);
-                }
                 // Programs and libraries: the windows this read falls in.
                 let mapped = !missing.is_empty() && self.mapped_files.lock().map(|m| m.contains(&job.ino)).unwrap_or(false);
                 if mapped {

@@ -62,33 +62,14 @@ pub fn start(image: Arc<NaiadImage>, cache: Arc<ChunkCache>, program: &ProgramLo
         },
         ProgramLoad::Named(n) => n.clone(),
     };
-    if has_startup_set(&image) {
+    if image.bootstrap.prefetch().is_ok_and(|t| !t.is_empty()) {
         return;
     }
     let _ = std::thread::Builder::new().name("naiad-program".into()).spawn(move || {
         let t = std::time::Instant::now();
-        let loaded = resolve_program(&image, &name).map_or(0, |ino| load_from(&image, &cache, ino));
+        let loaded = load_program(&image, &cache, &name);
         tracing::debug!("program {name}: loaded {loaded} files ahead in {:?}", t.elapsed());
     });
-}
-
-/// Starts loading the libraries shared library `ino` needs, as the first
-/// read of it shows the process is loading it (`dlopen` of a Python
-/// extension module, say), on a thread of its own.
-pub fn start_library(image: Arc<NaiadImage>, cache: Arc<ChunkCache>, ino: u32) {
-    if has_startup_set(&image) {
-        return;
-    }
-    let _ = std::thread::Builder::new().name("naiad-library".into()).spawn(move || {
-        let t = std::time::Instant::now();
-        let loaded = load_from(&image, &cache, ino);
-        tracing::debug!("library inode {ino}: loaded {loaded} files ahead in {:?}", t.elapsed());
-    });
-}
-
-/// An image with a recorded startup set loads that instead.
-fn has_startup_set(image: &NaiadImage) -> bool {
-    image.bootstrap.prefetch().is_ok_and(|t| !t.is_empty())
 }
 
 /// The image config's Entrypoint\[0\], else Cmd\[0\].
@@ -98,8 +79,9 @@ fn entrypoint(config: &Value) -> Option<String> {
     first("Entrypoint").or_else(|| first("Cmd"))
 }
 
-/// The inode of program `name`: a path, or a name on the image's `PATH`.
-fn resolve_program(image: &NaiadImage, name: &str) -> Option<u32> {
+/// Loads `name` and the libraries it needs, level by level; returns how
+/// many files it loaded.
+fn load_program(image: &NaiadImage, cache: &ChunkCache, name: &str) -> usize {
     let path_env = image
         .config
         .get("config")
@@ -111,12 +93,7 @@ fn resolve_program(image: &NaiadImage, name: &str) -> Option<u32> {
     } else {
         path_env.as_deref().unwrap_or(DEFAULT_PATH).split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{name}")).collect()
     };
-    candidates.iter().find_map(|p| resolve(image, p.as_bytes()))
-}
-
-/// Loads ELF file `first` and the files it needs, level by level; returns
-/// how many files it loaded.
-fn load_from(image: &NaiadImage, cache: &ChunkCache, first: u32) -> usize {
+    let Some(first) = candidates.iter().find_map(|p| resolve(image, p.as_bytes())) else { return 0 };
     let mut seen: HashSet<u32> = HashSet::from([first]);
     let mut level = vec![first];
     for _ in 0..MAX_DEPTH {

@@ -64,12 +64,8 @@ pub fn loads_by_window(name: &[u8], mode: u32, size: u64) -> bool {
     if !(MAPPED_FILE_MIN..=MAPPED_FILE_MAX).contains(&size) {
         return false;
     }
-    mode & 0o111 != 0 || is_shared_object_name(name)
-}
-
-/// Whether `name` is a shared library's (`x.so`, `x.so.6`).
-pub fn is_shared_object_name(name: &[u8]) -> bool {
-    name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.")
+    let shared_object = name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.");
+    mode & 0o111 != 0 || shared_object
 }
 
 /// Windows of mapped files remembered by [`MappedWindows`].
