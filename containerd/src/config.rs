@@ -223,7 +223,7 @@ impl SnapshotterConfig {
                 // top decides for the container); device nodes come from
                 // the runtime, not the image. A container usually runs the
                 // image's entrypoint: it is loaded at mount (lazy images).
-                mount: MountConfig { allow_other: true, suid: true, dev: false, program: naiad_fuse::ProgramLoad::ImageEntrypoint, ..MountConfig::default() },
+                mount: MountConfig { allow_other: true, suid: true, dev: false, program: naiad_fuse::ProgramLoad::Command(Default::default()), ..MountConfig::default() },
                 cache: self.cache_config()?,
                 runtime: runtime.clone(),
                 prefetch: self.prefetch_config()?,

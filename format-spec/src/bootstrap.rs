@@ -27,6 +27,9 @@ pub const MAX_NAME_LEN: usize = 255;
 /// Deepest directory nesting accepted (a Linux path of PATH_MAX bytes has
 /// at most 2048 components).
 pub const MAX_DEPTH: usize = 4096;
+/// Symlinks [`Bootstrap::resolve_path_following`] follows in one path at
+/// most (Linux's limit).
+pub const MAX_SYMLINK_HOPS: usize = 40;
 
 /// The tables of a bootstrap, in file order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,7 +365,8 @@ impl Bootstrap {
         Ok(None)
     }
 
-    /// Resolves a `/`-separated path from the root, without following symlinks.
+    /// Resolves a `/`-separated path from the root, without following
+    /// symlinks ([`Bootstrap::resolve_path_following`] follows them).
     pub fn resolve_path(&self, path: &[u8]) -> Result<Option<u32>> {
         let mut ino = ROOT_INO;
         for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty() && *p != b".") {
@@ -376,6 +380,59 @@ impl Bootstrap {
             }
         }
         Ok(Some(ino))
+    }
+
+    /// Resolves a `/`-separated path from the root as the kernel would in
+    /// a chroot: symlinks followed in every component, the last included
+    /// (an absolute target from the root, at most [`MAX_SYMLINK_HOPS`]),
+    /// `..` of the root is the root. `None` if a component is missing or
+    /// not a directory, or the hops run out.
+    pub fn resolve_path_following(&self, path: &[u8]) -> Result<Option<u32>> {
+        let components = |p: &[u8]| p.split(|&c| c == b'/').filter(|c| !c.is_empty()).rev().map(<[u8]>::to_vec).collect::<Vec<_>>();
+        // Components still to walk, the next last; the directories walked.
+        let mut parts = components(path);
+        let mut dirs: Vec<u32> = vec![ROOT_INO];
+        let mut hops = 0;
+        let mut at = ROOT_INO;
+        while let Some(part) = parts.pop() {
+            let Some(&dir) = dirs.last() else { return Ok(None) };
+            match part.as_slice() {
+                b"." => continue,
+                b".." => {
+                    if dirs.len() > 1 {
+                        dirs.pop();
+                    }
+                    at = dirs.last().copied().unwrap_or(ROOT_INO);
+                    continue;
+                }
+                _ => {}
+            }
+            if self.inode(dir)?.kind() != Some(InodeKind::Directory) {
+                return Ok(None);
+            }
+            let Some(ino) = self.lookup(dir, &part)? else { return Ok(None) };
+            match self.inode(ino)?.kind() {
+                Some(InodeKind::Symlink) => {
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return Ok(None);
+                    }
+                    let target = self.symlink_target(ino)?;
+                    if target.starts_with(b"/") {
+                        dirs.truncate(1);
+                    }
+                    parts.extend(components(target));
+                    at = dirs.last().copied().unwrap_or(ROOT_INO);
+                }
+                Some(InodeKind::Directory) => {
+                    dirs.push(ino);
+                    at = ino;
+                }
+                _ if parts.is_empty() => return Ok(Some(ino)),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(at))
     }
 
     /// The target of symlink `ino`.

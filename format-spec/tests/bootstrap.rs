@@ -42,6 +42,14 @@ fn round_trip() {
     let f = boot.resolve_path(b"/d/f").unwrap().unwrap();
     assert_eq!(boot.resolve_path(b"d/g").unwrap(), Some(f));
     assert_eq!(boot.resolve_path(b"/d/nope").unwrap(), None);
+    // Symlinks: kept by resolve_path, followed by resolve_path_following.
+    assert_eq!(boot.resolve_path(b"/d/l").unwrap(), Some(5));
+    assert_eq!(boot.resolve_path_following(b"/d/l").unwrap(), Some(f));
+    assert_eq!(boot.resolve_path_following(b"/../d/./l").unwrap(), Some(f));
+    assert_eq!(boot.resolve_path_following(b"/d/../d/s").unwrap(), Some(6));
+    assert_eq!(boot.resolve_path_following(b"/d").unwrap(), Some(2));
+    assert_eq!(boot.resolve_path_following(b"/d/l/x").unwrap(), None, "a file is no directory");
+    assert_eq!(boot.resolve_path_following(b"/d/nope").unwrap(), None);
     let inode = boot.inode(f).unwrap();
     assert_eq!((inode.mode, inode.nlink, inode.uid, inode.size, inode.mtime_nsec), (0o104755, 2, 1000, 4296, 5));
     assert_eq!(boot.xattrs(f).unwrap(), vec![(&b"user.k"[..], &b"v"[..])]);

@@ -336,9 +336,7 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     // Files the prefetch completed get their backing files.
     let on_done = backing.map(|b| Box::new(move || b.offer_all()) as Box<dyn Fn() + Send + Sync>);
     let prefetcher = Prefetcher::start(image.clone(), chunks.clone(), config.prefetch.clone(), start, on_done)?;
-    if config.prefetch.enabled && config.mount.read_ahead_max > 0 {
-        program_loads::start(image.clone(), chunks.clone(), &config.mount.program);
-    }
+    program_loads::start(image.clone(), chunks.clone(), &config.mount.program, config.prefetch.enabled && config.mount.read_ahead_max > 0);
     handoff::send(channel, &DaemonMessage::Ready { pid: std::process::id(), init_request: init }, &[])
         .map_err(|source| FuseError::Io { path: "supervisor channel".into(), source })?;
     match handoff.cause {

@@ -15,10 +15,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use naiad_format::{ChunkRecord, InodeKind, ROOT_INO};
+use naiad_format::{ChunkRecord, InodeKind};
 use naiad_reader::NaiadImage;
+use naiad_runtime::{image_path, CommandOverrides};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::chunk_cache::ChunkCache;
 use crate::counters::Origin;
@@ -29,9 +29,10 @@ pub enum ProgramLoad {
     /// None (`naiad mount`).
     #[default]
     Off,
-    /// The image's Entrypoint, else its Cmd (the program `naiad run` runs
-    /// when given no command).
-    ImageEntrypoint,
+    /// The program of the command line that these overrides make of the
+    /// image's Entrypoint and Cmd (`naiad run`; containerd image mounts
+    /// with no overrides).
+    Command(CommandOverrides),
     /// This program: a path in the image, or a name looked up on the image's
     /// `PATH`.
     Named(String),
@@ -49,22 +50,23 @@ const SEGMENT_LOAD_MAX: u64 = 16 << 20;
 /// `ld.so.cache`: the usual places of Debian-like and other images).
 const LIBRARY_DIRS: [&str; 8] =
     ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"];
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Starts loading `program` of `image` into `cache` on a thread of its own
-/// (detached: it ends with its last load, or with the daemon).
-pub fn start(image: Arc<NaiadImage>, cache: Arc<ChunkCache>, program: &ProgramLoad) {
+/// (detached: it ends with its last load, or with the daemon); not when
+/// background loads are off (`background_loads`: no prefetch, no
+/// read-ahead) or the image has a startup set.
+pub fn start(image: Arc<NaiadImage>, cache: Arc<ChunkCache>, program: &ProgramLoad, background_loads: bool) {
+    if !background_loads || image.bootstrap.prefetch().is_ok_and(|t| !t.is_empty()) {
+        return;
+    }
     let name = match program {
         ProgramLoad::Off => return,
-        ProgramLoad::ImageEntrypoint => match entrypoint(&image.config) {
+        ProgramLoad::Command(overrides) => match overrides.command_line(image.config.get("config")).into_iter().next() {
             Some(n) => n,
             None => return,
         },
         ProgramLoad::Named(n) => n.clone(),
     };
-    if image.bootstrap.prefetch().is_ok_and(|t| !t.is_empty()) {
-        return;
-    }
     let _ = std::thread::Builder::new().name("naiad-program".into()).spawn(move || {
         let t = std::time::Instant::now();
         let loaded = load_program(&image, &cache, &name);
@@ -72,26 +74,13 @@ pub fn start(image: Arc<NaiadImage>, cache: Arc<ChunkCache>, program: &ProgramLo
     });
 }
 
-/// The image config's Entrypoint\[0\], else Cmd\[0\].
-fn entrypoint(config: &Value) -> Option<String> {
-    let c = config.get("config")?;
-    let first = |key: &str| c.get(key).and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str).map(String::from);
-    first("Entrypoint").or_else(|| first("Cmd"))
-}
-
 /// Loads `name` and the libraries it needs, level by level; returns how
 /// many files it loaded.
 fn load_program(image: &NaiadImage, cache: &ChunkCache, name: &str) -> usize {
-    let path_env = image
-        .config
-        .get("config")
-        .and_then(|c| c.get("Env"))
-        .and_then(Value::as_array)
-        .and_then(|env| env.iter().filter_map(Value::as_str).find_map(|e| e.strip_prefix("PATH=").map(String::from)));
     let candidates: Vec<String> = if name.contains('/') {
         vec![name.to_string()]
     } else {
-        path_env.as_deref().unwrap_or(DEFAULT_PATH).split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{name}")).collect()
+        image_path(image.config.get("config")).split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{name}")).collect()
     };
     let Some(first) = candidates.iter().find_map(|p| resolve(image, p.as_bytes())) else { return 0 };
     let mut seen: HashSet<u32> = HashSet::from([first]);
@@ -118,45 +107,11 @@ fn load_program(image: &NaiadImage, cache: &ChunkCache, name: &str) -> usize {
     seen.len()
 }
 
-/// Resolves `path` from the image's root, following symlinks (also in
-/// the last component) as the kernel would; a regular file's inode.
+/// The regular file `path` names in the image, symlinks followed.
 fn resolve(image: &NaiadImage, path: &[u8]) -> Option<u32> {
     let b = &image.bootstrap;
-    let mut parts: Vec<Vec<u8>> = path.split(|&c| c == b'/').filter(|p| !p.is_empty()).rev().map(<[u8]>::to_vec).collect();
-    let mut stack: Vec<u32> = vec![ROOT_INO];
-    let mut hops = 0;
-    while let Some(part) = parts.pop() {
-        let dir = *stack.last()?;
-        match part.as_slice() {
-            b"." => continue,
-            b".." => {
-                if stack.len() > 1 {
-                    stack.pop();
-                }
-                continue;
-            }
-            _ => {}
-        }
-        let ino = b.lookup(dir, &part).ok()??;
-        let rec = b.inode(ino).ok()?;
-        match rec.kind()? {
-            InodeKind::Symlink => {
-                hops += 1;
-                if hops > 40 {
-                    return None;
-                }
-                let target = b.symlink_target(ino).ok()?;
-                if target.starts_with(b"/") {
-                    stack.truncate(1);
-                }
-                parts.extend(target.split(|&c| c == b'/').filter(|p| !p.is_empty()).rev().map(<[u8]>::to_vec));
-            }
-            InodeKind::Directory => stack.push(ino),
-            InodeKind::RegularFile if parts.is_empty() => return Some(ino),
-            _ => return None,
-        }
-    }
-    None
+    let ino = b.resolve_path_following(path).ok()??;
+    (b.inode(ino).ok()?.kind()? == InodeKind::RegularFile).then_some(ino)
 }
 
 /// Bytes `[offset, offset + len)` of inode `ino` (short at the end of the
@@ -357,13 +312,5 @@ mod tests {
         cut[56..58].copy_from_slice(&1000u16.to_le_bytes());
         assert!(Elf::parse(&cut).is_none());
         assert!(Elf::parse(&[]).is_none());
-    }
-
-    #[test]
-    fn the_entrypoint_is_the_first_of_entrypoint_else_cmd() {
-        let cfg = |c: Value| serde_json::json!({ "config": c });
-        assert_eq!(entrypoint(&cfg(serde_json::json!({"Entrypoint": ["/bin/tini", "--"], "Cmd": ["node"]}))).as_deref(), Some("/bin/tini"));
-        assert_eq!(entrypoint(&cfg(serde_json::json!({"Cmd": ["python3", "-c", "1"]}))).as_deref(), Some("python3"));
-        assert_eq!(entrypoint(&cfg(serde_json::json!({}))), None);
     }
 }

@@ -17,7 +17,7 @@ use naiad_format::Bootstrap;
 use serde_json::Value;
 
 use naiad_registry::error::{RegistryError, Result};
-use naiad_registry::{open_source_with, BlobStore, Digest, ImageRef, LayerBlob, RegistryClient, RegistryOptions, RegistryStats, SourceImage};
+use naiad_registry::{open_source_reading, BlobStore, Digest, ImageRef, LayerBlob, RegistryClient, RegistryOptions, RegistryStats};
 
 use crate::bootstrap_cache::BootstrapCache;
 
@@ -86,7 +86,14 @@ impl NaiadImage {
     /// [`NaiadImage::open_with`], taking the decoded bootstrap from `cache`
     /// when it holds the image's (and keeping it there when not).
     pub fn open_cached(reference: &ImageRef, options: &RegistryOptions, cache: Option<&BootstrapCache>) -> Result<Self> {
-        let source = open_source_with(reference, options)?;
+        // The bootstrap is read with the manifest, side by side with the
+        // config, unless the cache holds it.
+        let mut cached = None;
+        let (source, fetched) = open_source_reading(reference, options, |layers| {
+            let boot = layers.iter().find(|l| l.media_type == MEDIA_TYPE_BOOTSTRAP)?;
+            cached = cache.and_then(|c| c.load(&boot.digest));
+            cached.is_none().then(|| (boot.digest.clone(), boot.size.min(MAX_BOOTSTRAP_SIZE)))
+        })?;
         let bad = |reason: String| RegistryError::BadImage { reference: reference.to_string(), reason };
         let format = source.manifest.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));
         if format.is_some_and(|v| v != FORMAT_VERSION) {
@@ -101,12 +108,15 @@ impl NaiadImage {
         if matches!(reference, ImageRef::DockerArchive { .. }) {
             return Err(bad("naiad images are read from an OCI layout (oci:DIR[:TAG]) or a registry (docker://...)".into()));
         }
-        let cached = cache.and_then(|c| c.load(&boot.digest));
         let bootstrap_cached = cached.is_some();
         let bootstrap = match cached {
             Some(b) => b,
             None => {
-                let b = Self::read_bootstrap(reference, &source, &boot)?;
+                let compressed = match fetched {
+                    Some(read) => read?,
+                    None => source.read_blob(&boot.digest, boot.size.min(MAX_BOOTSTRAP_SIZE))?,
+                };
+                let b = Self::decode_bootstrap(reference, &compressed, &boot)?;
                 if let Some(c) = cache {
                     c.store(&boot.digest, &b);
                 }
@@ -131,14 +141,13 @@ impl NaiadImage {
         })
     }
 
-    /// The image's bootstrap from its layer: the compressed blob checked
+    /// The image's bootstrap from its layer `compressed` (read checked
     /// against its digest and the manifest's size before anything is
-    /// inflated, the result against its digest annotation, then checked
-    /// and validated.
-    fn read_bootstrap(reference: &ImageRef, source: &SourceImage, boot: &LayerBlob) -> Result<Bootstrap> {
+    /// inflated): the result checked against its digest annotation, then
+    /// decoded and validated.
+    fn decode_bootstrap(reference: &ImageRef, compressed: &[u8], boot: &LayerBlob) -> Result<Bootstrap> {
         let bad = |reason: String| RegistryError::BadImage { reference: reference.to_string(), reason };
-        let compressed = source.read_blob(&boot.digest, boot.size.min(MAX_BOOTSTRAP_SIZE))?;
-        let raw = inflate_bootstrap(&compressed).map_err(|reason| bad(format!("bootstrap layer {}: {reason}", boot.digest)))?;
+        let raw = inflate_bootstrap(compressed).map_err(|reason| bad(format!("bootstrap layer {}: {reason}", boot.digest)))?;
         if let Some(expected) = boot.annotations.get(ANNOTATION_BOOTSTRAP_DIGEST) {
             let actual = Digest::of(&raw);
             if actual.as_str() != expected {

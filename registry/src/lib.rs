@@ -59,6 +59,6 @@ pub use reference::ImageRef;
 pub use registry_client::{RegistryClient, RegistryStats};
 pub use registry_options::RegistryOptions;
 pub use remote_store::RegistryBlobStore;
-pub use source::{open_source, open_source_with, LayerBlob, SourceImage};
+pub use source::{open_source, open_source_reading, open_source_with, LayerBlob, SourceImage};
 pub use store::{BlobStore, LayoutBlobStore};
 pub use token_cache::TokenCache;

@@ -33,6 +33,20 @@ fn is_index(m: &FetchedManifest) -> bool {
 
 /// Pulls `reference`'s manifest for `platform` and its config.
 pub fn resolve(client: &RegistryClient, reference: &DockerReference, platform: &Platform) -> Result<RemoteImage> {
+    resolve_reading(client, reference, platform, |_| None).map(|(image, _)| image)
+}
+
+/// [`resolve`], also reading the blob `pick` names (its digest and the
+/// most bytes to read) once the manifest is known: the blob on this
+/// thread, on the connection the manifest came over, and the config side
+/// by side on another, which saves a round trip over a slow link. The
+/// blob's outcome is the caller's to judge.
+pub fn resolve_reading(
+    client: &RegistryClient,
+    reference: &DockerReference,
+    platform: &Platform,
+    pick: impl FnOnce(&Manifest) -> Option<(Digest, u64)>,
+) -> Result<(RemoteImage, Option<Result<Vec<u8>>>)> {
     let shown = format!("docker://{reference}");
     let bad = |reason: String| RegistryError::BadImage { reference: shown.clone(), reason };
     let repo = &reference.repository;
@@ -70,7 +84,17 @@ pub fn resolve(client: &RegistryClient, reference: &DockerReference, platform: &
         return Err(bad(format!("unsupported manifest media type {media_type:?}")));
     }
     let config_digest = Digest::parse(&manifest.config.digest)?;
-    let config_bytes = client.get_blob(repo, &config_digest, MAX_JSON_SIZE)?;
-    let config: Value = serde_json::from_slice(&config_bytes).map_err(|source| RegistryError::Json { what: format!("{shown}: config {config_digest}"), source })?;
-    Ok(RemoteImage { manifest, manifest_digest: fetched.digest, manifest_bytes: fetched.bytes, config })
+    let fetch_config = || -> Result<Value> {
+        let config_bytes = client.get_blob(repo, &config_digest, MAX_JSON_SIZE)?;
+        serde_json::from_slice(&config_bytes).map_err(|source| RegistryError::Json { what: format!("{shown}: config {config_digest}"), source })
+    };
+    let (config, blob) = match pick(&manifest) {
+        None => (fetch_config(), None),
+        Some((digest, max)) => std::thread::scope(|s| {
+            let config = s.spawn(fetch_config);
+            let blob = client.get_blob(repo, &digest, max);
+            (config.join().unwrap_or_else(|_| Err(bad(format!("config {config_digest}: the reading thread panicked")))), Some(blob))
+        }),
+    };
+    Ok((RemoteImage { manifest, manifest_digest: fetched.digest, manifest_bytes: fetched.bytes, config: config? }, blob))
 }

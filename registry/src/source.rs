@@ -18,7 +18,7 @@ use crate::manifest::*;
 use crate::reference::ImageRef;
 use crate::registry_client::RegistryClient;
 use crate::registry_options::RegistryOptions;
-use crate::remote_image::resolve;
+use crate::remote_image::resolve_reading;
 use crate::remote_store::RegistryBlobStore;
 use crate::store::{BlobStore, LayoutBlobStore};
 
@@ -58,10 +58,33 @@ pub fn open_source(reference: &ImageRef) -> Result<SourceImage> {
 /// Opens the image `reference` names; `options` say how to reach a
 /// registry and which platform to pick from an index.
 pub fn open_source_with(reference: &ImageRef, options: &RegistryOptions) -> Result<SourceImage> {
+    open_source_reading(reference, options, |_| None).map(|(image, _)| image)
+}
+
+/// [`open_source_with`], also reading the layer blob `pick` names from
+/// the image's layers (its digest and the most bytes to read): from a
+/// registry side by side with the config (see
+/// [`crate::remote_image::resolve_reading`]). The blob's outcome is the
+/// caller's to judge.
+pub fn open_source_reading(
+    reference: &ImageRef,
+    options: &RegistryOptions,
+    pick: impl FnOnce(&[LayerBlob]) -> Option<(Digest, u64)>,
+) -> Result<(SourceImage, Option<Result<Vec<u8>>>)> {
+    let read_after = |image: SourceImage, pick: Option<(Digest, u64)>| {
+        let blob = pick.map(|(digest, max)| image.read_blob(&digest, max));
+        (image, blob)
+    };
     match reference {
-        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options),
-        ImageRef::DockerArchive { file } => open_archive(reference, file),
-        ImageRef::Docker(r) => open_registry(reference, r, options),
+        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options).map(|image| {
+            let picked = pick(&image.layers);
+            read_after(image, picked)
+        }),
+        ImageRef::DockerArchive { file } => open_archive(reference, file).map(|image| {
+            let picked = pick(&image.layers);
+            read_after(image, picked)
+        }),
+        ImageRef::Docker(r) => open_registry(reference, r, options, pick),
     }
 }
 
@@ -73,18 +96,24 @@ fn layer_blobs(manifest: &Manifest) -> Result<Vec<LayerBlob>> {
         .collect()
 }
 
-fn open_registry(reference: &ImageRef, r: &crate::docker_ref::DockerReference, options: &RegistryOptions) -> Result<SourceImage> {
+fn open_registry(
+    reference: &ImageRef,
+    r: &crate::docker_ref::DockerReference,
+    options: &RegistryOptions,
+    pick: impl FnOnce(&[LayerBlob]) -> Option<(Digest, u64)>,
+) -> Result<(SourceImage, Option<Result<Vec<u8>>>)> {
     let client = RegistryClient::for_reference(r, options)?;
-    let image = resolve(&client, r, &options.platform())?;
+    let (image, blob) = resolve_reading(&client, r, &options.platform(), |m| layer_blobs(m).ok().and_then(|layers| pick(&layers)))?;
     let layers = layer_blobs(&image.manifest)?;
-    Ok(SourceImage {
+    let image = SourceImage {
         reference: reference.clone(),
         manifest: image.manifest,
         manifest_digest: Some(image.manifest_digest),
         config: image.config,
         layers,
         backend: Backend::Registry { client, repository: r.repository.clone() },
-    })
+    };
+    Ok((image, blob))
 }
 
 fn bad(reference: &ImageRef, reason: impl Into<String>) -> RegistryError {

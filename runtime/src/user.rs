@@ -10,9 +10,7 @@ use std::fs;
 use std::path::Path;
 
 use crate::error::RuntimeError;
-
-/// PATH used when the image's environment has none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use crate::image_command::DEFAULT_PATH;
 
 /// A user as an image's `/etc/passwd` and `/etc/group` define it.
 #[derive(Debug, Clone, PartialEq, Eq)]

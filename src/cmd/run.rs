@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use naiad_fuse::{daemon, mountinfo, MountConfig, ProgramLoad, FSTYPE};
 use naiad_registry::{open_source_with, ImageRef};
-use naiad_runtime::{ProcessSpec, RunSpec, DEFAULT_PATH};
+use naiad_runtime::{CommandOverrides, ProcessSpec, RunSpec};
 use serde_json::Value;
 
 use super::mount::DaemonOptions;
@@ -135,27 +135,6 @@ impl Drop for RunDir {
     }
 }
 
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array).map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
-}
-
-/// Entrypoint + Cmd, with `docker run` semantics for overrides.
-fn command_line(a: &RunArgs, cfg: Option<&Value>) -> Vec<String> {
-    let entrypoint = match &a.entrypoint {
-        Some(e) if e.is_empty() => vec![],
-        Some(e) => vec![e.clone()],
-        None => strings(cfg.and_then(|c| c.get("Entrypoint"))),
-    };
-    let cmd = if !a.command.is_empty() {
-        a.command.clone()
-    } else if a.entrypoint.is_some() {
-        vec![]
-    } else {
-        strings(cfg.and_then(|c| c.get("Cmd")))
-    };
-    entrypoint.into_iter().chain(cmd).collect()
-}
-
 pub fn run(a: RunArgs) -> Result<i32> {
     // From here on a stop signal is noted, and the setup stops at the next
     // step, cleaning up what it made (RunDir's drop); once the command
@@ -173,14 +152,10 @@ pub fn run(a: RunArgs) -> Result<i32> {
 
     let mut rd = RunDir::create()?;
     rd.keep_upper = a.keep;
-    // The daemon loads the program ahead (in a lazy image): the one given,
-    // else the image's entrypoint. (Given a command and an image with an
-    // Entrypoint, the guess is the command's first word, which then is
-    // not a program and loads nothing.)
-    let program = match a.entrypoint.as_deref().filter(|e| !e.is_empty()).or(a.command.first().map(String::as_str)) {
-        Some(p) => ProgramLoad::Named(p.to_string()),
-        None => ProgramLoad::ImageEntrypoint,
-    };
+    // The daemon loads the program ahead (in a lazy image): the first word
+    // of the command line these overrides make of the image's.
+    let overrides = CommandOverrides { entrypoint: a.entrypoint.clone(), command: a.command.clone() };
+    let program = ProgramLoad::Command(overrides.clone());
     let config = a.daemon.daemon_config(&a.source, &rd.lower, MountConfig { program, ..MountConfig::default() }, None)?;
     rd.log_file = Some(config.log_file.clone());
     if let Some(code) = stopped("before the mount") {
@@ -206,7 +181,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         return stopped("while mounting").map(Ok).unwrap_or(Err(e.into()));
     }
     let cfg = image.config.get("config");
-    let argv = command_line(&a, cfg);
+    let argv = overrides.command_line(cfg);
     if argv.is_empty() {
         bail!("image {} has no Entrypoint or Cmd; give a command after --", a.source);
     }
@@ -216,10 +191,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if let Some(code) = stopped("before the command started") {
         return Ok(code);
     }
-    let mut base_env = strings(cfg.and_then(|c| c.get("Env")));
-    if !base_env.iter().any(|e| e.starts_with("PATH=")) {
-        base_env.insert(0, format!("PATH={DEFAULT_PATH}"));
-    }
+    let mut base_env = naiad_runtime::image_env(cfg);
     if !base_env.iter().chain(&a.env).any(|e| e.starts_with("HOME=")) {
         base_env.push(format!("HOME={}", user.home.clone().unwrap_or_else(|| "/".into())));
     }
