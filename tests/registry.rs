@@ -876,6 +876,50 @@ fn metadata_stays_fast_while_reads_wait_on_a_trickling_registry() {
     m.umount();
 }
 
+/// The read that starts its directory's load is answered from its own
+/// request: the load leaves out the chunks that read fetches itself, so
+/// the read is not held behind the load's larger request (which here
+/// trickles for far longer than the read may take).
+#[test]
+fn the_read_that_starts_a_directory_load_is_not_held_behind_it() {
+    if !mount_support::fuse_available() {
+        return;
+    }
+    let tmp = scratch("dirload-first-read");
+    // One chunk per file (--small-files 0): the first file's read asks for
+    // its 20 KiB, the directory's load for the other 15 in one request of
+    // about 300 KiB.
+    let files: Vec<(String, Vec<u8>)> = (0..16u64).map(|i| (format!("pkg/m{i:02}.py"), Prng(0x6469_7200 + i).bytes(20 << 10))).collect();
+    let src = tmp.path().join("src");
+    files_layout(&src, &files);
+    let reg = Distribution::start(RegistryAuth::None, None);
+    ok(&["convert", "--quiet", "--small-files", "0", &format!("oci:{}:latest", src.display()), &format!("docker://{}/pkg:naiad", reg.host())]);
+    // Answers longer than 64 KiB trickle, a byte every 100 ms; a request
+    // may take 60 s.
+    let proxy = TestProxy::start(reg.port, ProxyConfig { trickle_ranges: Some(Duration::from_millis(100)), trickle_ranges_longer_than: 64 << 10, ..Default::default() });
+    let dir = tmp.path().join("mnt");
+    fs::create_dir_all(&dir).unwrap();
+    let flags: Vec<&std::ffi::OsStr> = ["--retries", "0", "--read-timeout", "60"].iter().map(std::ffi::OsStr::new).collect();
+    let m = MountGuard::mount_with(&format!("docker://{}/pkg:naiad", proxy.host()), &dir, &dir.join("cache"), &flags);
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = m.path("pkg/m00.py");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::read(path));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(30)).expect("the first read was held behind its directory's load");
+    assert!(got.expect("the first read failed") == files[0].1, "pkg/m00.py: wrong bytes");
+    let long_ranges = || {
+        let log = proxy.stats.log.lock().unwrap().clone();
+        log.iter()
+            .filter_map(|l| l.split("bytes=").nth(1)?.split_once('-').and_then(|(a, b)| Some(b.parse::<u64>().ok()? + 1 - a.parse::<u64>().ok()?)))
+            .filter(|&n| n > 64 << 10)
+            .count()
+    };
+    assert!(mount_support::wait_until(Duration::from_secs(10), || long_ranges() > 0), "the directory's load never asked for the rest: {:?}", proxy.stats.log.lock().unwrap());
+    m.umount();
+}
+
 #[test]
 fn unpack_from_a_registry_batches_its_requests_across_small_files() {
     let reg = Distribution::start(RegistryAuth::None, None);

@@ -14,7 +14,7 @@
 //! file pages are cached by the kernel for as long as it likes (long TTLs,
 //! `FOPEN_KEEP_CACHE`, `FOPEN_CACHE_DIR`), including negative lookups.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -27,7 +27,7 @@ use fuser::{
     OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use naiad_format::{Bootstrap, ChunkRecord, FileChunk, InodeKind, InodeRecord};
+use naiad_format::{Bootstrap, ChunkDigest, ChunkRecord, FileChunk, InodeKind, InodeRecord};
 use naiad_reader::NaiadImage;
 
 use crate::attr::{dir_size, file_attr, file_type, BLOCK_SIZE};
@@ -199,6 +199,9 @@ pub struct NaiadFs {
 const READ_AHEAD_LOADS: usize = 4;
 const WINDOW_LOADS: usize = 4;
 const DIRECTORY_LOADS: usize = 2;
+
+/// A read that waits longer is logged at debug level.
+const SLOW_READ: Duration = Duration::from_millis(2);
 
 /// An inode number from the kernel as a bootstrap inode number.
 fn ino32(ino: INodeNo) -> Option<u32> {
@@ -475,15 +478,18 @@ impl NaiadFs {
                 let missing = job.missing();
                 // Programs and libraries: the windows this read falls in.
                 let mapped = !missing.is_empty() && self.mapped_files.lock().map(|m| m.contains(&job.ino)).unwrap_or(false);
+                // Background loads this read starts leave out the chunks it
+                // fetches itself: claimed by a load, a chunk at the end of
+                // its request would keep the read waiting for all of it.
                 if mapped {
                     for (from, to) in self.mapped_windows.start(job.ino, job.offset, job.end, job.file_size) {
-                        if !self.start_read_ahead(job.ino, from, to, &self.window_loads) {
+                        if !self.start_read_ahead(job.ino, from, to, &self.window_loads, &missing) {
                             self.mapped_windows.forget(job.ino, from);
                         }
                     }
                 }
                 if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size) {
-                    self.start_read_ahead(job.ino, from, to, &self.read_ahead_loads);
+                    self.start_read_ahead(job.ino, from, to, &self.read_ahead_loads, &missing);
                 }
                 // Read to its end: maybe all local now (no RELEASE comes
                 // with zero-message opens). Offered once answered.
@@ -498,7 +504,7 @@ impl NaiadFs {
                     && job.file_size <= SMALL_FILE_MAX
                     && self.read_ahead.max_window() > 0
                     && self.directory_loads.observe_cold_read(job.parent)
-                    && !self.start_directory_load(job.parent)
+                    && !self.start_directory_load(job.parent, &missing)
                 {
                     self.directory_loads.forget(job.parent);
                 }
@@ -539,15 +545,15 @@ impl NaiadFs {
     /// the other (each claimed only when its turn comes, so a reader
     /// faulting in a later part meanwhile fetches it itself rather than
     /// waiting); not for a file the prefetch table covers
-    /// ([`NaiadFs::in_prefetch_set`]). False if it could not start (all
-    /// slots of `loads` busy).
-    fn start_read_ahead(&self, ino: u32, from: u64, to: u64, loads: &BackgroundLoads) -> bool {
+    /// ([`NaiadFs::in_prefetch_set`]), and not the chunks in `skip`. False
+    /// if it could not start (all slots of `loads` busy).
+    fn start_read_ahead(&self, ino: u32, from: u64, to: u64, loads: &BackgroundLoads, skip: &[ChunkRecord]) -> bool {
         if self.in_prefetch_set(ino) {
             return true;
         }
         let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return true };
         // (load_batch drops duplicates: a chunk group's pieces share one.)
-        let pieces: Vec<_> = pieces.into_iter().filter(|p| !self.chunks.is_cached(&p.chunk)).collect();
+        let pieces: Vec<_> = pieces.into_iter().filter(|p| !self.chunks.is_cached(&p.chunk) && !skip.iter().any(|s| s.digest == p.chunk.digest)).collect();
         if pieces.is_empty() {
             return true;
         }
@@ -575,12 +581,13 @@ impl NaiadFs {
     /// background, with as few requests as the merge limits allow; not if
     /// they are more than [`DIRECTORY_LOAD_MAX`] stored bytes or the
     /// directory has more than [`DIRECTORY_SCAN_MAX`] entries, and not the
-    /// files the prefetch table covers. False if it should have started
-    /// but could not (all directory-load slots busy).
-    fn start_directory_load(&self, dir: u32) -> bool {
+    /// files the prefetch table covers nor the chunks in `skip`. False if
+    /// it should have started but could not (all directory-load slots
+    /// busy).
+    fn start_directory_load(&self, dir: u32, skip: &[ChunkRecord]) -> bool {
         let b = self.bootstrap();
         let mut chunks: Vec<ChunkRecord> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen: HashSet<ChunkDigest> = skip.iter().map(|c| c.digest).collect();
         let mut stored = 0u64;
         for pos in 0.. {
             let Ok(Some(entry)) = b.dir_entry(dir, pos) else { break };
@@ -721,8 +728,12 @@ impl Filesystem for NaiadFs {
         let counters = self.counters.clone();
         // Counted together so the histogram's count equals `reads`.
         let count = move || {
-            counters.read_latency.observe(start.elapsed());
+            let waited = start.elapsed();
+            counters.read_latency.observe(waited);
             inc(&counters.reads);
+            if waited > SLOW_READ {
+                tracing::debug!("read of inode {} at {offset} ({size} bytes) waited {waited:?}", ino.0);
+            }
         };
         if self.recorder.is_none() {
             if let Some(reply) = self.read_backing(ino, offset, size, reply) {

@@ -585,6 +585,9 @@ pub struct ProxyConfig {
     /// Answer ranged blob GETs one body byte per this interval (a server
     /// that trickles); the headers come at once.
     pub trickle_ranges: Option<Duration>,
+    /// With `trickle_ranges`: only answers longer than this many bytes
+    /// trickle (0: all).
+    pub trickle_ranges_longer_than: u64,
 }
 
 #[derive(Debug, Default)]
@@ -871,7 +874,8 @@ fn proxy_connection(client: TcpStream, upstream: u16, own_port: u16, config: &Pr
             stats.blob_gets.fetch_add(1, Ordering::SeqCst);
             stats.blob_body_bytes.fetch_add(rbody.len() as u64, Ordering::SeqCst);
         }
-        if let (Some(interval), true) = (config.trickle_ranges, is_blob_get && head.get("range").is_some()) {
+        let trickles = is_blob_get && head.get("range").is_some() && rbody.len() as u64 > config.trickle_ranges_longer_than;
+        if let (Some(interval), true) = (config.trickle_ranges, trickles) {
             if client_w.write_all(&rhead.to_bytes()).and_then(|_| client_w.flush()).is_err() {
                 return;
             }
