@@ -71,21 +71,13 @@ pub fn open_source_reading(
     options: &RegistryOptions,
     pick: impl FnOnce(&[LayerBlob]) -> Option<(Digest, u64)>,
 ) -> Result<(SourceImage, Option<Result<Vec<u8>>>)> {
-    let read_after = |image: SourceImage, pick: Option<(Digest, u64)>| {
-        let blob = pick.map(|(digest, max)| image.read_blob(&digest, max));
-        (image, blob)
+    let image = match reference {
+        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options)?,
+        ImageRef::DockerArchive { file } => open_archive(reference, file)?,
+        ImageRef::Docker(r) => return open_registry(reference, r, options, pick),
     };
-    match reference {
-        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options).map(|image| {
-            let picked = pick(&image.layers);
-            read_after(image, picked)
-        }),
-        ImageRef::DockerArchive { file } => open_archive(reference, file).map(|image| {
-            let picked = pick(&image.layers);
-            read_after(image, picked)
-        }),
-        ImageRef::Docker(r) => open_registry(reference, r, options, pick),
-    }
+    let blob = pick(&image.layers).map(|(digest, max)| image.read_blob(&digest, max));
+    Ok((image, blob))
 }
 
 fn layer_blobs(manifest: &Manifest) -> Result<Vec<LayerBlob>> {
