@@ -389,20 +389,20 @@ impl Bootstrap {
     /// not a directory, or the hops run out.
     pub fn resolve_path_following(&self, path: &[u8]) -> Result<Option<u32>> {
         let components = |p: &[u8]| p.split(|&c| c == b'/').filter(|c| !c.is_empty()).rev().map(<[u8]>::to_vec).collect::<Vec<_>>();
-        // Components still to walk, the next last; the directories walked.
+        // Components still to walk, the next last; the directories walked,
+        // the root first (never empty: the root is not popped), the one
+        // reached last.
         let mut parts = components(path);
         let mut dirs: Vec<u32> = vec![ROOT_INO];
         let mut hops = 0;
-        let mut at = ROOT_INO;
         while let Some(part) = parts.pop() {
-            let Some(&dir) = dirs.last() else { return Ok(None) };
+            let dir = dirs.last().copied().unwrap_or(ROOT_INO);
             match part.as_slice() {
                 b"." => continue,
                 b".." => {
                     if dirs.len() > 1 {
                         dirs.pop();
                     }
-                    at = dirs.last().copied().unwrap_or(ROOT_INO);
                     continue;
                 }
                 _ => {}
@@ -422,17 +422,13 @@ impl Bootstrap {
                         dirs.truncate(1);
                     }
                     parts.extend(components(target));
-                    at = dirs.last().copied().unwrap_or(ROOT_INO);
                 }
-                Some(InodeKind::Directory) => {
-                    dirs.push(ino);
-                    at = ino;
-                }
+                Some(InodeKind::Directory) => dirs.push(ino),
                 _ if parts.is_empty() => return Ok(Some(ino)),
                 _ => return Ok(None),
             }
         }
-        Ok(Some(at))
+        Ok(dirs.last().copied())
     }
 
     /// The target of symlink `ino`.

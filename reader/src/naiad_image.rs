@@ -87,7 +87,9 @@ impl NaiadImage {
     /// when it holds the image's (and keeping it there when not).
     pub fn open_cached(reference: &ImageRef, options: &RegistryOptions, cache: Option<&BootstrapCache>) -> Result<Self> {
         // The bootstrap is read with the manifest, side by side with the
-        // config, unless the cache holds it.
+        // config, unless the cache holds it (`fetched` is its read: `None`
+        // only when cached, or when there is no bootstrap layer, which is
+        // refused below).
         let mut cached = None;
         let (source, fetched) = open_source_reading(reference, options, |layers| {
             let boot = layers.iter().find(|l| l.media_type == MEDIA_TYPE_BOOTSTRAP)?;
@@ -112,10 +114,7 @@ impl NaiadImage {
         let bootstrap = match cached {
             Some(b) => b,
             None => {
-                let compressed = match fetched {
-                    Some(read) => read?,
-                    None => source.read_blob(&boot.digest, boot.size.min(MAX_BOOTSTRAP_SIZE))?,
-                };
+                let compressed = fetched.ok_or_else(|| bad(format!("bootstrap layer {} was not read", boot.digest)))??;
                 let b = Self::decode_bootstrap(reference, &compressed, &boot)?;
                 if let Some(c) = cache {
                     c.store(&boot.digest, &b);
