@@ -170,6 +170,15 @@ impl ChunkSink {
         Ok(seq)
     }
 
+    /// Queues a copy of bytes already added in a larger chunk, for the
+    /// prefetch blob (a startup set's part of a chunk it wants only in
+    /// part); not counted as file bytes in.
+    pub fn add_startup_copy(&mut self, data: Vec<u8>) -> Result<ChunkSeq> {
+        let seq = self.take_seq();
+        self.queue(Pending { seq, data, prefetch: true, level: self.levels.prefetch })?;
+        Ok(seq)
+    }
+
     fn take_seq(&mut self) -> ChunkSeq {
         self.next_seq += 1;
         self.next_seq - 1

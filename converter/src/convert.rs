@@ -651,10 +651,10 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mu
                 let mut offset = 0u64;
                 opts.chunking
                     .split(&mut *entry, |data| {
-                        let len = data.len() as u32;
-                        let wanted = prefetch.is_some_and(|l| l.wants_range(&abs_path, offset, len as u64));
-                        pieces.push(Piece { seq: sink.add(data, wanted)?, chunk_offset: 0, len });
-                        offset += len as u64;
+                        let len = data.len() as u64;
+                        let wanted = prefetch.map(|l| l.wanted_within(&abs_path, offset, offset + len)).unwrap_or_default();
+                        add_file_chunk(sink, data, offset, &wanted, &mut pieces)?;
+                        offset += len;
                         Ok::<(), ConvertError>(())
                     })
                     .map_err(|e| match e {
@@ -670,6 +670,40 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mu
         other => return Err(entry_err(format!("unsupported tar entry type {other:?}"))),
     };
     tree.put(&parts, Node { meta, kind: node_kind }, layer_index).map_err(&entry_err)
+}
+
+/// Adds one chunk of a large file, the bytes `[offset, offset + len)`, and
+/// its pieces; `wanted` is what a prefetch list wants of it (sorted,
+/// disjoint, inside the chunk).
+///
+/// A chunk wanted whole, or nearly (three quarters of its bytes), goes to
+/// the prefetch blob. A chunk wanted in part stays in its layer's blob, and
+/// copies of the wanted parts go to the prefetch blob as chunks of their
+/// own: the file's pieces name the copies for the wanted bytes and the
+/// chunk for the rest, so a startup set holds what the workload read rather
+/// than every chunk it touched (SPEC §5.3).
+fn add_file_chunk(sink: &mut ChunkSink, data: Vec<u8>, offset: u64, wanted: &[(u64, u64)], pieces: &mut Vec<Piece>) -> Result<()> {
+    let len = data.len() as u64;
+    let wanted_bytes: u64 = wanted.iter().map(|(s, e)| e - s).sum();
+    if wanted_bytes == 0 || wanted_bytes * 4 >= len * 3 {
+        pieces.push(Piece { seq: sink.add(data, wanted_bytes > 0)?, chunk_offset: 0, len: len as u32 });
+        return Ok(());
+    }
+    let copies: Vec<Vec<u8>> = wanted.iter().map(|&(s, e)| data[(s - offset) as usize..(e - offset) as usize].to_vec()).collect();
+    let whole = sink.add(data, false)?;
+    let rest = |from: u64, to: u64| Piece { seq: whole, chunk_offset: (from - offset) as u32, len: (to - from) as u32 };
+    let mut at = offset;
+    for (&(s, e), copy) in wanted.iter().zip(copies) {
+        if s > at {
+            pieces.push(rest(at, s));
+        }
+        pieces.push(Piece { seq: sink.add_startup_copy(copy)?, chunk_offset: 0, len: (e - s) as u32 });
+        at = e;
+    }
+    if at < offset + len {
+        pieces.push(rest(at, offset + len));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

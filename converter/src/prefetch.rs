@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConvertError, Result};
 
+/// The page size wanted ranges are widened to: what the kernel reads at least.
+const PAGE: u64 = 4096;
+
 /// One access recorded by `--record-trace`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceRecord {
@@ -97,6 +100,34 @@ impl PrefetchList {
         })
     }
 
+    /// Which bytes of `[start, end)` of `path` are wanted: sorted, disjoint
+    /// ranges, each widened to whole 4 KiB pages of the file (clamped to
+    /// `[start, end)`); all of it when a glob matches the path.
+    pub fn wanted_within(&self, path: &str, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut ranges = Vec::new();
+        for i in &self.items {
+            match i {
+                Item::Glob(g) if g.is_match(path) => return vec![(start, end)],
+                Item::Range(r) if r.path == path => {
+                    let (s, e) = (r.offset.max(start), r.offset.saturating_add(r.length).min(end));
+                    if s < e {
+                        ranges.push(((s / PAGE * PAGE).max(start), e.div_ceil(PAGE).saturating_mul(PAGE).min(end)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged
+    }
+
     /// What is wanted, in list order; globs are expanded by `matching`
     /// (which lists the image's files matching a glob, in tree order).
     pub fn in_order(&self, mut matching: impl FnMut(&GlobMatcher) -> Vec<String>) -> Vec<(String, Wanted)> {
@@ -158,5 +189,22 @@ mod tests {
         assert_eq!(order[0], ("/usr/bin/python3".into(), Wanted::Range { offset: 4096, length: 100 }));
         assert_eq!(order.len(), 3);
         assert!(PrefetchList::parse("{bad json", "x").unwrap_err().to_string().contains("x:1"));
+    }
+
+    #[test]
+    fn wanted_bytes_within_a_chunk_are_merged_pages() {
+        let l = PrefetchList::parse(
+            "{\"path\": \"/lib/a.so\", \"offset\": 8192, \"length\": 4096}\n{\"path\": \"/lib/a.so\", \"offset\": 100, \"length\": 10}\n{\"path\": \"/lib/a.so\", \"offset\": 12288, \"length\": 100}\n{\"path\": \"/lib/b.so\", \"offset\": 0, \"length\": 1}\n/lib/*.py\n",
+            "list",
+        )
+        .unwrap();
+        // Pages 0 and 2..4 of the chunk [0, 65536); the 100 bytes at 12288 widen to their page.
+        assert_eq!(l.wanted_within("/lib/a.so", 0, 65536), vec![(0, 4096), (8192, 16384)]);
+        // Clamped to the chunk asked about; nothing of a chunk no range touches.
+        assert_eq!(l.wanted_within("/lib/a.so", 10000, 13000), vec![(10000, 13000)]);
+        assert_eq!(l.wanted_within("/lib/a.so", 16384, 65536), vec![]);
+        assert_eq!(l.wanted_within("/lib/c.so", 0, 65536), vec![]);
+        // A glob wants the whole chunk.
+        assert_eq!(l.wanted_within("/lib/x.py", 4096, 70000), vec![(4096, 70000)]);
     }
 }
