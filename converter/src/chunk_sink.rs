@@ -170,15 +170,6 @@ impl ChunkSink {
         Ok(seq)
     }
 
-    /// Queues a copy of bytes already added in a larger chunk, for the
-    /// prefetch blob (a startup set's part of a chunk it wants only in
-    /// part); not counted as file bytes in.
-    pub fn add_startup_copy(&mut self, data: Vec<u8>) -> Result<ChunkSeq> {
-        let seq = self.take_seq();
-        self.queue(Pending { seq, data, prefetch: true, level: self.levels.prefetch })?;
-        Ok(seq)
-    }
-
     fn take_seq(&mut self) -> ChunkSeq {
         self.next_seq += 1;
         self.next_seq - 1
@@ -209,6 +200,24 @@ impl ChunkSink {
     /// piece.
     pub fn add_small(&mut self, data: &[u8], prefetch: bool) -> Result<Piece> {
         self.bytes_in += data.len() as u64;
+        self.pack(data, prefetch)
+    }
+
+    /// Packs a copy of bytes already added in a larger chunk into the
+    /// prefetch blob's chunk groups, or as a chunk of its own when it is
+    /// larger than a group: the pages a startup set wants of a chunk it
+    /// wants only in part. Not counted as file bytes in.
+    pub fn add_startup_copy(&mut self, data: Vec<u8>) -> Result<Piece> {
+        if data.len() > self.group_size {
+            let len = data.len() as u32;
+            let seq = self.take_seq();
+            self.queue(Pending { seq, data, prefetch: true, level: self.levels.prefetch })?;
+            return Ok(Piece { seq, chunk_offset: 0, len });
+        }
+        self.pack(&data, true)
+    }
+
+    fn pack(&mut self, data: &[u8], prefetch: bool) -> Result<Piece> {
         let digest = *blake3::hash(data).as_bytes();
         if let Some(&piece) = self.small_by_digest.get(&digest) {
             return Ok(piece);

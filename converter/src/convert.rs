@@ -697,7 +697,7 @@ fn add_file_chunk(sink: &mut ChunkSink, data: Vec<u8>, offset: u64, wanted: &[(u
         if s > at {
             pieces.push(rest(at, s));
         }
-        pieces.push(Piece { seq: sink.add_startup_copy(copy)?, chunk_offset: 0, len: (e - s) as u32 });
+        pieces.push(sink.add_startup_copy(copy)?);
         at = e;
     }
     if at < offset + len {
