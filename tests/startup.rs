@@ -171,6 +171,8 @@ fn trace_records_reads_in_first_access_order() {
     let m = MountGuard::mount_with(&image, tmp.path(), &tmp.path().join("cache"), &[os("--record-trace"), trace.as_os_str()]);
     // The trace exists (empty) as soon as the mount does.
     assert_eq!(fs::read_to_string(&trace).expect("trace file at mount"), "");
+    // Recorded with the small kernel read-ahead a startup set is run with.
+    assert_eq!(kernel_readahead_kb(&m.mountpoint), 16, "recording mount");
     let big_len = fs::metadata(expected.join(gen_paths::BIG)).unwrap().len();
     let at = (1u64 << 20) + 5000;
     let reads: [(&str, u64, usize); 5] = [
@@ -210,6 +212,25 @@ fn trace_records_reads_in_first_access_order() {
     let optimized = convert_with_list(&img.layout, img.tag, &tmp.path().join("optimized"), &trace);
     let info = naiad_inspect_json(&optimized);
     assert!(u(&info["prefetch_chunks"]) > 0, "no prefetch chunks: {info}");
+
+    // The optimized image runs with the read-ahead it was recorded with;
+    // the plain one with the kernel's default.
+    for (image, kb) in [(&optimized, 16), (&image, 128)] {
+        let dir = tmp.path().join(format!("ra-{kb}"));
+        fs::create_dir(&dir).unwrap();
+        let m = MountGuard::mount(image, &dir, &dir.join("cache"));
+        assert_eq!(kernel_readahead_kb(&m.mountpoint), kb, "{image}");
+        m.umount();
+    }
+}
+
+/// The kernel read-ahead of the mount at `mountpoint`, in KiB (its
+/// backing device's `read_ahead_kb`).
+fn kernel_readahead_kb(mountpoint: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(mountpoint).unwrap().dev();
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", major(dev), minor(dev));
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")).trim().parse().unwrap()
 }
 
 /// The Debian image: `naiad run --record-trace` of `python3 -c 'import
@@ -331,7 +352,10 @@ fn python_startup_is_recorded_and_prefetched() {
         s["prefetch"]["millis"],
         u(&c["store_chunks"]) - before
     );
-    assert_eq!(u(&c["demand_requests"]), 0, "python read from the store after the prefetch: {c}");
+    // The set holds the pages the recorded run read (16 KiB read-ahead), so
+    // a run whose faults land a page off (outside `naiad run`, timing) may
+    // fetch a chunk or two more: never much of the set's size.
+    assert!(u(&c["demand_chunks"]) <= 2 && u(&c["demand_bytes"]) * 10 < set_bytes, "python read much from the store after the prefetch: {c}");
     m.umount();
 
     // --no-prefetch: nothing is fetched until read; the startup set's

@@ -50,15 +50,20 @@ struct Pacer {
 }
 
 impl Pacer {
-    /// Waits until `n` bytes have gone through the link.
-    fn send(&self, n: usize) {
+    /// Waits until `n` bytes that reached the link at `arrival` have gone
+    /// through it. They go out when they arrive or when the link is free,
+    /// whichever is later, whenever this thread gets to run: a proxy thread
+    /// the scheduler wakes late (the client busy on both cores) delivers the
+    /// backlog at once, as a real link fills the receiver's socket buffer
+    /// meanwhile, instead of leaving the link idle.
+    fn send(&self, n: usize, arrival: Instant) {
         if self.bits_per_second == 0 {
             return;
         }
         let cost = Duration::from_secs_f64(n as f64 * 8.0 / self.bits_per_second as f64);
         let done = {
             let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
-            let start = (*next).max(Instant::now());
+            let start = (*next).max(arrival);
             *next = start + cost;
             *next
         };
@@ -134,7 +139,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, pacer: Arc<Pace
             if due > now {
                 thread::sleep(due - now);
             }
-            pacer.send(data.len());
+            pacer.send(data.len(), due);
             if to.write_all(&data).is_err() {
                 break;
             }

@@ -14,7 +14,9 @@
 //! the groups of the old one that it did not touch (dedup across versions).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use naiad_format::{encode_hashed_chunk, BlobRecord, ChunkDigest, ChunkRecord, EncodedChunk};
@@ -61,6 +63,13 @@ struct Pending {
     level: i32,
 }
 
+/// The prefetch set's stored chunks before they are ordered into their
+/// blob: an unnamed temporary file, removed however the conversion ends.
+struct PrefetchScratch {
+    file: BufWriter<File>,
+    len: u64,
+}
+
 /// Batches compressed at once.
 const IN_FLIGHT: usize = 3;
 
@@ -99,10 +108,11 @@ pub struct ChunkSink {
     pub chunks: Vec<ChunkRecord>,
     pub blobs: Vec<BlobRecord>,
     current: Option<BlobWriter>,
-    /// The blob holding the startup (prefetch) set, opened on first use and
-    /// committed by [`ChunkSink::end_prefetch_blob`]; its chunks get their
-    /// blob index then.
-    prefetch: Option<BlobWriter>,
+    /// The startup (prefetch) set's chunks as they are compressed, in a
+    /// scratch file opened on first use; [`ChunkSink::end_prefetch_blob`]
+    /// writes them to their blob in the prefetch table's order, and they get
+    /// their blob index and offset then.
+    prefetch: Option<PrefetchScratch>,
     prefetch_chunks: Vec<u32>,
     /// Blobs this conversion added to the layout (removed again on failure).
     pub created: Vec<Digest>,
@@ -304,19 +314,23 @@ impl ChunkSink {
         let encoded = job.join().map_err(|_| ConvertError::Invalid("the compression thread panicked".into()))?;
         for (e, to_prefetch) in encoded {
             let index = self.chunks.len() as u32;
-            let (writer, blob_index) = if to_prefetch {
+            let (offset, blob_index) = if to_prefetch {
                 if self.prefetch.is_none() {
-                    self.prefetch = Some(self.layout.blob_writer()?);
+                    let file = tempfile::tempfile().map_err(|source| ConvertError::Io { path: "prefetch scratch file".into(), source })?;
+                    self.prefetch = Some(PrefetchScratch { file: BufWriter::with_capacity(1 << 20, file), len: 0 });
                 }
+                let scratch = self.prefetch.as_mut().ok_or_else(|| ConvertError::Invalid("no prefetch scratch file".into()))?;
+                scratch.file.write_all(&e.stored).map_err(|source| ConvertError::Io { path: "prefetch scratch file".into(), source })?;
+                scratch.len += e.stored.len() as u64;
                 self.prefetch_chunks.push(index);
-                // The real index is known once the prefetch blob is committed.
-                (self.prefetch.as_mut(), u32::MAX)
+                // The blob index and offset are set when the prefetch blob is written.
+                (scratch.len - e.stored.len() as u64, u32::MAX)
             } else {
-                (self.current.as_mut(), self.blobs.len() as u32)
+                let writer = self.current.as_mut().ok_or_else(|| ConvertError::Invalid("chunk added outside a blob".into()))?;
+                let offset = writer.bytes_written();
+                writer.write_all(&e.stored).map_err(|source| ConvertError::Io { path: "blob".into(), source })?;
+                (offset, self.blobs.len() as u32)
             };
-            let writer = writer.ok_or_else(|| ConvertError::Invalid("chunk added outside a blob".into()))?;
-            let offset = writer.bytes_written();
-            writer.write_all(&e.stored).map_err(|source| ConvertError::Io { path: "blob".into(), source })?;
             self.chunks.push(ChunkRecord {
                 digest: e.digest,
                 compressed_offset: offset,
@@ -378,14 +392,31 @@ impl ChunkSink {
         Ok(())
     }
 
-    /// Drains and commits the prefetch blob, if any chunk went there, and
-    /// gives its chunks their blob index.
-    pub fn end_prefetch_blob(&mut self) -> Result<()> {
+    /// Writes the prefetch blob, if any chunk went to it: its chunks in the
+    /// order of `table` (the prefetch table: chunk indexes, the first
+    /// occurrence counting), then any others in the order they came, so a
+    /// reader streaming the blob gets what the workload needs first first.
+    /// Call after [`ChunkSink::drain`].
+    pub fn end_prefetch_blob(&mut self, table: &[u32]) -> Result<()> {
         self.drain()?;
-        let Some(writer) = self.prefetch.take() else { return Ok(()) };
+        let Some(scratch) = self.prefetch.take() else { return Ok(()) };
+        let scratch_err = |source| ConvertError::Io { path: "prefetch scratch file".into(), source };
+        let file = scratch.file.into_inner().map_err(|e| scratch_err(e.into_error()))?;
+        let in_scratch: HashSet<u32> = self.prefetch_chunks.iter().copied().collect();
+        let mut placed = HashSet::new();
+        let order: Vec<u32> = table.iter().chain(&self.prefetch_chunks).copied().filter(|c| in_scratch.contains(c) && placed.insert(*c)).collect();
+        let mut writer = self.layout.blob_writer()?;
+        let mut buf = Vec::new();
+        for &c in &order {
+            let record = &mut self.chunks[c as usize];
+            buf.resize(record.compressed_size as usize, 0);
+            file.read_exact_at(&mut buf, record.compressed_offset).map_err(scratch_err)?;
+            record.compressed_offset = writer.bytes_written();
+            writer.write_all(&buf).map_err(|source| ConvertError::Io { path: "prefetch blob".into(), source })?;
+        }
         let (digest, size) = writer.commit()?;
         let index = self.blobs.len() as u32;
-        for &c in &self.prefetch_chunks {
+        for &c in &order {
             self.chunks[c as usize].blob_index = index;
         }
         self.created.push(digest.clone());

@@ -398,7 +398,14 @@ fn convert_into(
         }
         source_layer_bytes += layer.size;
     }
-    if let Err(e) = sink.end_prefetch_blob() {
+    if let Err(e) = sink.drain() {
+        return Err(fail(e, &sink));
+    }
+    let prefetch = match &opts.prefetch {
+        Some(list) => prefetch_table(list, &mut tree, &sink),
+        None => Vec::new(),
+    };
+    if let Err(e) = sink.end_prefetch_blob(&prefetch) {
         return Err(fail(e, &sink));
     }
     let dict_blobs = match sink.end_dict_blobs() {
@@ -418,10 +425,6 @@ fn convert_into(
             }
         }
     }
-    let prefetch = match &opts.prefetch {
-        Some(list) => prefetch_table(list, &mut tree, &sink),
-        None => Vec::new(),
-    };
     let (bootstrap, counts) = match write_bootstrap(&tree, &sink, opts.chunking.params(), prefetch) {
         Ok(x) => x,
         Err(e) => return Err(fail(e, &sink)),

@@ -503,10 +503,15 @@ impl NaiadFs {
                         b.offer(ino);
                     }
                 };
+                // Not for a file of the startup set: the recording knows
+                // which files the startup reads, and its read waits for
+                // the set's own fetch (loading the directory's other files
+                // would only slow that down).
                 if !missing.is_empty()
                     && !mapped
                     && job.file_size <= SMALL_FILE_MAX
                     && self.read_ahead.max_window() > 0
+                    && !self.in_prefetch_set(job.ino)
                     && self.directory_loads.observe_cold_read(job.parent)
                     && !self.start_directory_load(job.parent, &missing)
                 {
@@ -570,6 +575,7 @@ impl NaiadFs {
     /// slot of `loads`; false if all its slots are busy.
     fn load_in_background(&self, loads: &BackgroundLoads, thread: &str, batches: Vec<Vec<ChunkRecord>>) -> bool {
         let Some(slot) = loads.try_start() else { return false };
+        tracing::debug!("{thread}: loading {} chunks in the background", batches.iter().map(Vec::len).sum::<usize>());
         let cache = self.chunks.clone();
         // (A thread that cannot be spawned drops its slot with the closure.)
         let _ = std::thread::Builder::new().name(thread.into()).spawn(move || {
