@@ -137,7 +137,9 @@ fn backing_file_round_trip(passthrough: bool) {
 
     // A backing file changed on disk is detected, removed and rebuilt from
     // the chunk cache, and its bytes are never served.
-    let backing = backing_files(&cache).pop().unwrap();
+    let mut files = backing_files(&cache);
+    assert_eq!(files.len(), 1, "one backing file, BIG's: {files:?}");
+    let backing = files.pop().unwrap();
     let mut bytes = fs::read(&backing).unwrap();
     bytes[12345] ^= 0xff;
     fs::OpenOptions::new().write(true).open(&backing).unwrap().write_all_at(&bytes[12345..12346], 12345).unwrap();

@@ -646,7 +646,7 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mu
                 let mut data = Vec::with_capacity(expected as usize);
                 (&mut *entry).take(opts.small_file_max as u64).read_to_end(&mut data).map_err(|io| entry_err(format!("corrupt or truncated: {io}")))?;
                 if !data.is_empty() {
-                    let wanted = prefetch.is_some_and(|l| l.wants_range(&abs_path, 0, data.len() as u64));
+                    let wanted = prefetch.is_some_and(|l| !l.wanted_within(&abs_path, 0, data.len() as u64).is_empty());
                     pieces.push(sink.add_small(&data, wanted)?);
                 }
                 data.len() as u64
@@ -681,10 +681,10 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<R>, layer_index: usize, tree: &mu
 ///
 /// A chunk wanted whole, or nearly (three quarters of its bytes), goes to
 /// the prefetch blob. A chunk wanted in part stays in its layer's blob, and
-/// copies of the wanted parts go to the prefetch blob as chunks of their
-/// own: the file's pieces name the copies for the wanted bytes and the
-/// chunk for the rest, so a startup set holds what the workload read rather
-/// than every chunk it touched (SPEC §5.3).
+/// copies of the wanted parts go to the prefetch blob, packed into its
+/// chunk groups: the file's pieces name the copies for the wanted bytes and
+/// the chunk for the rest, so a startup set holds what the workload read
+/// rather than every chunk it touched (SPEC §5.3).
 fn add_file_chunk(sink: &mut ChunkSink, data: Vec<u8>, offset: u64, wanted: &[(u64, u64)], pieces: &mut Vec<Piece>) -> Result<()> {
     let len = data.len() as u64;
     let wanted_bytes: u64 = wanted.iter().map(|(s, e)| e - s).sum();

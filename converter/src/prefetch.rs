@@ -92,14 +92,6 @@ impl PrefetchList {
         })
     }
 
-    /// Whether the bytes `[offset, offset+len)` of `path` are wanted.
-    pub fn wants_range(&self, path: &str, offset: u64, len: u64) -> bool {
-        self.items.iter().any(|i| match i {
-            Item::Range(r) => r.path == path && r.offset < offset + len && offset < r.offset + r.length,
-            Item::Glob(g) => g.is_match(path),
-        })
-    }
-
     /// Which bytes of `[start, end)` of `path` are wanted: sorted, disjoint
     /// ranges, each widened to whole 4 KiB pages of the file (clamped to
     /// `[start, end)`); all of it when a glob matches the path.
@@ -179,8 +171,8 @@ mod tests {
     fn parses_traces_paths_and_globs() {
         let l = PrefetchList::parse("# startup\n{\"path\": \"usr/bin/python3\", \"offset\": 4096, \"length\": 100}\n/etc/*.conf\n\n/usr/lib/**/*.so\n", "list").unwrap();
         assert!(l.wants_file("/usr/bin/python3"));
-        assert!(l.wants_range("/usr/bin/python3", 4000, 200));
-        assert!(!l.wants_range("/usr/bin/python3", 0, 4096));
+        assert_eq!(l.wanted_within("/usr/bin/python3", 4000, 4200), vec![(4096, 4200)]);
+        assert!(l.wanted_within("/usr/bin/python3", 0, 4096).is_empty());
         assert!(l.wants_file("/etc/ld.so.conf"));
         assert!(!l.wants_file("/etc/x/y.conf"));
         assert!(l.wants_file("/usr/lib/x86_64-linux-gnu/libc.so"));
