@@ -180,7 +180,7 @@ pub struct NaiadFs {
     window_loads: BackgroundLoads,
     /// Directory loads running now.
     directory_loads_running: BackgroundLoads,
-    /// The prefetch table's chunk indexes, read at the first read-ahead.
+    /// The prefetch table's chunk indexes ([`NaiadFs::startup_set`]), read once.
     prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
     /// Whether each inode asked about has a chunk in the prefetch table.
     prefetch_files: std::sync::Mutex<HashMap<u32, bool>>,
@@ -537,11 +537,17 @@ impl NaiadFs {
         count();
     }
 
+    /// The chunk indexes of the image's prefetch table (its startup set),
+    /// read once.
+    fn startup_set(&self) -> &HashSet<u32> {
+        self.prefetch_chunks.get_or_init(|| self.bootstrap().prefetch().map(|l| l.into_iter().collect()).unwrap_or_default())
+    }
+
     /// Whether the image's prefetch table (a recorded startup) holds a
     /// chunk of inode `ino`: then the recording knows which of its bytes
     /// the startup reads, better than a guess. Remembered per inode.
     fn in_prefetch_set(&self, ino: u32) -> bool {
-        let set = self.prefetch_chunks.get_or_init(|| self.bootstrap().prefetch().map(|l| l.into_iter().collect()).unwrap_or_default());
+        let set = self.startup_set();
         if set.is_empty() {
             return false;
         }
@@ -634,8 +640,7 @@ impl NaiadFs {
     /// for [`MAX_IO_SIZE`]; the kernel caps it at its default of 128 KiB
     /// (the backing device's `read_ahead_kb`).
     fn kernel_readahead(&self) -> u32 {
-        let has_startup_set = self.image.bootstrap.prefetch().is_ok_and(|t| !t.is_empty());
-        if has_startup_set || self.recorder.is_some() {
+        if !self.startup_set().is_empty() || self.recorder.is_some() {
             STARTUP_SET_READAHEAD
         } else {
             MAX_IO_SIZE
