@@ -133,7 +133,12 @@ fn backing_file_round_trip(passthrough: bool) {
     if passthrough {
         assert_eq!(m.counter("reads"), reads, "passthrough reads reached the daemon");
     }
+    // The daemon (not only its supervisor) is gone before the file is
+    // changed: one still draining its backing-file queue could write the
+    // file anew after the change.
+    let daemon = s["pid"].as_i64().unwrap() as i32;
     m.umount();
+    assert!(wait_until(Duration::from_secs(10), || !process_alive(daemon)), "daemon {daemon} still running after naiad umount");
 
     // A backing file changed on disk is detected, removed and rebuilt from
     // the chunk cache, and its bytes are never served.

@@ -58,7 +58,7 @@ pub fn is_naiad_mount(path: &Path) -> bool {
     })
 }
 
-fn process_alive(pid: i32) -> bool {
+pub fn process_alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))).unwrap_or(false)
 }
 
