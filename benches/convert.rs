@@ -46,11 +46,6 @@ fn convert_with(bin: &Path, src: &str, dst: &Path, args: &[&str]) -> serde_json:
     serde_json::from_slice(&out.stdout).expect("convert --json")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// The python3 image converted with the defaults, by this build and (with
 /// NAIAD_BENCH_BASELINE) by a baseline build, interleaved.
 fn defaults_speed(deb: &common::DebianImage, scratch: &Path) {
@@ -72,9 +67,9 @@ fn defaults_speed(deb: &common::DebianImage, scratch: &Path) {
                 times[i].2 = s["bytes_in"].as_f64().expect("bytes_in");
             }
         }
-        let base = times.get(1).map(|(_, t, _)| median(t.clone()));
+        let base = times.get(1).map(|(_, t, _)| common::median(t.clone()));
         for (label, t, bytes) in &times {
-            let m = median(t.clone());
+            let m = common::median(t.clone());
             let ratio = base.map(|b| format!("{:.2}x", b / m)).unwrap_or_else(|| "-".into());
             println!("{:<8} {:<10} {:>9.1} {:>9.3} {:>10.1} {:>11}", name, label, bytes / 1e6, m, bytes / 1e6 / m, ratio);
         }

@@ -32,11 +32,6 @@ use registry_server::{Distribution, RegistryAuth};
 const CMD: &[&str] = &["python3", "-c", "import json, asyncio, urllib.request, email.parser; print(42)"];
 const ROUNDS: usize = 3;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let deb = common::debian_image();
     let registry = Distribution::start(RegistryAuth::None, None);
@@ -93,11 +88,11 @@ fn main() {
         eprintln!("round {round}: naiad run {:.3} s; CRI pull {pulled:.3} s + ctr run = {secs:.3} s", run_s[round]);
         drop(node);
     }
-    let (run, cri) = (median(run_s), median(cri_s));
+    let (run, cri) = (common::median(run_s), common::median(cri_s));
     println!("\nCold start of `{}` over 100 Mbit/s, 20 ms RTT (medians of {ROUNDS}, one run)\n", CMD.join(" "));
     println!("| method | seconds | vs naiad run | MB fetched (last round) | requests |");
     println!("|---|---|---|---|---|");
     println!("| naiad run | {run:.3} | 1.00x | {:.2} | {} |", run_traffic.0 as f64 / 1e6, run_traffic.1);
-    println!("| CRI pull ({:.3} s) + ctr run, naiad snapshotter | {cri:.3} | {:.2}x | {:.2} | {} |", median(pull_s), cri / run, cri_traffic.0 as f64 / 1e6, cri_traffic.1);
+    println!("| CRI pull ({:.3} s) + ctr run, naiad snapshotter | {cri:.3} | {:.2}x | {:.2} | {} |", common::median(pull_s), cri / run, cri_traffic.0 as f64 / 1e6, cri_traffic.1);
     drop(registry);
 }

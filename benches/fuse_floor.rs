@@ -120,25 +120,11 @@ fn fuse_requests(f: impl FnOnce()) -> BTreeMap<String, u64> {
     counts
 }
 
+/// Seconds to read every file of `files` with 4 readers.
 fn read_every_file(files: &[PathBuf]) -> f64 {
     let t = Instant::now();
-    std::thread::scope(|s| {
-        for r in 0..4 {
-            s.spawn(move || {
-                let mut buf = vec![0u8; 1 << 20];
-                for f in files.iter().skip(r).step_by(4) {
-                    let mut f = fs::File::open(f).expect("open");
-                    while f.read(&mut buf).expect("read") > 0 {}
-                }
-            });
-        }
-    });
+    common::read_files(files, 4);
     t.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -164,8 +150,8 @@ fn main() {
     let umount = || naiad(&["umount", m, "--run-dir", run]);
 
     println!("\nFUSE request floor, {} regular files, {cpus} CPUs", rel.len());
-    let same = median((0..3).map(|_| ping_pong(0, 0, 50_000)).collect());
-    let across = if cpus > 1 { median((0..3).map(|_| ping_pong(0, 1, 20_000)).collect()) } else { f64::NAN };
+    let same = common::median((0..3).map(|_| ping_pong(0, 0, 50_000)).collect());
+    let across = if cpus > 1 { common::median((0..3).map(|_| ping_pong(0, 1, 20_000)).collect()) } else { f64::NAN };
     println!("round trip between two threads, same CPU:      {same:>8.2} us");
     println!("round trip between two threads, two CPUs:      {across:>8.2} us");
 
@@ -198,7 +184,7 @@ fn main() {
     naiad(&["check", &image]);
     let decode_cpu = children_cpu() - before;
 
-    let tmpfs_time = median((0..5).map(|_| read_every_file(&on_tmpfs)).collect());
+    let tmpfs_time = common::median((0..5).map(|_| read_every_file(&on_tmpfs)).collect());
     let _ = Command::new("umount").arg(&tmpfs).status();
     let show = |what: &str, c: &BTreeMap<String, u64>| {
         let total: u64 = c.values().sum();

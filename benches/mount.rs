@@ -17,7 +17,6 @@
 mod common;
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,29 +34,7 @@ fn naiad(args: &[&str]) -> String {
 /// Reads every regular file under `root` with [`READERS`] threads; returns bytes read.
 fn read_all(root: &Path) -> u64 {
     let files: Vec<PathBuf> = common::regular_files(root).into_iter().map(|(rel, _)| root.join(rel)).collect();
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..READERS)
-            .map(|r| {
-                let files = &files;
-                s.spawn(move || {
-                    let mut total = 0u64;
-                    let mut buf = vec![0u8; 1 << 20];
-                    for f in files.iter().skip(r).step_by(READERS) {
-                        let mut f = fs::File::open(f).expect("open");
-                        loop {
-                            let n = f.read(&mut buf).expect("read");
-                            if n == 0 {
-                                break;
-                            }
-                            total += n as u64;
-                        }
-                    }
-                    total
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().expect("reader")).sum()
-    })
+    common::read_files(&files, READERS)
 }
 
 fn timed<T>(f: impl FnOnce() -> T) -> (f64, T) {
@@ -72,11 +49,6 @@ fn ls_lr(root: &Path) -> f64 {
         assert!(st.success());
     })
     .0
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 struct Mounts<'a> {
@@ -197,20 +169,20 @@ fn bench(title: &str, source: &str, fill_tmpfs: impl FnOnce(&Path)) {
     println!("mount ready, bootstrap in the bootstrap cache (median of {MOUNT_RUNS}): {}", ms(&ready));
     println!("--passthrough rounds: {passthrough} opens served by passthrough in the last");
     println!("{:<58} {:>9} {:>9} {:>9}", "operation", "seconds", "MB/s", "vs tmpfs");
-    let (tr, tl) = (median(tmpfs_read), median(tmpfs_ls));
+    let (tr, tl) = (common::median(tmpfs_read), common::median(tmpfs_ls));
     let row = |name: &str, secs: f64, base: f64, mb: bool| {
         let rate = if mb { format!("{:.0}", bytes as f64 / 1e6 / secs) } else { "-".into() };
         println!("{name:<58} {secs:>9.3} {rate:>9} {:>8.2}x", secs / base);
     };
     row("read every file (4 readers), tmpfs", tr, tr, true);
-    row("read every file, naiad cold (empty caches, local layout)", median(cold), tr, true);
-    row("read every file, naiad disk cache warm, new daemon", median(disk), tr, true);
-    row("read every file, naiad page cache warm", median(page), tr, true);
-    row("  with --passthrough: disk cache warm, new daemon", median(pt_disk), tr, true);
-    row("  with --passthrough: page cache warm", median(pt_page), tr, true);
+    row("read every file, naiad cold (empty caches, local layout)", common::median(cold), tr, true);
+    row("read every file, naiad disk cache warm, new daemon", common::median(disk), tr, true);
+    row("read every file, naiad page cache warm", common::median(page), tr, true);
+    row("  with --passthrough: disk cache warm, new daemon", common::median(pt_disk), tr, true);
+    row("  with --passthrough: page cache warm", common::median(pt_page), tr, true);
     row("ls -lR, tmpfs", tl, tl, false);
-    row("ls -lR, naiad fresh mount", median(fresh_ls), tl, false);
-    row("ls -lR, naiad warm", median(warm_ls), tl, false);
+    row("ls -lR, naiad fresh mount", common::median(fresh_ls), tl, false);
+    row("ls -lR, naiad warm", common::median(warm_ls), tl, false);
 }
 
 fn main() {

@@ -196,11 +196,6 @@ fn cold_start(image: &str, cache: &Path, work: &Path) -> (f64, u64, u64) {
     (secs, c["store_span_bytes"].as_u64().unwrap_or(0), c["store_requests"].as_u64().unwrap_or(0))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// The base image's tree tarred twice (the second time with new mtimes on
 /// every tenth regular file); the second converted with the first as
 /// chunk dictionary. Returns (first's naiad bytes, second's added bytes).
@@ -338,12 +333,12 @@ fn main() {
         let _ = writeln!(md, "| {name} | {:.2} | {:.2} | {:.3}x |", mb(total), mb(app), app as f64 / oci_app as f64);
     }
     let _ = writeln!(md, "\nOCI application layers alone: {:.2} MB. Conversion took {plain_secs:.2} s per version alone and {dict_secs:.2} s with the dictionary; the last image references {dict_blobs} blobs.\n", mb(app_layers));
-    let (a, b) = (median(after.clone()), median(alone.clone()));
+    let (a, b) = (common::median(after.clone()), common::median(alone.clone()));
     let _ = writeln!(md, "| cold start of version N+1 (`import django` and 5 of its modules, median of 9 pairs) | MB fetched | seconds |");
     let _ = writeln!(md, "|---|---|---|");
-    let _ = writeln!(md, "| on an empty cache | {:.2} | {:.3} |", b / 1e6, median(alone_s.clone()));
-    let _ = writeln!(md, "| on the cache version N left | {:.2} ({:.3}x) | {:.3} |", a / 1e6, a / b, median(after_s.clone()));
-    let _ = writeln!(md, "\nRequests after N: median {:.0}.\n", median(after_req));
+    let _ = writeln!(md, "| on an empty cache | {:.2} | {:.3} |", b / 1e6, common::median(alone_s.clone()));
+    let _ = writeln!(md, "| on the cache version N left | {:.2} ({:.3}x) | {:.3} |", a / 1e6, a / b, common::median(after_s.clone()));
+    let _ = writeln!(md, "\nRequests after N: median {:.0}.\n", common::median(after_req));
     let _ = writeln!(md, "Chunking modes, each with `--chunk-dict auto` (application's share of the storage; cold start of N+1, medians of the 9 pairs):\n");
     let _ = writeln!(md, "| chunking | storage, MB | vs OCI | N+1 alone: MB fetched | requests | after N: MB fetched | blobs in the last image |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
@@ -354,9 +349,9 @@ fn main() {
             m.name,
             mb(m.app),
             m.app as f64 / oci_app as f64,
-            median(m.alone.clone()) / 1e6,
-            median(m.alone_req.clone()),
-            median(m.after.clone()) / 1e6,
+            common::median(m.alone.clone()) / 1e6,
+            common::median(m.alone_req.clone()),
+            common::median(m.after.clone()) / 1e6,
             m.blobs
         );
     }

@@ -396,7 +396,8 @@ impl ChunkSink {
     /// order of `table` (the prefetch table: chunk indexes, the first
     /// occurrence counting), then any others in the order they came, so a
     /// reader streaming the blob gets what the workload needs first first.
-    /// Call after [`ChunkSink::drain`].
+    /// (`table` names chunk indexes, which a sequence number has only once
+    /// the sink is drained: compute it after [`ChunkSink::drain`].)
     pub fn end_prefetch_blob(&mut self, table: &[u32]) -> Result<()> {
         self.drain()?;
         let Some(scratch) = self.prefetch.take() else { return Ok(()) };

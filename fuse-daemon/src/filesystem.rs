@@ -636,7 +636,7 @@ impl NaiadFs {
     /// runs from a startup set, or records one (`--record-trace`), reads with
     /// [`STARTUP_SET_READAHEAD`]: the set then holds the pages the workload
     /// touches rather than 128 KiB around each, which on `import numpy` is
-    /// 6.2 MB of prefetch blob against 8.1 MB (README, startup). Others ask
+    /// 6.1 MB of prefetch blob against 8.1 MB (README, startup). Others ask
     /// for [`MAX_IO_SIZE`]; the kernel caps it at its default of 128 KiB
     /// (the backing device's `read_ahead_kb`).
     fn kernel_readahead(&self) -> u32 {

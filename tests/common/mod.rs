@@ -1323,6 +1323,40 @@ fn layer_late() -> Vec<u8> {
     l.finish()
 }
 
+/// Reads `files` whole with `readers` threads (file `i` by thread
+/// `i % readers`, in a 1 MiB buffer); returns the bytes read. The
+/// benchmarks' "read every file".
+pub fn read_files(files: &[PathBuf], readers: usize) -> u64 {
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..readers)
+            .map(|r| {
+                s.spawn(move || {
+                    let mut total = 0u64;
+                    let mut buf = vec![0u8; 1 << 20];
+                    for f in files.iter().skip(r).step_by(readers) {
+                        let mut f = fs::File::open(f).unwrap_or_else(|e| panic!("open {}: {e}", f.display()));
+                        loop {
+                            let n = f.read(&mut buf).expect("read");
+                            if n == 0 {
+                                break;
+                            }
+                            total += n as u64;
+                        }
+                    }
+                    total
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("reader")).sum()
+    })
+}
+
+/// The median of `v` (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// The regular files under `root` (symlinks not followed), as (path
 /// relative to `root`, size), in no particular order.
 pub fn regular_files(root: &Path) -> Vec<(PathBuf, u64)> {
