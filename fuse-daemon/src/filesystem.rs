@@ -35,7 +35,7 @@ use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters, Origin};
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
-use crate::read_ahead::{BackgroundLoads, DirectoryLoads, MappedWindows, ReadAhead, DIRECTORY_LOAD_MAX, DIRECTORY_SCAN_MAX, SMALL_FILE_MAX};
+use crate::read_ahead::{first_read_loads, loads_by_window, BackgroundLoads, DirectoryLoads, MappedWindows, ReadAhead, DIRECTORY_LOAD_MAX, DIRECTORY_SCAN_MAX, SMALL_FILE_MAX};
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
 
@@ -176,6 +176,8 @@ pub struct NaiadFs {
     read_ahead: Arc<ReadAhead>,
     /// Sequential read-ahead loads running now (at most [`READ_AHEAD_LOADS`]).
     read_ahead_loads: BackgroundLoads,
+    /// Loads of programs and libraries at their first read running now.
+    first_read_loads: BackgroundLoads,
     /// Window loads of programs and libraries running now.
     window_loads: BackgroundLoads,
     /// Directory loads running now.
@@ -184,9 +186,10 @@ pub struct NaiadFs {
     prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
     /// Whether each inode asked about has a chunk in the prefetch table.
     prefetch_files: std::sync::Mutex<HashMap<u32, bool>>,
-    /// Programs and libraries seen at lookup or in readdirplus, loaded by window
-    /// ([`crate::read_ahead::loads_by_window`]).
-    mapped_files: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// Programs and libraries seen at lookup or in readdirplus
+    /// ([`crate::read_ahead::is_program`]): loaded ahead at their first read,
+    /// and by window if large ([`crate::read_ahead::loads_by_window`]).
+    programs: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// The windows of those being loaded or loaded.
     mapped_windows: MappedWindows,
     /// Directories whose small files are read from the store, to load the
@@ -195,12 +198,14 @@ pub struct NaiadFs {
 }
 
 /// Background loads that may run at once, per kind: sequential
-/// read-ahead, windows of programs and libraries, and directories (each
+/// read-ahead, programs and libraries at their first read, their windows,
+/// and directories (each
 /// kind has its own slots, so a burst of one never starves the others). A
 /// sequential window asked for beyond that is left to the reader's own
 /// requests; a program's window or a directory is tried again at its next
 /// read.
 const READ_AHEAD_LOADS: usize = 4;
+const FIRST_READ_LOADS: usize = 8;
 const WINDOW_LOADS: usize = 4;
 const DIRECTORY_LOADS: usize = 2;
 
@@ -242,11 +247,12 @@ impl NaiadFs {
             zero_digests: Default::default(),
             read_ahead: Default::default(),
             read_ahead_loads: BackgroundLoads::new(READ_AHEAD_LOADS),
+            first_read_loads: BackgroundLoads::new(FIRST_READ_LOADS),
             window_loads: BackgroundLoads::new(WINDOW_LOADS),
             directory_loads_running: BackgroundLoads::new(DIRECTORY_LOADS),
             prefetch_chunks: Default::default(),
             prefetch_files: Default::default(),
-            mapped_files: Default::default(),
+            programs: Default::default(),
             mapped_windows: Default::default(),
             directory_loads: Default::default(),
         }
@@ -267,7 +273,7 @@ impl NaiadFs {
 
     /// The read-ahead loads running in the background, to wait for at exit.
     pub fn background_loads(&self) -> Vec<BackgroundLoads> {
-        vec![self.read_ahead_loads.clone(), self.window_loads.clone(), self.directory_loads_running.clone()]
+        vec![self.read_ahead_loads.clone(), self.first_read_loads.clone(), self.window_loads.clone(), self.directory_loads_running.clone()]
     }
 
     /// Serves reads that must wait for the store on `pool`.
@@ -360,11 +366,11 @@ impl NaiadFs {
 
     /// What a name shows of a file the kernel learns of (by lookup, or by
     /// readdirplus, after which it looks the name up no more): programs
-    /// and libraries are loaded by window.
+    /// and libraries are loaded ahead of their faults.
     fn note_name(&self, ino: u32, r: &InodeRecord, kind: InodeKind, name: &[u8]) {
-        if kind == InodeKind::RegularFile && self.read_ahead.max_window() > 0 && crate::read_ahead::loads_by_window(name, r.mode, r.size) {
-            if let Ok(mut mapped) = self.mapped_files.lock() {
-                mapped.insert(ino);
+        if kind == InodeKind::RegularFile && self.read_ahead.max_window() > 0 && crate::read_ahead::is_program(name, r.mode, r.size) {
+            if let Ok(mut programs) = self.programs.lock() {
+                programs.insert(ino);
             }
         }
     }
@@ -480,11 +486,18 @@ impl NaiadFs {
             Ok(None) => reply.data(&[]),
             Ok(Some(job)) => {
                 let missing = job.missing();
-                // Programs and libraries: the windows this read falls in.
-                let mapped = !missing.is_empty() && self.mapped_files.lock().map(|m| m.contains(&job.ino)).unwrap_or(false);
+                let program = !missing.is_empty() && self.programs.lock().map(|m| m.contains(&job.ino)).unwrap_or(false);
+                // Programs and libraries: at the headers, what the loader
+                // reads next; then the windows each read falls in.
+                let mapped = program && loads_by_window(job.file_size);
                 // Background loads this read starts leave out the chunks it
                 // fetches itself: claimed by a load, a chunk at the end of
                 // its request would keep the read waiting for all of it.
+                if program && job.offset == 0 {
+                    for (from, to) in first_read_loads(job.file_size) {
+                        self.start_read_ahead(job.ino, from, to, &self.first_read_loads, &missing);
+                    }
+                }
                 if mapped {
                     for (from, to) in self.mapped_windows.start(job.ino, job.offset, job.end, job.file_size) {
                         if !self.start_read_ahead(job.ino, from, to, &self.window_loads, &missing) {

@@ -18,11 +18,13 @@
 //!
 //! Programs and shared libraries are not read in streams: the dynamic
 //! loader maps them and the process faults their pages in, all over the
-//! file, one round trip each. [`loads_by_window`] names such files by what
-//! a lookup or readdirplus shows (an executable mode, or a `.so` name) and
-//! their size; the
-//! filesystem loads each [`MAPPED_WINDOW`] of one in the background at the
-//! first fault in it ([`MappedWindows`]), so the faults wait for a few
+//! file, one round trip each. [`is_program`] names such files by what a
+//! lookup or readdirplus shows (an executable mode, or a `.so` name). When
+//! one's first bytes (its ELF headers) are read from the store, the
+//! filesystem loads what the loader faults on next ([`first_read_loads`]:
+//! its end first, then the whole of a small one or the tail of a large one). Of a large one
+//! ([`loads_by_window`]) it loads each [`MAPPED_WINDOW`] in the background
+//! at the first fault in it ([`MappedWindows`]), so the faults wait for a few
 //! large requests instead of hundreds of small ones, and the parts of a
 //! large library that are never touched are not fetched (loading such
 //! files whole measured slower: a 30 MB data library of which 0.6 MB is
@@ -48,24 +50,53 @@ pub const BASE_WINDOW: u64 = 512 << 10;
 /// Default largest window (`--read-ahead-max`): at 100 Mbit/s and 20 ms RTT about 3 bandwidth-delay
 /// products, large enough that one request per window costs little.
 pub const MAX_WINDOW: u64 = 8 << 20;
-/// Smallest file [`loads_by_window`] picks: below it a few reads fetch it
-/// (picking smaller libraries too measured slower: their windows held up
-/// the reads of others on the link).
+/// Smallest program [`loads_by_window`] picks: a smaller one is loaded whole
+/// at its first read ([`first_read_loads`]). (Loading smaller ones by window
+/// at their first fault measured slower: their windows held up the reads of
+/// others on the link.)
 pub const MAPPED_FILE_MIN: u64 = 1 << 20;
 /// Largest file [`loads_by_window`] picks.
 pub const MAPPED_FILE_MAX: u64 = 512 << 20;
 /// The unit in which [`loads_by_window`] files are loaded.
 pub const MAPPED_WINDOW: u64 = 2 << 20;
 
-/// Whether a regular file named `name` with `mode` and `size` is loaded
-/// by [`MAPPED_WINDOW`]s: an executable (any `x` bit) or a shared library
-/// (`*.so`, `*.so.N...`) of [`MAPPED_FILE_MIN`]..=[`MAPPED_FILE_MAX`] bytes.
-pub fn loads_by_window(name: &[u8], mode: u32, size: u64) -> bool {
-    if !(MAPPED_FILE_MIN..=MAPPED_FILE_MAX).contains(&size) {
-        return false;
-    }
+/// Whether a regular file named `name` with `mode` and `size` is a
+/// program or shared library the filesystem loads ahead of its faults: an
+/// executable (any `x` bit) or a shared library (`*.so`, `*.so.N...`) of
+/// at most [`MAPPED_FILE_MAX`] bytes.
+pub fn is_program(name: &[u8], mode: u32, size: u64) -> bool {
     let shared_object = name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.");
-    mode & 0o111 != 0 || shared_object
+    size <= MAPPED_FILE_MAX && (mode & 0o111 != 0 || shared_object)
+}
+
+/// Whether a [`is_program`] file of `size` bytes is loaded by
+/// [`MAPPED_WINDOW`]s: one of at least [`MAPPED_FILE_MIN`] bytes.
+pub fn loads_by_window(size: u64) -> bool {
+    size >= MAPPED_FILE_MIN
+}
+
+/// What a larger program loads at its first read ([`first_read_loads`]):
+/// its last bytes, where the linker puts the writable segment (dynamic
+/// section, GOT, data to relocate).
+pub const PROGRAM_TAIL: u64 = 512 << 10;
+/// The end of a program that [`first_read_loads`] asks for first, in a
+/// request of its own: what the loader faults on first, right after the
+/// headers.
+pub const PROGRAM_END: u64 = 128 << 10;
+
+/// The parts of a [`is_program`] file of `size` bytes loaded in the
+/// background, each by a request of its own, when its first bytes (the ELF
+/// headers the kernel or the dynamic loader reads first) are read from the
+/// store: its last [`PROGRAM_END`] bytes, then the rest of the file below
+/// [`MAPPED_FILE_MIN`] or the rest of its last [`PROGRAM_TAIL`] bytes.
+/// Right after the headers the loader maps the file and relocates it,
+/// faulting on its writable segment at the end of the file: asked for
+/// with the headers, in a small request that is not behind the rest,
+/// that fault does not cost a round trip of its own.
+pub fn first_read_loads(size: u64) -> Vec<(u64, u64)> {
+    let end = size.saturating_sub(PROGRAM_END);
+    let rest = if size < MAPPED_FILE_MIN { 0 } else { size.saturating_sub(PROGRAM_TAIL) };
+    [(end, size), (rest, end)].into_iter().filter(|(from, to)| from < to).collect()
 }
 
 /// Windows of mapped files remembered by [`MappedWindows`].
@@ -277,15 +308,27 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    fn programs_and_libraries_of_some_size_load_by_window() {
-        assert!(loads_by_window(b"libnode.so.108", 0o100644, 80 * MIB));
-        assert!(loads_by_window(b"_multiarray_umath.cpython-311-x86_64-linux-gnu.so", 0o100644, 7 * MIB));
-        assert!(loads_by_window(b"python3.11", 0o100755, 7 * MIB));
-        // Too small, too large, or neither program nor library.
-        assert!(!loads_by_window(b"libc.so.6", 0o100755, 900 << 10));
-        assert!(!loads_by_window(b"libhuge.so", 0o100644, 600 * MIB));
-        assert!(!loads_by_window(b"data.sqlite", 0o100644, 50 * MIB));
-        assert!(!loads_by_window(b"notes.solution", 0o100644, 5 * MIB));
+    fn programs_and_libraries_are_known_by_mode_or_name_and_large_ones_load_by_window() {
+        assert!(is_program(b"libnode.so.108", 0o100644, 80 * MIB));
+        assert!(is_program(b"_multiarray_umath.cpython-311-x86_64-linux-gnu.so", 0o100644, 7 * MIB));
+        assert!(is_program(b"python3.11", 0o100755, 7 * MIB));
+        assert!(is_program(b"libc.so.6", 0o100755, 900 << 10));
+        // Too large, or neither program nor library.
+        assert!(!is_program(b"libhuge.so", 0o100644, 600 * MIB));
+        assert!(!is_program(b"data.sqlite", 0o100644, 50 * MIB));
+        assert!(!is_program(b"notes.solution", 0o100644, 5 * MIB));
+        assert!(loads_by_window(7 * MIB));
+        assert!(!loads_by_window(900 << 10), "a small library is loaded whole at its first read");
+    }
+
+    #[test]
+    fn a_programs_first_read_loads_its_end_first_then_the_rest_or_its_tail() {
+        let k = 1 << 10;
+        assert_eq!(first_read_loads(100 * k), vec![(0, 100 * k)], "a small one: whole, in one request");
+        assert_eq!(first_read_loads(300 * k), vec![(172 * k, 300 * k), (0, 172 * k)], "below a MiB: the end, then the rest");
+        assert_eq!(first_read_loads(MIB), vec![(MIB - PROGRAM_END, MIB), (MIB - PROGRAM_TAIL, MIB - PROGRAM_END)], "from a MiB: the end, then the tail");
+        assert_eq!(first_read_loads(7 * MIB), vec![(7 * MIB - PROGRAM_END, 7 * MIB), (7 * MIB - PROGRAM_TAIL, 7 * MIB - PROGRAM_END)]);
+        assert_eq!(first_read_loads(0), vec![]);
     }
 
     #[test]
