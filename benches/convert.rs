@@ -1,14 +1,16 @@
 //! Conversion benchmark: `cargo bench --bench convert`.
 //!
 //! - The debootstrap-built Debian python3 image (tests/common builds and
-//!   caches it), converted by the `naiad` binary with its defaults, from
-//!   gzip and from zstd layers: median of 3 of the conversion time naiad
-//!   reports, as MB/s of file data (uncompressed file bytes of all layers).
-//!   With `NAIAD_BENCH_BASELINE=/path/to/naiad` (an older build, for
-//!   example from `scripts/build-baseline.sh REV`), that binary is measured
-//!   in the same run, runs interleaved, and the ratio printed.
+//!   caches it), converted by the `naiad` binary with its defaults and with
+//!   `--zstd-level 3`, from gzip and from zstd layers: median of 3 of the
+//!   conversion time naiad reports, as MB/s of file data (uncompressed file
+//!   bytes of all layers), and blob MB. With
+//!   `NAIAD_BENCH_BASELINE=/path/to/naiad` (an older build, for example
+//!   from `scripts/build-baseline.sh REV`), that binary is measured in the
+//!   same run, runs interleaved, and the ratio printed.
 //! - Chunking modes: fixed 1 MiB and content-defined around 64 KiB, through
-//!   the library, best of 3, with bootstrap bytes per inode.
+//!   the library at zstd level 3 (what the chunking costs, not the
+//!   compression), best of 3, with bootstrap bytes per inode.
 //! - A layer holding one Django release (the wheel from PyPI installed as
 //!   files, tar + gzip -6), converted alone: chunk blob + compressed
 //!   bootstrap against the gzip layer, with chunk groups (the default) and
@@ -18,8 +20,8 @@
 //!   from it by `naiad unpack` through a counting proxy: HTTP requests,
 //!   seconds, and requests per 4 MiB of chunk blobs (skipped with the
 //!   Django layer).
-//! - A layer holding one 3 GiB file: the converter's peak RSS (skip with
-//!   NAIAD_BENCH_SKIP_BIG=1).
+//! - A layer holding one 3 GiB file, at zstd level 3: the converter's peak
+//!   RSS (skip with NAIAD_BENCH_SKIP_BIG=1).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -46,32 +48,34 @@ fn convert_with(bin: &Path, src: &str, dst: &Path, args: &[&str]) -> serde_json:
     serde_json::from_slice(&out.stdout).expect("convert --json")
 }
 
-/// The python3 image converted with the defaults, by this build and (with
-/// NAIAD_BENCH_BASELINE) by a baseline build, interleaved.
+/// The python3 image converted with the defaults and with `--zstd-level 3`
+/// by this build, and (with NAIAD_BENCH_BASELINE) with the defaults by a
+/// baseline build, interleaved; ratios against the first.
 fn defaults_speed(deb: &common::DebianImage, scratch: &Path) {
     let current = std::path::PathBuf::from(env!("CARGO_BIN_EXE_naiad"));
     let baseline = std::env::var_os("NAIAD_BENCH_BASELINE").map(std::path::PathBuf::from);
-    println!("python3 image, default options, `naiad convert` (median of {RUNS}; MB/s of file data)");
-    println!("{:<8} {:<10} {:>9} {:>9} {:>10} {:>11}", "layers", "build", "MB in", "seconds", "MB/s", "vs baseline");
+    println!("python3 image, `naiad convert` (median of {RUNS}; MB/s of file data)");
+    println!("{:<8} {:<22} {:>9} {:>9} {:>10} {:>9} {:>10}", "layers", "build", "MB in", "seconds", "MB/s", "blobs MB", "vs first");
+    let mut builds: Vec<(&str, &Path, &[&str])> = vec![("current", current.as_path(), &[]), ("current, --zstd-level 3", current.as_path(), &["--zstd-level", "3"])];
+    if let Some(b) = baseline.as_deref() {
+        builds.push(("baseline", b, &[]));
+    }
     for (name, layout) in [("gzip", &deb.layout), ("zstd", &deb.layout_zstd)] {
         let src = format!("oci:{}:latest", layout.display());
-        let mut times: Vec<(String, Vec<f64>, f64)> = Vec::new();
-        let builds: Vec<(&str, &Path)> = std::iter::once(("current", current.as_path())).chain(baseline.as_deref().map(|b| ("baseline", b))).collect();
-        for (label, _) in &builds {
-            times.push((label.to_string(), Vec::new(), 0.0));
-        }
+        // Per build: seconds of each run, bytes in, blob bytes.
+        let mut times: Vec<(Vec<f64>, f64, f64)> = vec![(Vec::new(), 0.0, 0.0); builds.len()];
         for run in 0..RUNS {
-            for (i, (_, bin)) in builds.iter().enumerate() {
-                let s = convert_with(bin, &src, &scratch.join(format!("speed-{name}-{i}-{run}")), &[]);
-                times[i].1.push(s["seconds"].as_f64().expect("seconds"));
-                times[i].2 = s["bytes_in"].as_f64().expect("bytes_in");
+            for (i, (_, bin, args)) in builds.iter().enumerate() {
+                let s = convert_with(bin, &src, &scratch.join(format!("speed-{name}-{i}-{run}")), args);
+                times[i].0.push(s["seconds"].as_f64().expect("seconds"));
+                times[i].1 = s["bytes_in"].as_f64().expect("bytes_in");
+                times[i].2 = s["blob_bytes"].as_f64().expect("blob_bytes");
             }
         }
-        let base = times.get(1).map(|(_, t, _)| common::median(t.clone()));
-        for (label, t, bytes) in &times {
+        let first = common::median(times[0].0.clone());
+        for ((label, _, _), (t, bytes, blobs)) in builds.iter().zip(&times) {
             let m = common::median(t.clone());
-            let ratio = base.map(|b| format!("{:.2}x", b / m)).unwrap_or_else(|| "-".into());
-            println!("{:<8} {:<10} {:>9.1} {:>9.3} {:>10.1} {:>11}", name, label, bytes / 1e6, m, bytes / 1e6 / m, ratio);
+            println!("{:<8} {:<22} {:>9.1} {:>9.3} {:>10.1} {:>9.1} {:>9.2}x", name, label, bytes / 1e6, m, bytes / 1e6 / m, blobs / 1e6, first / m);
         }
     }
     println!();
@@ -194,7 +198,7 @@ fn main() {
             for run in 0..RUNS {
                 let dst = scratch.path().join(format!("{source_name}-{run}-{}", mode_name.replace(' ', "_").replace('/', "-")));
                 let dst_ref = ImageRef::Layout { dir: dst.clone(), tag: "naiad".into() };
-                let opts = ConvertOptions { chunking, ..Default::default() };
+                let opts = ConvertOptions { chunking, zstd_level: 3, ..Default::default() };
                 let t = Instant::now();
                 let s = convert(&src, &dst_ref, &opts).expect("convert");
                 best = best.min(t.elapsed().as_secs_f64());
@@ -290,7 +294,7 @@ fn big_file(dir: &Path) {
         let out = dir.join(format!("big-out-{}", chunking[1]));
         let t = Instant::now();
         let mut child = common::naiad()
-            .args(["convert", &format!("oci:{}:latest", layout.display()), &format!("oci:{}:naiad", out.display()), "--quiet"])
+            .args(["convert", &format!("oci:{}:latest", layout.display()), &format!("oci:{}:naiad", out.display()), "--quiet", "--zstd-level", "3"])
             .args(&chunking)
             .spawn()
             .expect("spawn naiad");

@@ -52,6 +52,12 @@ pub enum ChunkDictSource {
     Auto,
 }
 
+/// Default zstd level of a chunk of a large file. Level 15 makes blobs
+/// about 10 % smaller than level 3 and converts about 8x slower (README,
+/// conversion): a chunk is compressed once and fetched on every cold start
+/// that reads it (lazy `node -e`: 20.9 MB fetched against 23.8 MB).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 15;
+
 #[derive(Clone)]
 pub struct ConvertOptions {
     pub chunking: Chunking,
@@ -84,7 +90,7 @@ impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
             chunking: Chunking::default(),
-            zstd_level: 3,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
             batch_bytes: 8 << 20,
             progress: None,
             prefetch: None,

@@ -29,6 +29,6 @@ pub mod tree;
 pub mod unpack;
 
 pub use chunker::Chunking;
-pub use convert::{convert, ChunkDictSource, ConvertOptions, ConvertSummary, Progress};
+pub use convert::{convert, ChunkDictSource, ConvertOptions, ConvertSummary, Progress, DEFAULT_ZSTD_LEVEL};
 pub use error::ConvertError;
 pub use prefetch::{PrefetchList, TraceRecord};

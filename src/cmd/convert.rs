@@ -66,8 +66,9 @@ pub struct ConvertFlags {
     /// zstd level for chunk groups (1-22).
     #[arg(long, default_value_t = 6)]
     pub group_zstd_level: i32,
-    /// zstd compression level for chunks (1-22).
-    #[arg(long, default_value_t = 3)]
+    /// zstd level for chunks of large files (1-22); lower converts faster,
+    /// for larger blobs (3: about 8x faster, 10 % larger).
+    #[arg(long, default_value_t = naiad_converter::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
     /// zstd level for the startup set (the prefetch blob, fetched on every
     /// cold start; only with --prefetch-list or optimize).
