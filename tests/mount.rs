@@ -722,6 +722,40 @@ fn the_first_cold_small_file_of_a_directory_loads_the_rest_of_it() {
     m.umount();
 }
 
+/// Importing a Python package goes on to its subpackages: the first cold
+/// read of a package's compiled `__init__` loads the bytecode directories
+/// of its subpackages too, but not of its test suites.
+#[test]
+fn a_packages_compiled_init_loads_its_subpackages_bytecode_but_not_its_tests() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    // Files of 40 KiB (chunks of their own, not packed into groups), each
+    // behind a spacer that no request merges across.
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("pkg/__pycache__/__init__.cpython-311.pyc".to_string(), Prng(0x7079_0001).bytes(40 << 10)),
+        ("pkg/a_spacer.bin".to_string(), Prng(0x7079_0005).bytes(600 << 10)),
+        ("pkg/sub/__pycache__/m.cpython-311.pyc".to_string(), Prng(0x7079_0002).bytes(40 << 10)),
+        ("pkg/t_spacer.bin".to_string(), Prng(0x7079_0003).bytes(600 << 10)),
+        ("pkg/tests/__pycache__/t.cpython-311.pyc".to_string(), Prng(0x7079_0004).bytes(40 << 10)),
+    ];
+    let src = tmp.path().join("src");
+    files_layout(&src, &files);
+    let image = convert(&src, "latest", &tmp.path().join("naiad"));
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+
+    assert!(fs::read(m.path(&files[0].0)).unwrap() == files[0].1);
+    wait_until(Duration::from_secs(20), || m.counter("read_ahead_requests") > 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let requests = m.counter("store_requests");
+    assert!(fs::read(m.path(&files[2].0)).unwrap() == files[2].1);
+    assert_eq!(m.counter("store_requests"), requests, "the subpackage's bytecode was local after the package's __init__");
+    assert!(fs::read(m.path(&files[4].0)).unwrap() == files[4].1);
+    assert!(m.counter("store_requests") > requests, "the package's tests were not loaded with it");
+    m.umount();
+}
+
 /// `path` opened with POSIX_FADV_RANDOM, as a random-access program asks:
 /// the kernel's own readahead is off, so each read reaches the daemon as
 /// it is.

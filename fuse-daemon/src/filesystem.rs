@@ -35,7 +35,10 @@ use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters, Origin};
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
-use crate::read_ahead::{first_read_loads, loads_by_window, BackgroundLoads, DirectoryLoads, MappedWindows, ReadAhead, DIRECTORY_LOAD_MAX, DIRECTORY_SCAN_MAX, SMALL_FILE_MAX};
+use crate::read_ahead::{
+    first_read_loads, is_package_init, loads_by_window, loads_with_package, BackgroundLoads, DirectoryLoads, MappedWindows, ReadAhead, BYTECODE_DIR, DIRECTORY_LOAD_MAX,
+    DIRECTORY_SCAN_MAX, SMALL_FILE_MAX,
+};
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
 
@@ -199,15 +202,16 @@ pub struct NaiadFs {
 
 /// Background loads that may run at once, per kind: sequential
 /// read-ahead, programs and libraries at their first read, their windows,
-/// and directories (each
-/// kind has its own slots, so a burst of one never starves the others). A
+/// and directories. Each kind has its own slots, so a burst of one never
+/// starves the others (with 2 directory slots instead of 4, `import
+/// numpy`'s package load found both busy with the standard library's). A
 /// sequential window asked for beyond that is left to the reader's own
 /// requests; a program's window or a directory is tried again at its next
 /// read.
 const READ_AHEAD_LOADS: usize = 4;
 const FIRST_READ_LOADS: usize = 8;
 const WINDOW_LOADS: usize = 4;
-const DIRECTORY_LOADS: usize = 2;
+const DIRECTORY_LOADS: usize = 4;
 
 /// A read that waits longer is logged at debug level.
 const SLOW_READ: Duration = Duration::from_millis(2);
@@ -520,15 +524,14 @@ impl NaiadFs {
                 // which files the startup reads, and its read waits for
                 // the set's own fetch (loading the directory's other files
                 // would only slow that down).
-                if !missing.is_empty()
-                    && !mapped
-                    && job.file_size <= SMALL_FILE_MAX
-                    && self.read_ahead.max_window() > 0
-                    && !self.in_prefetch_set(job.ino)
-                    && self.directory_loads.observe_cold_read(job.parent)
-                    && !self.start_directory_load(job.parent, &missing)
-                {
-                    self.directory_loads.forget(job.parent);
+                if !missing.is_empty() && !mapped && job.file_size <= SMALL_FILE_MAX && self.read_ahead.max_window() > 0 && !self.in_prefetch_set(job.ino) {
+                    let dirs: Vec<u32> =
+                        std::iter::once(job.parent).chain(self.subpackage_bytecode_dirs(job.parent, job.ino)).filter(|&dir| self.directory_loads.observe_cold_read(dir)).collect();
+                    if !dirs.is_empty() && !self.start_directory_load(&dirs, &missing) {
+                        for dir in dirs {
+                            self.directory_loads.forget(dir);
+                        }
+                    }
                 }
                 match &self.pool {
                     // Waiting for the store happens off the FUSE worker.
@@ -606,42 +609,73 @@ impl NaiadFs {
         true
     }
 
-    /// Loads the small files of directory `dir` that no cache holds in the
-    /// background, with as few requests as the merge limits allow; not if
-    /// they are more than [`DIRECTORY_LOAD_MAX`] stored bytes or the
-    /// directory has more than [`DIRECTORY_SCAN_MAX`] entries, and not the
-    /// files the prefetch table covers nor the chunks in `skip`. False if
-    /// it should have started but could not (all directory-load slots
-    /// busy).
-    fn start_directory_load(&self, dir: u32, skip: &[ChunkRecord]) -> bool {
+    /// Loads the small files of directories `dirs` that no cache holds in
+    /// the background, with as few requests as the merge limits allow; not
+    /// a directory whose small files are more than [`DIRECTORY_LOAD_MAX`]
+    /// stored bytes or that has more than [`DIRECTORY_SCAN_MAX`] entries,
+    /// none past [`DIRECTORY_LOAD_MAX`] in all, and not the files the
+    /// prefetch table covers nor the chunks in `skip`. False if it should
+    /// have started but could not (all directory-load slots busy).
+    fn start_directory_load(&self, dirs: &[u32], skip: &[ChunkRecord]) -> bool {
         let b = self.bootstrap();
         let mut chunks: Vec<ChunkRecord> = Vec::new();
         let mut seen: HashSet<ChunkDigest> = skip.iter().map(|c| c.digest).collect();
-        let mut stored = 0u64;
-        for pos in 0.. {
-            let Ok(Some(entry)) = b.dir_entry(dir, pos) else { break };
-            if pos >= DIRECTORY_SCAN_MAX {
-                return true;
-            }
-            let Ok(rec) = b.inode(entry.ino) else { continue };
-            if rec.kind() != Some(InodeKind::RegularFile) || rec.size > SMALL_FILE_MAX || self.in_prefetch_set(entry.ino) {
-                continue;
-            }
-            let Ok(pieces) = b.file_chunks_in_range(entry.ino, 0, rec.size) else { continue };
-            for p in pieces {
-                if seen.insert(p.chunk.digest) && !self.chunks.is_cached(&p.chunk) {
-                    stored += p.chunk.compressed_size as u64;
-                    chunks.push(p.chunk);
+        let mut total = 0u64;
+        for &dir in dirs {
+            let mut dir_chunks: Vec<ChunkRecord> = Vec::new();
+            let mut dir_seen: HashSet<ChunkDigest> = HashSet::new();
+            let mut stored = 0u64;
+            let mut fits = true;
+            for pos in 0.. {
+                let Ok(Some(entry)) = b.dir_entry(dir, pos) else { break };
+                if pos >= DIRECTORY_SCAN_MAX {
+                    fits = false;
+                    break;
+                }
+                let Ok(rec) = b.inode(entry.ino) else { continue };
+                if rec.kind() != Some(InodeKind::RegularFile) || rec.size > SMALL_FILE_MAX || self.in_prefetch_set(entry.ino) {
+                    continue;
+                }
+                let Ok(pieces) = b.file_chunks_in_range(entry.ino, 0, rec.size) else { continue };
+                for p in pieces {
+                    if !seen.contains(&p.chunk.digest) && dir_seen.insert(p.chunk.digest) && !self.chunks.is_cached(&p.chunk) {
+                        stored += p.chunk.compressed_size as u64;
+                        dir_chunks.push(p.chunk);
+                    }
+                }
+                if stored > DIRECTORY_LOAD_MAX {
+                    fits = false;
+                    break;
                 }
             }
-            if stored > DIRECTORY_LOAD_MAX {
-                return true;
+            if fits && total + stored <= DIRECTORY_LOAD_MAX {
+                total += stored;
+                seen.extend(dir_seen);
+                chunks.extend(dir_chunks);
             }
         }
         if chunks.is_empty() {
             return true;
         }
         self.load_in_background(&self.directory_loads_running, "naiad-dirload", vec![chunks])
+    }
+
+    /// The bytecode directories (`S/__pycache__`) of the subpackages `S` of
+    /// a Python package when inode `ino` in directory `dir` is the
+    /// package's compiled `__init__` (`P/__pycache__/__init__.*.pyc`),
+    /// without its test suites ([`crate::read_ahead::is_package_init`]);
+    /// none for any other file.
+    fn subpackage_bytecode_dirs(&self, dir: u32, ino: u32) -> Vec<u32> {
+        let b = self.bootstrap();
+        let Ok(package) = b.inode(dir).map(|r| r.parent) else { return Vec::new() };
+        let entries = |d: u32| (0..DIRECTORY_SCAN_MAX).map_while(move |pos| b.dir_entry(d, pos).ok().flatten());
+        if b.lookup(package, BYTECODE_DIR).ok().flatten() != Some(dir) || !entries(dir).any(|e| e.ino == ino && is_package_init(e.name)) {
+            return Vec::new();
+        }
+        entries(package)
+            .filter(|e| e.ino != dir && loads_with_package(e.name) && b.inode(e.ino).ok().and_then(|r| r.kind()) == Some(InodeKind::Directory))
+            .filter_map(|e| b.lookup(e.ino, BYTECODE_DIR).ok().flatten())
+            .collect()
     }
 
     /// The kernel's read-ahead for this mount (the page-cache read-around of

@@ -37,7 +37,9 @@
 //! the background, in few large requests (once per directory:
 //! [`DirectoryLoads`]), unless they are more than
 //! [`DIRECTORY_LOAD_MAX`] stored bytes (then it is not a package but a
-//! store of unrelated files, such as a library directory).
+//! store of unrelated files, such as a library directory). At a Python
+//! package's compiled `__init__` the bytecode directories of its
+//! subpackages come along ([`is_package_init`]).
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Condvar, Mutex};
@@ -147,6 +149,27 @@ pub const DIRECTORY_LOAD_MAX: u64 = 4 << 20;
 pub const DIRECTORY_SCAN_MAX: u64 = 2048;
 /// Directories remembered by [`DirectoryLoads`].
 const DIRECTORIES: usize = 4096;
+
+/// Python's bytecode directory: `P/__pycache__` holds the compiled
+/// modules of package `P`.
+pub const BYTECODE_DIR: &[u8] = b"__pycache__";
+
+/// Whether `name` is the compiled `__init__` of a package
+/// (`__init__.cpython-311.pyc`): importing the package, the interpreter
+/// goes on to import its subpackages, each a directory of its own. At the
+/// first cold read of one, the filesystem loads the bytecode directories
+/// of the package's subpackages along with its own ([`loads_with_package`]),
+/// rather than one round trip later per subpackage.
+pub fn is_package_init(name: &[u8]) -> bool {
+    name.starts_with(b"__init__.") && name.ends_with(b".pyc")
+}
+
+/// Whether a subpackage named `name` is loaded with its package
+/// ([`is_package_init`]): not the test suites a package ships
+/// (`tests`, `test`), which importing it does not run.
+pub fn loads_with_package(name: &[u8]) -> bool {
+    name != b"tests" && name != b"test"
+}
 
 /// Which directories have had their small files loaded, so each is
 /// loaded once, at the first of its small files read from the store.
@@ -329,6 +352,17 @@ mod tests {
         assert_eq!(first_read_loads(MIB), vec![(MIB - PROGRAM_END, MIB), (MIB - PROGRAM_TAIL, MIB - PROGRAM_END)], "from a MiB: the end, then the tail");
         assert_eq!(first_read_loads(7 * MIB), vec![(7 * MIB - PROGRAM_END, 7 * MIB), (7 * MIB - PROGRAM_TAIL, 7 * MIB - PROGRAM_END)]);
         assert_eq!(first_read_loads(0), vec![]);
+    }
+
+    #[test]
+    fn a_packages_compiled_init_brings_its_subpackages_but_not_their_tests() {
+        assert!(is_package_init(b"__init__.cpython-311.pyc"));
+        assert!(is_package_init(b"__init__.cpython-312.opt-1.pyc"));
+        assert!(!is_package_init(b"__init__.py"));
+        assert!(!is_package_init(b"version.cpython-311.pyc"));
+        assert!(loads_with_package(b"core"));
+        assert!(!loads_with_package(b"tests"));
+        assert!(!loads_with_package(b"test"));
     }
 
     #[test]
