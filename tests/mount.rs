@@ -756,6 +756,41 @@ fn a_packages_compiled_init_loads_its_subpackages_bytecode_but_not_its_tests() {
     m.umount();
 }
 
+/// A directory's load takes the files of the kind of the read that starts
+/// it: a data file beside libraries (glibc's `gconv-modules.cache`) loads
+/// no libraries, and the first library read loads the others.
+#[test]
+fn a_directory_load_takes_the_files_of_the_kind_read() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempdir();
+    // 40 KiB files (chunks of their own), each behind 1.5 MiB of padding
+    // (no small file, and no request merges across it).
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for (i, name) in ["lib/a.so", "lib/b.so", "lib/modules.cache"].iter().enumerate() {
+        files.push((name.to_string(), Prng(0x6b69_6e00 + i as u64).bytes(40 << 10)));
+        files.push((format!("lib/{i}_pad.bin"), Prng(0x7061_6400 + i as u64).bytes(1536 << 10)));
+    }
+    let src = tmp.path().join("src");
+    files_layout(&src, &files);
+    let image = convert(&src, "latest", &tmp.path().join("naiad"));
+    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let read = |i: usize| assert!(fs::read(m.path(&files[i].0)).unwrap() == files[i].1, "{}", files[i].0);
+
+    read(4);
+    std::thread::sleep(Duration::from_millis(300));
+    let requests = m.counter("store_requests");
+    read(0);
+    assert!(m.counter("store_requests") > requests, "reading the data file loaded no library");
+    wait_until(Duration::from_secs(20), || m.counter("read_ahead_requests") > 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let requests = m.counter("store_requests");
+    read(2);
+    assert_eq!(m.counter("store_requests"), requests, "the first library read loaded the other");
+    m.umount();
+}
+
 /// `path` opened with POSIX_FADV_RANDOM, as a random-access program asks:
 /// the kernel's own readahead is off, so each read reaches the daemon as
 /// it is.

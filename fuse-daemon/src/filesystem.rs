@@ -36,8 +36,8 @@ use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters, Origin};
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
 use crate::read_ahead::{
-    first_read_loads, is_package_init, loads_by_window, loads_with_package, BackgroundLoads, DirectoryLoads, MappedWindows, ReadAhead, BYTECODE_DIR, DIRECTORY_LOAD_MAX,
-    DIRECTORY_SCAN_MAX, SMALL_FILE_MAX,
+    first_read_loads, is_package_init, is_program, loads_by_window, loads_with_package, BackgroundLoads, DirectoryLoads, MappedWindows, ReadAhead, BYTECODE_DIR,
+    DIRECTORY_LOAD_MAX, DIRECTORY_SCAN_MAX, SMALL_FILE_MAX,
 };
 use crate::read_pool::ReadPool;
 use crate::trace_recorder::TraceRecorder;
@@ -525,11 +525,13 @@ impl NaiadFs {
                 // the set's own fetch (loading the directory's other files
                 // would only slow that down).
                 if !missing.is_empty() && !mapped && job.file_size <= SMALL_FILE_MAX && self.read_ahead.max_window() > 0 && !self.in_prefetch_set(job.ino) {
-                    let dirs: Vec<u32> =
-                        std::iter::once(job.parent).chain(self.subpackage_bytecode_dirs(job.parent, job.ino)).filter(|&dir| self.directory_loads.observe_cold_read(dir)).collect();
-                    if !dirs.is_empty() && !self.start_directory_load(&dirs, &missing) {
+                    let dirs: Vec<u32> = std::iter::once(job.parent)
+                        .chain(self.subpackage_bytecode_dirs(job.parent, job.ino))
+                        .filter(|&dir| self.directory_loads.observe_cold_read(dir, program))
+                        .collect();
+                    if !dirs.is_empty() && !self.start_directory_load(&dirs, program, &missing) {
                         for dir in dirs {
-                            self.directory_loads.forget(dir);
+                            self.directory_loads.forget(dir, program);
                         }
                     }
                 }
@@ -610,13 +612,15 @@ impl NaiadFs {
     }
 
     /// Loads the small files of directories `dirs` that no cache holds in
-    /// the background, with as few requests as the merge limits allow; not
+    /// the background, programs and libraries or (if not `programs`) the
+    /// other files ([`DirectoryLoads`]), with as few requests as the merge
+    /// limits allow; not
     /// a directory whose small files are more than [`DIRECTORY_LOAD_MAX`]
     /// stored bytes or that has more than [`DIRECTORY_SCAN_MAX`] entries,
     /// none past [`DIRECTORY_LOAD_MAX`] in all, and not the files the
     /// prefetch table covers nor the chunks in `skip`. False if it should
     /// have started but could not (all directory-load slots busy).
-    fn start_directory_load(&self, dirs: &[u32], skip: &[ChunkRecord]) -> bool {
+    fn start_directory_load(&self, dirs: &[u32], programs: bool, skip: &[ChunkRecord]) -> bool {
         let b = self.bootstrap();
         let mut chunks: Vec<ChunkRecord> = Vec::new();
         let mut seen: HashSet<ChunkDigest> = skip.iter().map(|c| c.digest).collect();
@@ -633,7 +637,11 @@ impl NaiadFs {
                     break;
                 }
                 let Ok(rec) = b.inode(entry.ino) else { continue };
-                if rec.kind() != Some(InodeKind::RegularFile) || rec.size > SMALL_FILE_MAX || self.in_prefetch_set(entry.ino) {
+                if rec.kind() != Some(InodeKind::RegularFile)
+                    || rec.size > SMALL_FILE_MAX
+                    || is_program(entry.name, rec.mode, rec.size) != programs
+                    || self.in_prefetch_set(entry.ino)
+                {
                     continue;
                 }
                 let Ok(pieces) = b.file_chunks_in_range(entry.ino, 0, rec.size) else { continue };

@@ -171,10 +171,16 @@ pub fn loads_with_package(name: &[u8]) -> bool {
     name != b"tests" && name != b"test"
 }
 
-/// Which directories have had their small files loaded, so each is
-/// loaded once, at the first of its small files read from the store.
+/// Which directories have had their small files of each kind loaded, so
+/// each is loaded once, at the first of them read from the store. The
+/// kinds are programs and libraries ([`is_program`]) and other files: a
+/// directory's load takes the files of the kind of the read that starts
+/// it. A process that reads one data file of a directory of modules
+/// (glibc's `gconv-modules.cache` beside about 2 MB of `gconv` modules)
+/// seldom loads the modules, and one that loads a library of a package
+/// (numpy's `random`) usually loads the others beside it.
 pub struct DirectoryLoads {
-    started: Mutex<LruCache<u32, ()>>,
+    started: Mutex<LruCache<(u32, bool), ()>>,
 }
 
 impl Default for DirectoryLoads {
@@ -184,18 +190,20 @@ impl Default for DirectoryLoads {
 }
 
 impl DirectoryLoads {
-    /// Notes that a small file of directory `dir` is being read from the
-    /// store; true when the directory's load should start now (once per
-    /// directory, unless [`DirectoryLoads::forget`] is called).
-    pub fn observe_cold_read(&self, dir: u32) -> bool {
+    /// Notes that a small file of directory `dir` (a program or library if
+    /// `programs`) is being read from the store; true when the load of the
+    /// directory's files of that kind should start now (once per directory
+    /// and kind, unless [`DirectoryLoads::forget`] is called).
+    pub fn observe_cold_read(&self, dir: u32, programs: bool) -> bool {
         let Ok(mut started) = self.started.lock() else { return false };
-        started.put(dir, ()).is_none()
+        started.put((dir, programs), ()).is_none()
     }
 
-    /// The load of `dir` could not start; the next cold read tries again.
-    pub fn forget(&self, dir: u32) {
+    /// The load of `dir`'s files of that kind could not start; the next
+    /// cold read tries again.
+    pub fn forget(&self, dir: u32, programs: bool) {
         if let Ok(mut started) = self.started.lock() {
-            started.pop(&dir);
+            started.pop(&(dir, programs));
         }
     }
 }
@@ -381,12 +389,13 @@ mod tests {
     #[test]
     fn a_directory_is_loaded_once_unless_its_load_could_not_start() {
         let loads = DirectoryLoads::default();
-        assert!(loads.observe_cold_read(10), "the first cold read starts it");
-        assert!(!loads.observe_cold_read(10), "once per directory");
-        assert!(loads.observe_cold_read(11), "another directory counts on its own");
-        loads.forget(11);
-        assert!(loads.observe_cold_read(11), "a load that could not start is tried again");
-        assert!(!loads.observe_cold_read(10));
+        assert!(loads.observe_cold_read(10, false), "the first cold read starts it");
+        assert!(!loads.observe_cold_read(10, false), "once per directory");
+        assert!(loads.observe_cold_read(10, true), "and kind");
+        assert!(loads.observe_cold_read(11, false), "another directory counts on its own");
+        loads.forget(11, false);
+        assert!(loads.observe_cold_read(11, false), "a load that could not start is tried again");
+        assert!(!loads.observe_cold_read(10, false));
     }
 
     #[test]
