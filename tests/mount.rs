@@ -692,6 +692,22 @@ fn fixed_chunk_image(dir: &Path, files: &[(String, Vec<u8>)]) -> String {
     format!("oci:{}:{NAIAD_TAG}", store.display())
 }
 
+/// `files` as a one-layer image under `dir/src`, converted with the
+/// defaults into `dir/naiad` and mounted with its cache in `dir/cache`.
+fn mount_files(dir: &Path, files: &[(String, Vec<u8>)]) -> MountGuard {
+    let src = dir.join("src");
+    files_layout(&src, files);
+    let image = convert(&src, "latest", &dir.join("naiad"));
+    MountGuard::mount(&image, dir, &dir.join("cache"))
+}
+
+/// Waits until a background load has been asked for, and a moment more
+/// for it to finish.
+fn wait_for_background_loads(m: &MountGuard) {
+    wait_until(Duration::from_secs(20), || m.counter("read_ahead_requests") > 0);
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 /// A package's modules are read one after another: the first small file
 /// of a directory read from the store loads the directory's other small
 /// files in the background, and another directory's files are left alone.
@@ -703,14 +719,10 @@ fn the_first_cold_small_file_of_a_directory_loads_the_rest_of_it() {
     let tmp = tempdir();
     let mut files: Vec<(String, Vec<u8>)> = vec![("other/x.py".to_string(), Prng(0x6f74).bytes(100 << 10))];
     files.extend((0..16u64).map(|i| (format!("pkg/m{i:02}.py"), Prng(0x706b_6700 + i).bytes(20 << 10))));
-    let src = tmp.path().join("src");
-    files_layout(&src, &files);
-    let image = convert(&src, "latest", &tmp.path().join("naiad"));
-    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let m = mount_files(tmp.path(), &files);
 
     assert!(fs::read(m.path("pkg/m00.py")).unwrap() == files[1].1);
-    wait_until(Duration::from_secs(20), || m.counter("read_ahead_requests") > 0);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_background_loads(&m);
     assert!(m.counter("read_ahead_chunks") >= 2, "the directory's other chunk groups were loaded");
     let requests = m.counter("store_requests");
     for (name, data) in &files[1..] {
@@ -740,14 +752,10 @@ fn a_packages_compiled_init_loads_its_subpackages_bytecode_but_not_its_tests() {
         ("pkg/t_spacer.bin".to_string(), Prng(0x7079_0003).bytes(600 << 10)),
         ("pkg/tests/__pycache__/t.cpython-311.pyc".to_string(), Prng(0x7079_0004).bytes(40 << 10)),
     ];
-    let src = tmp.path().join("src");
-    files_layout(&src, &files);
-    let image = convert(&src, "latest", &tmp.path().join("naiad"));
-    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let m = mount_files(tmp.path(), &files);
 
     assert!(fs::read(m.path(&files[0].0)).unwrap() == files[0].1);
-    wait_until(Duration::from_secs(20), || m.counter("read_ahead_requests") > 0);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_background_loads(&m);
     let requests = m.counter("store_requests");
     assert!(fs::read(m.path(&files[2].0)).unwrap() == files[2].1);
     assert_eq!(m.counter("store_requests"), requests, "the subpackage's bytecode was local after the package's __init__");
@@ -772,10 +780,7 @@ fn a_directory_load_takes_the_files_of_the_kind_read() {
         files.push((name.to_string(), Prng(0x6b69_6e00 + i as u64).bytes(40 << 10)));
         files.push((format!("lib/{i}_pad.bin"), Prng(0x7061_6400 + i as u64).bytes(1536 << 10)));
     }
-    let src = tmp.path().join("src");
-    files_layout(&src, &files);
-    let image = convert(&src, "latest", &tmp.path().join("naiad"));
-    let m = MountGuard::mount(&image, tmp.path(), &tmp.path().join("cache"));
+    let m = mount_files(tmp.path(), &files);
     let read = |i: usize| assert!(fs::read(m.path(&files[i].0)).unwrap() == files[i].1, "{}", files[i].0);
 
     read(4);
@@ -783,8 +788,7 @@ fn a_directory_load_takes_the_files_of_the_kind_read() {
     let requests = m.counter("store_requests");
     read(0);
     assert!(m.counter("store_requests") > requests, "reading the data file loaded no library");
-    wait_until(Duration::from_secs(20), || m.counter("read_ahead_requests") > 0);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_background_loads(&m);
     let requests = m.counter("store_requests");
     read(2);
     assert_eq!(m.counter("store_requests"), requests, "the first library read loaded the other");
