@@ -529,8 +529,11 @@ impl NaiadFs {
                         .chain(self.subpackage_bytecode_dirs(job.parent, job.ino))
                         .filter(|&dir| self.directory_loads.observe_cold_read(dir, program))
                         .collect();
-                    if !dirs.is_empty() && !self.start_directory_load(&dirs, program, &missing) {
-                        for dir in dirs {
+                    if !dirs.is_empty() {
+                        // Left out (all slots busy, or the load was full):
+                        // tried again at their next cold read.
+                        let left_out = self.start_directory_load(&dirs, program, &missing).unwrap_or(dirs);
+                        for dir in left_out {
                             self.directory_loads.forget(dir, program);
                         }
                     }
@@ -614,17 +617,19 @@ impl NaiadFs {
     /// Loads the small files of directories `dirs` that no cache holds in
     /// the background, programs and libraries or (if not `programs`) the
     /// other files ([`DirectoryLoads`]), with as few requests as the merge
-    /// limits allow; not
-    /// a directory whose small files are more than [`DIRECTORY_LOAD_MAX`]
-    /// stored bytes or that has more than [`DIRECTORY_SCAN_MAX`] entries,
-    /// none past [`DIRECTORY_LOAD_MAX`] in all, and not the files the
-    /// prefetch table covers nor the chunks in `skip`. False if it should
-    /// have started but could not (all directory-load slots busy).
-    fn start_directory_load(&self, dirs: &[u32], programs: bool, skip: &[ChunkRecord]) -> bool {
+    /// limits allow. Not a directory whose small files are more than
+    /// [`DIRECTORY_LOAD_MAX`] stored bytes or that has more than
+    /// [`DIRECTORY_SCAN_MAX`] entries, not the files the prefetch table
+    /// covers nor the chunks in `skip`; no directory once the load would
+    /// pass [`DIRECTORY_LOAD_MAX`] in all: those are returned, left for
+    /// later. `None` if it should have started but could not (all
+    /// directory-load slots busy).
+    fn start_directory_load(&self, dirs: &[u32], programs: bool, skip: &[ChunkRecord]) -> Option<Vec<u32>> {
         let b = self.bootstrap();
         let mut chunks: Vec<ChunkRecord> = Vec::new();
         let mut seen: HashSet<ChunkDigest> = skip.iter().map(|c| c.digest).collect();
         let mut total = 0u64;
+        let mut left_out = Vec::new();
         for &dir in dirs {
             let mut dir_chunks: Vec<ChunkRecord> = Vec::new();
             let mut dir_seen: HashSet<ChunkDigest> = HashSet::new();
@@ -656,16 +661,22 @@ impl NaiadFs {
                     break;
                 }
             }
-            if fits && total + stored <= DIRECTORY_LOAD_MAX {
-                total += stored;
-                seen.extend(dir_seen);
-                chunks.extend(dir_chunks);
+            if !fits {
+                continue;
             }
+            if total + stored > DIRECTORY_LOAD_MAX {
+                left_out.push(dir);
+                continue;
+            }
+            total += stored;
+            seen.extend(dir_seen);
+            chunks.extend(dir_chunks);
         }
-        if chunks.is_empty() {
-            return true;
+        if chunks.is_empty() || self.load_in_background(&self.directory_loads_running, "naiad-dirload", vec![chunks]) {
+            Some(left_out)
+        } else {
+            None
         }
-        self.load_in_background(&self.directory_loads_running, "naiad-dirload", vec![chunks])
     }
 
     /// The bytecode directories (`S/__pycache__`) of the subpackages `S` of
