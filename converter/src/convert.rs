@@ -53,8 +53,8 @@ pub enum ChunkDictSource {
 }
 
 /// Default zstd level of a chunk of a large file. Level 15 makes blobs
-/// about 10 % smaller than level 3 and converts about 8x slower (README,
-/// conversion): a chunk is compressed once and fetched on every cold start
+/// about 10 % smaller than level 3 and converts about 7x slower (README,
+/// conversion, `cargo bench --bench convert`): a chunk is compressed once and fetched on every cold start
 /// that reads it (lazy `node -e`: 20.9 MB fetched against 23.8 MB).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 15;
 

@@ -158,10 +158,10 @@ fn load_elf(image: &NaiadImage, cache: &ChunkCache, ino: u32) -> Vec<Vec<u8>> {
     let Some(elf) = Elf::parse(&head) else { return Vec::new() };
     // Every loadable segment of a file of at most WHOLE_FILE_MAX; of a
     // larger one the first (headers, symbols, relocations) and the
-    // writable ones (relocated at load time).
-    // The writable ones in a request of their own, beside the rest: the
-    // loader relocates them first, and they come last in the file (python3's
-    // first fault there waited 147 ms behind its whole file, 6.8 MB).
+    // writable ones (relocated at load time). The writable ones go in a
+    // request of their own, beside the rest: the loader relocates them
+    // first, and they come last in the file (python3's first fault there
+    // waited 147 ms behind its whole file, 6.8 MB).
     let whole = rec.size <= WHOLE_FILE_MAX;
     let (mut writable, mut rest) = (Vec::new(), Vec::new());
     for (i, seg) in elf.loads.iter().enumerate() {

@@ -22,9 +22,10 @@
 //! lookup or readdirplus shows (an executable mode, or a `.so` name). When
 //! one's first bytes (its ELF headers) are read from the store, the
 //! filesystem loads what the loader faults on next ([`first_read_loads`]:
-//! its end first, then the whole of a small one or the tail of a large one). Of a large one
-//! ([`loads_by_window`]) it loads each [`MAPPED_WINDOW`] in the background
-//! at the first fault in it ([`MappedWindows`]), so the faults wait for a few
+//! its end first, then the whole of a small one or the tail of a large
+//! one). Of a large one ([`loads_by_window`]) it loads each
+//! [`MAPPED_WINDOW`] in the background at the first fault in it
+//! ([`MappedWindows`]), so the faults wait for a few
 //! large requests instead of hundreds of small ones, and the parts of a
 //! large library that are never touched are not fetched (loading such
 //! files whole measured slower: a 30 MB data library of which 0.6 MB is

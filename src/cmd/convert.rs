@@ -67,7 +67,7 @@ pub struct ConvertFlags {
     #[arg(long, default_value_t = 6)]
     pub group_zstd_level: i32,
     /// zstd level for chunks of large files (1-22); lower converts faster,
-    /// for larger blobs (3: about 8x faster, 10 % larger).
+    /// for larger blobs (3: about 7x faster, 10 % larger).
     #[arg(long, default_value_t = naiad_converter::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
     /// zstd level for the startup set (the prefetch blob, fetched on every
