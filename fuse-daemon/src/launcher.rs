@@ -18,11 +18,14 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::daemon;
 use crate::error::FuseError;
@@ -221,14 +224,30 @@ pub fn process_alive(pid: i32) -> bool {
     }
 }
 
-/// Waits until process `pid` is gone; false on timeout.
+/// Waits until process `pid` is gone; false on timeout. Wakes as soon as
+/// it exits (polling a pidfd of it), or checks every 10 ms where a pidfd
+/// cannot be had.
 pub fn wait_for_exit(pid: i32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    // SAFETY: pidfd_open takes a pid and flags, and returns a new file
+    // descriptor (owned from here on) or -1.
+    let pidfd = match unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } {
+        fd if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
+        _ => None,
+    };
     while process_alive(pid) {
-        if Instant::now() > deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        match &pidfd {
+            // Readable once the process has exited.
+            Some(fd) => {
+                let wait = PollTimeout::try_from(left.min(Duration::from_millis(100))).unwrap_or(PollTimeout::MAX);
+                let _ = poll(&mut [PollFd::new(fd.as_fd(), PollFlags::POLLIN)], wait);
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
     }
     true
 }

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::bundle::{self, ProcessSpec};
@@ -120,26 +120,39 @@ pub fn run(spec: &RunSpec) -> Result<i32, RuntimeError> {
 }
 
 /// Waits for the runtime; once a stop signal has been passed on, gives the
-/// command [`KILL_GRACE`] and then kills the container.
+/// command [`KILL_GRACE`] and then kills the container. A thread of its own
+/// waits for the runtime's exit, so the caller sees it at once; this one
+/// looks at stop signals every 10 ms meanwhile.
 fn wait_or_kill(pid: Pid, runtime: &Path, state: &Path, id: &str) -> Result<i32, RuntimeError> {
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("naiad-runtime-wait".into())
+        .spawn(move || {
+            let outcome = loop {
+                match waitpid(pid, None) {
+                    Ok(WaitStatus::Exited(_, code)) => break Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break Ok(128 + sig as i32),
+                    Ok(_) | Err(nix::Error::EINTR) => continue,
+                    Err(e) => break Err(RuntimeError::Runtime(format!("waiting for the runtime: {e}"))),
+                }
+            };
+            let _ = exited.send(outcome);
+        })
+        .map_err(|e| RuntimeError::Runtime(format!("waiting for the runtime: {e}")))?;
     let mut stop_seen: Option<Instant> = None;
     let mut killed = false;
     loop {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {
-                if signals::stop_requested() {
-                    let since = *stop_seen.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= KILL_GRACE && !killed {
-                        killed = true;
-                        let _ = Command::new(runtime).arg("--root").arg(state).args(["kill", id, "KILL"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
+        match exit.recv_timeout(Duration::from_millis(10)) {
+            Ok(outcome) => return outcome,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(RuntimeError::Runtime("waiting for the runtime: the waiting thread ended".into())),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if signals::stop_requested() {
+            let since = *stop_seen.get_or_insert_with(Instant::now);
+            if since.elapsed() >= KILL_GRACE && !killed {
+                killed = true;
+                let _ = Command::new(runtime).arg("--root").arg(state).args(["kill", id, "KILL"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
             }
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-            Ok(_) | Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(RuntimeError::Runtime(format!("waiting for the runtime: {e}"))),
         }
     }
 }
