@@ -450,6 +450,17 @@ fn prefetch_blob_follows_the_list_order() {
     };
     let (a, b, c) = (first_offset("a.bin"), first_offset("b.bin"), first_offset("c.bin"));
     assert!(c == 0 && c < a && a < b, "prefetch blob offsets: a {a}, b {b}, c {c} (listed c, a, b)");
+    // The manifest says how many bytes at the prefetch blob's start hold
+    // the set (here all of it), for a reader to start reading before the
+    // bootstrap is in; no other layer says so.
+    let (_, manifest) = manifest_of(&tmp.path().join("out"), "naiad");
+    let layers = manifest["layers"].as_array().unwrap();
+    let annotated: Vec<&serde_json::Value> = layers.iter().filter(|l| l["annotations"].get("org.naiad.blob.startup-set").is_some()).collect();
+    assert_eq!(annotated.len(), 1, "{manifest}");
+    let stats: serde_json::Value = serde_json::from_str(&ok(&["inspect", &dst, "--json"])).unwrap();
+    let prefetch_blob = stats["blobs"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(annotated[0]["size"], prefetch_blob["size"], "the annotated layer is the prefetch blob: {manifest}");
+    assert_eq!(annotated[0]["annotations"]["org.naiad.blob.startup-set"], prefetch_blob["size"].as_u64().unwrap().to_string());
     ok(&["check", &dst]);
 }
 

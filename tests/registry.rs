@@ -1004,3 +1004,51 @@ fn chunk_dict_on_a_registry_reuses_the_old_blobs() {
         assert!(diffs.is_empty(), "{image}: {}", diffs.join("\n"));
     }
 }
+
+/// A mount that will prefetch the startup set starts reading it as soon as
+/// the manifest names it (`org.naiad.blob.startup-set`), beside the
+/// bootstrap: the set's planned requests are then served from that one
+/// read, verified chunk by chunk as always. Without it, each planned
+/// request is a GET of its own.
+#[test]
+fn the_startup_set_is_read_from_the_manifest_on_in_one_request() {
+    let reg = Distribution::start(RegistryAuth::None, None);
+    let tmp = scratch("startup-set");
+    let files: Vec<(String, Vec<u8>)> = (0..6u64).map(|i| (format!("app/f{i}.bin"), Prng(0x5e70 + i).bytes(100 << 10))).collect();
+    let src = tmp.path().join("src");
+    files_layout(&src, &files);
+    let list = tmp.path().join("startup.list");
+    fs::write(&list, "/app/*\n").unwrap();
+    ok(&["convert", "--quiet", "--prefetch-list", list.to_str().unwrap(), &format!("oci:{}:latest", src.display()), &format!("docker://{}/set:1", reg.host())]);
+    let proxy = TestProxy::start(reg.port, ProxyConfig::default());
+    let r = ImageRef::parse(&format!("docker://{}/set:1", proxy.host())).unwrap();
+    // Small requests, so that the set is planned as several.
+    let limits = MergeLimits { max_request: 128 << 10, ..MergeLimits::default() };
+    for ahead in [false, true] {
+        let gets_of = |digest: &Digest| proxy.stats.log.lock().unwrap().iter().filter(|l| l.starts_with("GET ") && l.contains(digest.as_str())).count();
+        let image = Arc::new(NaiadImage::open_cached(&r, &options(), None, &|_| ahead).unwrap_or_else(|e| panic!("open {r}: {e}")));
+        let set: Vec<naiad_format::ChunkRecord> = image.bootstrap.prefetch().unwrap().iter().map(|&i| image.bootstrap.chunk(i).unwrap()).collect();
+        let set_blob = image.blob_digests[set[0].blob_index as usize].clone();
+        assert!(set.iter().all(|c| c.blob_index == set[0].blob_index), "the set is in one blob");
+        let planned = naiad_reader::plan(&set, &limits).len();
+        assert!(planned >= 3, "the set is planned as {planned} requests");
+        let reader = ChunkReader::new(image.clone(), limits);
+        let before = gets_of(&set_blob);
+        let read = reader.read_chunks(&set);
+        assert!(read.iter().all(Result::is_ok), "every chunk of the set reads and verifies");
+        let stored: u64 = set.iter().map(|c| c.compressed_size as u64).sum();
+        if ahead {
+            // The started read went out while the image was opened.
+            assert_eq!(gets_of(&set_blob), 1, "one GET for the whole set: {:?}", proxy.stats.log.lock().unwrap());
+            assert_eq!(before, 1);
+            // Its bytes are not kept once the last of them was taken: the
+            // set read again is fetched again.
+            assert!(reader.read_chunks(&set).iter().all(Result::is_ok));
+            assert_eq!(gets_of(&set_blob), 1 + planned, "the started read was forgotten after use");
+        } else {
+            assert_eq!(gets_of(&set_blob) - before, planned, "one GET per planned request");
+        }
+        eprintln!("startup set of {stored} bytes, {planned} planned requests: {} GETs of its blob (read ahead: {ahead})", gets_of(&set_blob));
+        proxy.stats.log.lock().unwrap().clear();
+    }
+}

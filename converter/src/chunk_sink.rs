@@ -116,6 +116,9 @@ pub struct ChunkSink {
     prefetch_chunks: Vec<u32>,
     /// Blobs this conversion added to the layout (removed again on failure).
     pub created: Vec<Digest>,
+    /// The prefetch blob's index and how many bytes at its start hold the
+    /// chunks the prefetch table names, once it is written.
+    pub startup_set: Option<(usize, u64)>,
     /// Uncompressed bytes handed to the sink.
     pub bytes_in: u64,
     dict: Option<Arc<ChunkDict>>,
@@ -146,6 +149,7 @@ impl ChunkSink {
             current: None,
             prefetch: None,
             prefetch_chunks: Vec::new(),
+            startup_set: None,
             created: Vec::new(),
             bytes_in: 0,
             dict: None,
@@ -406,17 +410,25 @@ impl ChunkSink {
         let in_scratch: HashSet<u32> = self.prefetch_chunks.iter().copied().collect();
         let mut placed = HashSet::new();
         let order: Vec<u32> = table.iter().chain(&self.prefetch_chunks).copied().filter(|c| in_scratch.contains(c) && placed.insert(*c)).collect();
+        let in_table: HashSet<u32> = table.iter().copied().collect();
         let mut writer = self.layout.blob_writer()?;
         let mut buf = Vec::new();
+        let mut set_bytes = 0;
         for &c in &order {
             let record = &mut self.chunks[c as usize];
             buf.resize(record.compressed_size as usize, 0);
             file.read_exact_at(&mut buf, record.compressed_offset).map_err(scratch_err)?;
             record.compressed_offset = writer.bytes_written();
             writer.write_all(&buf).map_err(|source| ConvertError::Io { path: "prefetch blob".into(), source })?;
+            if in_table.contains(&c) {
+                set_bytes = writer.bytes_written();
+            }
         }
         let (digest, size) = writer.commit()?;
         let index = self.blobs.len() as u32;
+        if set_bytes > 0 {
+            self.startup_set = Some((index as usize, set_bytes));
+        }
         for &c in &order {
             self.chunks[c as usize].blob_index = index;
         }

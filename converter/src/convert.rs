@@ -435,7 +435,7 @@ fn convert_into(
         Ok(x) => x,
         Err(e) => return Err(fail(e, &sink)),
     };
-    let packaged = match package(layout, &bootstrap, &sink.blobs, &src.config, src.manifest_digest.as_ref()) {
+    let packaged = match package(layout, &bootstrap, &sink.blobs, sink.startup_set, &src.config, src.manifest_digest.as_ref()) {
         Ok(p) => p,
         Err(e) => return Err(fail(e, &sink)),
     };

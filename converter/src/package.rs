@@ -18,7 +18,16 @@ pub struct Packaged {
 }
 
 /// Writes bootstrap, config and manifest blobs (not the tag).
-pub fn package(layout: &OciLayout, bootstrap: &[u8], blobs: &[BlobRecord], source_config: &Value, source_digest: Option<&Digest>) -> Result<Packaged> {
+/// `startup_set` is the prefetch blob's index and how many bytes at its
+/// start hold the startup set (annotated on its layer).
+pub fn package(
+    layout: &OciLayout,
+    bootstrap: &[u8],
+    blobs: &[BlobRecord],
+    startup_set: Option<(usize, u64)>,
+    source_config: &Value,
+    source_digest: Option<&Digest>,
+) -> Result<Packaged> {
     let compressed = zstd::bulk::compress(bootstrap, 10).map_err(|source| ConvertError::Io { path: "bootstrap".into(), source })?;
     let boot_digest = layout.write_blob(&compressed)?;
     let raw_digest = Digest::of(bootstrap);
@@ -27,7 +36,12 @@ pub fn package(layout: &OciLayout, bootstrap: &[u8], blobs: &[BlobRecord], sourc
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            Descriptor::new(MEDIA_TYPE_BLOB, &b.digest_string(), b.size).with_annotation(ANNOTATION_LAYER_KIND, "blob").with_annotation(ANNOTATION_BLOB_INDEX, &i.to_string())
+            let layer =
+                Descriptor::new(MEDIA_TYPE_BLOB, &b.digest_string(), b.size).with_annotation(ANNOTATION_LAYER_KIND, "blob").with_annotation(ANNOTATION_BLOB_INDEX, &i.to_string());
+            match startup_set {
+                Some((set_blob, bytes)) if set_blob == i => layer.with_annotation(ANNOTATION_STARTUP_SET, &bytes.to_string()),
+                _ => layer,
+            }
         })
         .collect();
     layers.push(

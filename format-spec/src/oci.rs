@@ -12,6 +12,9 @@ pub const ANNOTATION_FORMAT: &str = "org.naiad.format";
 pub const ANNOTATION_LAYER_KIND: &str = "org.naiad.layer";
 /// Annotation on a blob layer: its index in the bootstrap's blob table.
 pub const ANNOTATION_BLOB_INDEX: &str = "org.naiad.blob.index";
+/// Annotation on the prefetch blob's layer: how many bytes at its start
+/// hold the startup set, in the prefetch table's order (decimal).
+pub const ANNOTATION_STARTUP_SET: &str = "org.naiad.blob.startup-set";
 /// Annotation on the bootstrap layer: sha256 digest of the uncompressed bootstrap.
 pub const ANNOTATION_BOOTSTRAP_DIGEST: &str = "org.naiad.bootstrap.uncompressed-digest";
 /// Annotation on the manifest: the source image's manifest digest.

@@ -33,7 +33,7 @@ use std::os::fd::OwnedFd;
 
 use fuser::{Config, SessionACL};
 use naiad_reader::{BootstrapCache, ChunkReader, MergeLimits, NaiadImage};
-use naiad_registry::ImageRef;
+use naiad_registry::{BlobRange, ImageRef};
 use nix::mount::MntFlags;
 use serde::{Deserialize, Serialize};
 
@@ -259,8 +259,19 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     let reference = ImageRef::parse(source).map_err(|e| FuseError::Image(format!("image {source}: {e}")))?;
     // The decoded bootstrap is kept with the disk cache: a remount or a
     // restarted daemon maps it instead of decoding it again.
+    let counters = Arc::new(Counters::open_shared(&config.runtime.counters)?);
+    counters.reset_progress();
+    let disk = match &config.cache.disk_dir {
+        Some(dir) if config.cache.disk_bytes > 0 => Some(DiskCache::open(dir, config.cache.disk_bytes, counters.clone())?),
+        _ => None,
+    };
     let bootstraps = config.cache.disk_dir.as_ref().filter(|_| config.cache.disk_bytes > 0).map(|d| BootstrapCache::new(&d.join("bootstraps")));
-    let image = NaiadImage::open_cached(&reference, &handoff.config.registry, bootstraps.as_ref()).map_err(|e| FuseError::Image(format!("opening image {source}: {e}")))?;
+    // The startup set is read from the moment the manifest names it, unless
+    // the disk cache already holds some of its blob (a warm start: the
+    // prefetch then fetches only what is missing).
+    let read_startup_set = |set: &BlobRange| config.prefetch.enabled && !disk.as_ref().is_some_and(|d| d.holds_any_of(&set.digest.bytes()));
+    let image = NaiadImage::open_cached(&reference, &handoff.config.registry, bootstraps.as_ref(), &read_startup_set)
+        .map_err(|e| FuseError::Image(format!("opening image {source}: {e}")))?;
     tracing::info!(
         "daemon {} (generation {}) opened {source} ({} inodes, {} chunks) in {:?}{}",
         std::process::id(),
@@ -271,12 +282,6 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         if image.bootstrap_cached { ", its bootstrap mapped from the cache" } else { "" }
     );
 
-    let counters = Arc::new(Counters::open_shared(&config.runtime.counters)?);
-    counters.reset_progress();
-    let disk = match &config.cache.disk_dir {
-        Some(dir) if config.cache.disk_bytes > 0 => Some(DiskCache::open(dir, config.cache.disk_bytes, counters.clone())?),
-        _ => None,
-    };
     let image = Arc::new(image);
     let fetcher = Arc::new(ChunkReader::new(image.clone(), config.merge));
     let chunks = Arc::new(ChunkCache::new(fetcher, MemoryCache::new(config.cache.memory_bytes), disk, counters.clone()));

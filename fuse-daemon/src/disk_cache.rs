@@ -672,6 +672,12 @@ impl DiskCache {
         queued || lock(&self.shared.index).get(blob).is_some_and(|b| b.has(chunk))
     }
 
+    /// Whether the cache indexes any chunk of `blob`, as far as this daemon
+    /// knows.
+    pub fn holds_any_of(&self, blob: &BlobSha256) -> bool {
+        lock(&self.shared.index).get(blob).is_some_and(|b| !b.chunks.is_empty())
+    }
+
     /// The verified, decompressed bytes of `chunk` of `blob`, if the cache
     /// has a good copy. A copy that fails to read or verify is counted,
     /// forgotten and not served.

@@ -6,6 +6,9 @@
 //! of chunks of one blob lying close together, each run read with one range
 //! request planned under the chunk source's [`naiad_reader::MergeLimits`]
 //! (a longer run is split), most urgent run first, by [`PrefetchConfig::threads`] workers.
+//! The set's bytes may already be on their way: the image was opened
+//! reading them ahead ([`NaiadImage::open_cached`]), and the requests
+//! planned here are then served from that read by the store.
 //! Every request goes through [`ChunkCache::load_batch`], which claims its
 //! chunks in the single-flight map before the request starts: a reader
 //! needing one of them waits for that request instead of fetching again,
@@ -123,6 +126,7 @@ impl Prefetcher {
         // The set is known (and its progress published) before this returns.
         let set_chunks = if config.enabled { prefetch_set(&image) } else { Vec::new() };
         if set_chunks.is_empty() && !config.fetch_all {
+            image.store.forget_started_reads();
             return Ok(None);
         }
         if !set_chunks.is_empty() {
@@ -191,6 +195,9 @@ impl Job {
         if !set_chunks.is_empty() {
             self.prefetch_set(&set_chunks);
         }
+        // What the set's requests did not take of a read started for it
+        // at open (none, when the bootstrap and the manifest agree).
+        self.image.store.forget_started_reads();
         if self.config.fetch_all && !self.stopped() {
             let b = &self.image.bootstrap;
             let mut seen: HashSet<ChunkDigest> = set_chunks.iter().map(|c| c.digest).collect();

@@ -7,17 +7,20 @@
 //! The image may be in an OCI layout (chunks read from the blob files) or
 //! in a registry (`docker://`: the bootstrap is downloaded, chunks are read
 //! lazily with HTTP range requests through a
-//! [`naiad_registry::RegistryBlobStore`]).
+//! [`naiad_registry::RegistryBlobStore`]). A mount that will prefetch the
+//! startup set starts reading it as soon as the manifest names it
+//! ([`ANNOTATION_STARTUP_SET`]), side by side with the bootstrap, so the
+//! set's first bytes are on their way before the bootstrap is decoded.
 
 use std::io::Read;
 use std::sync::Arc;
 
-use naiad_format::oci::{ANNOTATION_BOOTSTRAP_DIGEST, ANNOTATION_FORMAT, FORMAT_VERSION, MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
+use naiad_format::oci::{ANNOTATION_BOOTSTRAP_DIGEST, ANNOTATION_FORMAT, ANNOTATION_STARTUP_SET, FORMAT_VERSION, MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
 use naiad_format::Bootstrap;
 use serde_json::Value;
 
 use naiad_registry::error::{RegistryError, Result};
-use naiad_registry::{open_source_reading, BlobStore, Digest, ImageRef, LayerBlob, RegistryClient, RegistryOptions, RegistryStats};
+use naiad_registry::{open_source_reading, BlobRange, BlobStore, Digest, ImageRef, LayerBlob, LayerReads, RegistryClient, RegistryOptions, RegistryStats};
 
 use crate::bootstrap_cache::BootstrapCache;
 
@@ -27,6 +30,22 @@ pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
 /// (real ones: about 3x), or [`MIN_INFLATE_LIMIT`], whichever is larger.
 const MAX_INFLATE_RATIO: u64 = 32;
 const MIN_INFLATE_LIMIT: u64 = 16 << 20;
+/// The largest startup set read before the bootstrap is in (its bytes are
+/// held in memory until the prefetch takes them); a larger one is read
+/// once the bootstrap is decoded, as without the annotation.
+pub const MAX_STARTUP_SET_AHEAD: u64 = 64 << 20;
+
+/// The startup set's bytes that a manifest's layers announce
+/// ([`ANNOTATION_STARTUP_SET`] on a blob layer), if they are plausible: a
+/// blob layer's first bytes, at most its size and
+/// [`MAX_STARTUP_SET_AHEAD`]. The annotation is only a hint: every chunk
+/// read from these bytes is still checked against the bootstrap.
+pub fn startup_set_range(layers: &[LayerBlob]) -> Option<BlobRange> {
+    layers.iter().filter(|l| l.media_type == MEDIA_TYPE_BLOB).find_map(|l| {
+        let len: u64 = l.annotations.get(ANNOTATION_STARTUP_SET)?.parse().ok()?;
+        (len > 0 && len <= l.size && len <= MAX_STARTUP_SET_AHEAD).then(|| BlobRange { digest: l.digest.clone(), offset: 0, len })
+    })
+}
 
 /// Decompresses a bootstrap layer without trusting it: the header comes
 /// first, and only as many bytes as it declares are inflated, if that is
@@ -80,21 +99,27 @@ impl NaiadImage {
     /// [`NaiadImage::open`] with registry options (credentials, mirrors,
     /// timeouts, ...) for a `docker://` reference.
     pub fn open_with(reference: &ImageRef, options: &RegistryOptions) -> Result<Self> {
-        Self::open_cached(reference, options, None)
+        Self::open_cached(reference, options, None, &|_| false)
     }
 
     /// [`NaiadImage::open_with`], taking the decoded bootstrap from `cache`
-    /// when it holds the image's (and keeping it there when not).
-    pub fn open_cached(reference: &ImageRef, options: &RegistryOptions, cache: Option<&BootstrapCache>) -> Result<Self> {
+    /// when it holds the image's (and keeping it there when not). A
+    /// registry image's startup set ([`startup_set_range`]) is read from the
+    /// moment the manifest is in if `read_startup_set` says so: for a mount
+    /// that will prefetch it, and does not have it yet.
+    pub fn open_cached(reference: &ImageRef, options: &RegistryOptions, cache: Option<&BootstrapCache>, read_startup_set: &dyn Fn(&BlobRange) -> bool) -> Result<Self> {
         // The bootstrap is read with the manifest, side by side with the
         // config, unless the cache holds it (`fetched` is its read: `None`
         // only when cached, or when there is no bootstrap layer, which is
         // refused below).
         let mut cached = None;
         let (source, fetched) = open_source_reading(reference, options, |layers| {
-            let boot = layers.iter().find(|l| l.media_type == MEDIA_TYPE_BOOTSTRAP)?;
-            cached = cache.and_then(|c| c.load(&boot.digest));
-            cached.is_none().then(|| (boot.digest.clone(), boot.size.min(MAX_BOOTSTRAP_SIZE)))
+            let ahead = startup_set_range(layers).filter(read_startup_set).into_iter().collect();
+            let whole = layers.iter().find(|l| l.media_type == MEDIA_TYPE_BOOTSTRAP).and_then(|boot| {
+                cached = cache.and_then(|c| c.load(&boot.digest));
+                cached.is_none().then(|| (boot.digest.clone(), boot.size.min(MAX_BOOTSTRAP_SIZE)))
+            });
+            LayerReads { whole, ahead }
         })?;
         let bad = |reason: String| RegistryError::BadImage { reference: reference.to_string(), reason };
         let format = source.manifest.annotations.as_ref().and_then(|a| a.get(ANNOTATION_FORMAT));

@@ -20,7 +20,8 @@
 //!   and mirrors.
 //! - [`remote_image`]: manifest (through indexes, by [`platform`]) and config.
 //! - [`blob_stream`]: a whole blob streamed, resumed after a broken connection.
-//! - [`remote_store`]: [`RegistryBlobStore`], lazy reads with HTTP ranges.
+//! - [`remote_store`]: [`RegistryBlobStore`], lazy reads with HTTP ranges,
+//!   and [`started_reads`], reads started before they are asked for.
 //! - [`blob_upload`], [`image_push`]: pushing an OCI layout's image.
 
 pub mod auth_challenge;
@@ -43,6 +44,7 @@ pub mod remote_image;
 pub mod remote_store;
 pub mod retry;
 pub mod source;
+pub mod started_reads;
 pub mod store;
 pub mod token_cache;
 pub mod verified_file;
@@ -59,6 +61,7 @@ pub use reference::ImageRef;
 pub use registry_client::{RegistryClient, RegistryStats};
 pub use registry_options::RegistryOptions;
 pub use remote_store::RegistryBlobStore;
-pub use source::{open_source, open_source_reading, open_source_with, LayerBlob, SourceImage};
+pub use source::{open_source, open_source_reading, open_source_with, LayerBlob, LayerReads, SourceImage};
+pub use started_reads::{BlobRange, StartedReads};
 pub use store::{BlobStore, LayoutBlobStore};
 pub use token_cache::TokenCache;

@@ -447,6 +447,21 @@ impl RegistryClient {
         self.execute(&spec, &self.inner.retry, |resp| if resp.status().is_success() { Ok(()) } else { Err(AttemptError::Fatal(self.http_error(&spec.what, resp))) })
     }
 
+    /// Opens one more connection to the registry on a thread of its own
+    /// (a `GET /v2/` whose answer, whatever it is, is thrown away), so that
+    /// requests sent side by side soon after find it ready instead of
+    /// waiting for a connection (and a TLS handshake) of their own.
+    pub fn warm_connection(&self) {
+        let Ok(url) = self.url("") else { return };
+        let http = self.inner.http.clone();
+        let _ = std::thread::Builder::new().name("naiad-warm-connection".into()).spawn(move || {
+            if let Ok(resp) = http.get(url).send() {
+                // Read to the end, so the connection goes back to the pool.
+                let _ = resp.bytes();
+            }
+        });
+    }
+
     /// Fetches manifest `reference` (tag or digest) of `repo`. Pulled by
     /// digest, the bytes must hash to it; pulled by tag, to the
     /// Docker-Content-Digest the registry announces, if it does.

@@ -8,10 +8,13 @@
 //! within its first [`MAX_UNRANGED_PREFIX`] bytes (the prefix is read and
 //! sliced); further in it is an error (a mirror doing so is skipped for
 //! the origin). Each range asked for is one request (which ranges to read
-//! together is decided by naiad's reader, not here).
+//! together is decided by naiad's reader, not here), unless it lies within
+//! a read started ahead ([`RegistryBlobStore::start_read`],
+//! [`crate::started_reads`]): then it is served from that read's bytes.
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::sync::Arc;
 
 use reqwest::blocking::Response;
 use reqwest::header::{CONTENT_RANGE, RANGE};
@@ -21,19 +24,23 @@ use crate::docker_ref::DockerReference;
 use crate::error::{RegistryError, Result};
 use crate::registry_client::{AttemptError, RegistryClient, MAX_UNRANGED_PREFIX};
 use crate::registry_options::RegistryOptions;
+use crate::started_reads::{BlobRange, StartedReads};
 use crate::store::BlobStore;
 
+#[derive(Clone)]
 pub struct RegistryBlobStore {
     client: RegistryClient,
     repository: String,
     /// Blob sizes from the manifest, to check ranges before asking.
     sizes: HashMap<Digest, u64>,
+    /// Reads started ahead, which later reads within them are served from.
+    started: Arc<StartedReads>,
 }
 
 impl RegistryBlobStore {
     /// A store for the blobs of `repository` served by `client`'s registry.
     pub fn new(client: RegistryClient, repository: &str) -> Self {
-        RegistryBlobStore { client, repository: repository.to_string(), sizes: HashMap::new() }
+        RegistryBlobStore { client, repository: repository.to_string(), sizes: HashMap::new(), started: Arc::default() }
     }
 
     /// A store for the repository of `reference`.
@@ -48,8 +55,34 @@ impl RegistryBlobStore {
         self
     }
 
+    /// Keeps this store's started reads in `started` (shared with the
+    /// store that started them).
+    pub fn with_started_reads(mut self, started: Arc<StartedReads>) -> Self {
+        self.started = started;
+        self
+    }
+
     pub fn client(&self) -> &RegistryClient {
         &self.client
+    }
+
+    /// Starts reading `range` now, on a thread of its own, for reads of
+    /// this store (or of one sharing its [`StartedReads`]) that will want
+    /// bytes within it. A range outside its blob is not started.
+    pub fn start_read(&self, range: BlobRange) {
+        if range.len == 0 || self.check_bounds(&range.digest, range.offset, range.len).is_err() {
+            return;
+        }
+        let read = self.started.add(range.clone());
+        let store = self.clone();
+        let spawned = std::thread::Builder::new().name("naiad-read-ahead".into()).spawn(move || {
+            let outcome = store.fetch(&range.digest, range.offset, range.len, &mut |prefix| read.arrived(prefix));
+            read.ended(outcome.map(|_| ()).map_err(|e| e.to_string()));
+        });
+        if let Err(e) = spawned {
+            tracing::debug!("cannot start a read ahead: {e}");
+            self.started.forget();
+        }
     }
 
     pub fn repository(&self) -> &str {
@@ -179,11 +212,18 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
 
 impl BlobStore for RegistryBlobStore {
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
-        self.fetch(digest, offset, len, &mut |_| {})
+        self.read_range_progressive(digest, offset, len, &mut |_| {})
     }
 
     fn read_range_progressive(&self, digest: &Digest, offset: u64, len: u64, arrived: &mut dyn FnMut(&[u8])) -> Result<Vec<u8>> {
+        if let Some(data) = self.started.serve(digest, offset, len, arrived) {
+            return Ok(data);
+        }
         self.fetch(digest, offset, len, arrived)
+    }
+
+    fn forget_started_reads(&self) {
+        self.started.forget();
     }
 
     fn describe(&self) -> String {

@@ -20,6 +20,7 @@ use crate::registry_client::RegistryClient;
 use crate::registry_options::RegistryOptions;
 use crate::remote_image::resolve_reading;
 use crate::remote_store::RegistryBlobStore;
+use crate::started_reads::{BlobRange, StartedReads};
 use crate::store::{BlobStore, LayoutBlobStore};
 
 /// One layer blob of a source image.
@@ -31,10 +32,21 @@ pub struct LayerBlob {
     pub annotations: std::collections::BTreeMap<String, String>,
 }
 
+/// What to read of an image's layers as soon as its manifest is known.
+#[derive(Debug, Default)]
+pub struct LayerReads {
+    /// A whole blob (its digest, and the most bytes to read), read side by
+    /// side with the config; its outcome is returned with the image.
+    pub whole: Option<(Digest, u64)>,
+    /// Ranges to start reading at once, for the image's blob store to serve
+    /// later reads from (registries only; a layout reads fast anyway).
+    pub ahead: Vec<BlobRange>,
+}
+
 enum Backend {
     Layout(OciLayout),
     Archive { archive: DockerArchive, members: Vec<String> },
-    Registry { client: RegistryClient, repository: String },
+    Registry { client: RegistryClient, repository: String, started: Arc<StartedReads> },
 }
 
 /// An image opened for reading.
@@ -58,25 +70,26 @@ pub fn open_source(reference: &ImageRef) -> Result<SourceImage> {
 /// Opens the image `reference` names; `options` say how to reach a
 /// registry and which platform to pick from an index.
 pub fn open_source_with(reference: &ImageRef, options: &RegistryOptions) -> Result<SourceImage> {
-    open_source_reading(reference, options, |_| None).map(|(image, _)| image)
-}
-
-/// [`open_source_with`], also reading the layer blob `pick` names from
-/// the image's layers (its digest and the most bytes to read): from a
-/// registry side by side with the config (see
-/// [`crate::remote_image::resolve_reading`]). The blob's outcome is the
-/// caller's to judge.
-pub fn open_source_reading(
-    reference: &ImageRef,
-    options: &RegistryOptions,
-    pick: impl FnOnce(&[LayerBlob]) -> Option<(Digest, u64)>,
-) -> Result<(SourceImage, Option<Result<Vec<u8>>>)> {
     let image = match reference {
         ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options)?,
         ImageRef::DockerArchive { file } => open_archive(reference, file)?,
-        ImageRef::Docker(r) => return open_registry(reference, r, options, pick),
+        ImageRef::Docker(r) => open_registry(reference, r, options, None::<fn(&[LayerBlob]) -> LayerReads>)?.0,
     };
-    let blob = pick(&image.layers).map(|(digest, max)| image.read_blob(&digest, max));
+    Ok(image)
+}
+
+/// [`open_source_with`], also reading what `pick` names from the image's
+/// layers ([`LayerReads`]): the whole blob from a registry side by side
+/// with the config (see [`crate::remote_image::resolve_reading`]), the
+/// ranges ahead started as soon as the manifest is in. The whole blob's
+/// outcome is the caller's to judge.
+pub fn open_source_reading(reference: &ImageRef, options: &RegistryOptions, pick: impl FnOnce(&[LayerBlob]) -> LayerReads) -> Result<(SourceImage, Option<Result<Vec<u8>>>)> {
+    let image = match reference {
+        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options)?,
+        ImageRef::DockerArchive { file } => open_archive(reference, file)?,
+        ImageRef::Docker(r) => return open_registry(reference, r, options, Some(pick)),
+    };
+    let blob = pick(&image.layers).whole.map(|(digest, max)| image.read_blob(&digest, max));
     Ok((image, blob))
 }
 
@@ -92,10 +105,26 @@ fn open_registry(
     reference: &ImageRef,
     r: &crate::docker_ref::DockerReference,
     options: &RegistryOptions,
-    pick: impl FnOnce(&[LayerBlob]) -> Option<(Digest, u64)>,
+    pick: Option<impl FnOnce(&[LayerBlob]) -> LayerReads>,
 ) -> Result<(SourceImage, Option<Result<Vec<u8>>>)> {
     let client = RegistryClient::for_reference(r, options)?;
-    let (image, blob) = resolve_reading(&client, r, &options.platform(), |m| layer_blobs(m).ok().and_then(|layers| pick(&layers)))?;
+    if pick.is_some() {
+        // The blob and the config are read side by side once the manifest
+        // is in: one of them gets a connection opened meanwhile.
+        client.warm_connection();
+    }
+    let started = Arc::new(StartedReads::default());
+    let (image, blob) = resolve_reading(&client, r, &options.platform(), |m| {
+        let layers = layer_blobs(m).ok()?;
+        let reads = pick?(&layers);
+        if !reads.ahead.is_empty() {
+            let store = registry_store(&client, &r.repository, &layers, &started);
+            for range in reads.ahead {
+                store.start_read(range);
+            }
+        }
+        reads.whole
+    })?;
     let layers = layer_blobs(&image.manifest)?;
     let image = SourceImage {
         reference: reference.clone(),
@@ -103,9 +132,15 @@ fn open_registry(
         manifest_digest: Some(image.manifest_digest),
         config: image.config,
         layers,
-        backend: Backend::Registry { client, repository: r.repository.clone() },
+        backend: Backend::Registry { client, repository: r.repository.clone(), started },
     };
     Ok((image, blob))
+}
+
+/// The range-reading store of a registry image's blobs, their sizes from
+/// `layers`, its started reads kept in `started`.
+fn registry_store(client: &RegistryClient, repository: &str, layers: &[LayerBlob], started: &Arc<StartedReads>) -> RegistryBlobStore {
+    RegistryBlobStore::new(client.clone(), repository).with_blob_sizes(layers.iter().map(|l| (l.digest.clone(), l.size))).with_started_reads(started.clone())
 }
 
 fn bad(reference: &ImageRef, reason: impl Into<String>) -> RegistryError {
@@ -241,7 +276,7 @@ impl SourceImage {
                 f.seek(SeekFrom::Start(pos)).at(&archive.path)?;
                 (f, size)
             }
-            Backend::Registry { client, repository } => {
+            Backend::Registry { client, repository, .. } => {
                 let stream = SharedReader(Arc::new(Mutex::new(BlobStream::open(client, repository, &layer.digest, layer.size)?)));
                 let (reader, check) = DigestReader::new(stream.clone(), layer.digest.clone());
                 return Ok(LayerStream { reader: Some(Box::new(reader)), check, rest: Box::new(stream), limit: layer.size });
@@ -257,20 +292,18 @@ impl SourceImage {
     pub fn read_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>> {
         match &self.backend {
             Backend::Layout(layout) => layout.read_blob(digest, max),
-            Backend::Registry { client, repository } => client.get_blob(repository, digest, max),
+            Backend::Registry { client, repository, .. } => client.get_blob(repository, digest, max),
             Backend::Archive { .. } => Err(bad(&self.reference, "blobs of a docker archive are read as layers only")),
         }
     }
 
     /// Random access to the image's blobs: the layout's files, or range
-    /// requests to the registry (blob sizes taken from the manifest).
+    /// requests to the registry (blob sizes taken from the manifest), which
+    /// serve reads within the ranges started ahead from those reads.
     pub fn blob_store(&self) -> Result<Arc<dyn BlobStore>> {
         match &self.backend {
             Backend::Layout(layout) => Ok(Arc::new(LayoutBlobStore::new(layout.clone()))),
-            Backend::Registry { client, repository } => {
-                let sizes = self.layers.iter().map(|l| (l.digest.clone(), l.size));
-                Ok(Arc::new(RegistryBlobStore::new(client.clone(), repository).with_blob_sizes(sizes)))
-            }
+            Backend::Registry { client, repository, started } => Ok(Arc::new(registry_store(client, repository, &self.layers, started))),
             Backend::Archive { .. } => Err(bad(&self.reference, "a docker archive cannot be read at random; convert it first")),
         }
     }

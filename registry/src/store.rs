@@ -6,7 +6,10 @@
 //! decision, not the store's. A store that receives a range piece by piece
 //! (a registry) shows the reader each longer prefix as it arrives
 //! ([`BlobStore::read_range_progressive`]), so the chunks at the front of a
-//! large request are usable before its last byte is in.
+//! large request are usable before its last byte is in. A registry store
+//! can also start a read before it is asked for
+//! ([`crate::RegistryBlobStore::start_read`]); a read within it is then
+//! served from it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -32,6 +35,9 @@ pub trait BlobStore: Send + Sync {
     }
     /// A short description for logs and errors (`oci:/path`).
     fn describe(&self) -> String;
+    /// Drops the bytes of reads started ahead that no read has taken yet
+    /// (the reader will not want them). Stores that start none do nothing.
+    fn forget_started_reads(&self) {}
 }
 
 /// A [`BlobStore`] over an OCI layout's `blobs/` directory, with open files
