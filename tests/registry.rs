@@ -1041,8 +1041,8 @@ fn the_startup_set_is_read_from_the_manifest_on_in_one_request() {
             // The started read went out while the image was opened.
             assert_eq!(gets_of(&set_blob), 1, "one GET for the whole set: {:?}", proxy.stats.log.lock().unwrap());
             assert_eq!(before, 1);
-            // Its bytes are not kept once the last of them was taken: the
-            // set read again is fetched again.
+            // Its bytes are not kept once reads have taken each of them:
+            // the set read again is fetched again.
             assert!(reader.read_chunks(&set).iter().all(Result::is_ok));
             assert_eq!(gets_of(&set_blob), 1 + planned, "the started read was forgotten after use");
         } else {

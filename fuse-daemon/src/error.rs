@@ -50,3 +50,9 @@ impl<T> IoContext<T> for std::io::Result<T> {
 }
 
 pub use naiad_reader::{ChunkError, ChunkErrorKind};
+
+impl From<naiad_reader::StorageError> for FuseError {
+    fn from(e: naiad_reader::StorageError) -> Self {
+        FuseError::Io { path: e.path, source: e.source }
+    }
+}

@@ -8,16 +8,16 @@
 //!   [`naiad_format::Bootstrap`]: metadata comes from the bootstrap, file
 //!   bytes from the chunk cache.
 //! - [`attr`]: bootstrap inode records as FUSE attributes.
-//! - [`chunk_cache`]: [`ChunkCache`], the read path of chunks: memory,
-//!   then disk, then the fetcher, with concurrent loads of one chunk merged
-//!   and batches of chunks read with merged requests.
-//!   Chunks come from a [`ChunkFetcher`]: the image's [`ChunkReader`]
-//!   (crate `naiad-reader`, which also plans every store request).
-//! - [`memory_cache`], [`disk_cache`] (per-blob cache files), [`inflight`]:
-//!   the tiers and the single-flight map the chunk cache is made of.
+//! - The read path is crate `naiad-reader`'s: its [`ChunkCache`] (memory,
+//!   then disk, then the image's [`ChunkReader`], single-flight, with
+//!   batches read in planned requests) is what the filesystem, the
+//!   prefetcher and the loads ahead read chunks through, and its
+//!   [`Counters`] count what the mount does. Its modules are re-exported
+//!   here under their names ([`chunk_cache`], [`memory_cache`],
+//!   [`disk_cache`], [`inflight`], [`counters`], [`histogram`],
+//!   [`shared_mapping`]).
 //! - [`passthrough`], [`backing_files`]: opens the kernel serves itself
 //!   from whole-file backing files in the cache (FUSE passthrough).
-//! - [`shared_mapping`]: files of atomics every daemon generation maps.
 //! - [`read_ahead`]: [`read_ahead::ReadAhead`], per-file sequential
 //!   read-ahead with a growing window.
 //! - [`read_pool`]: [`read_pool::ReadPool`], the threads that serve reads
@@ -27,8 +27,6 @@
 //! - [`program_loads`]: without a startup set, the program a mount is about
 //!   to run and the libraries it needs, loaded at mount.
 //! - [`trace_recorder`]: [`TraceRecorder`], `--record-trace`.
-//! - [`counters`], [`histogram`]: [`Counters`], per-mount statistics and
-//!   their renderings; the read-latency histogram.
 //! - [`socket_server`], [`stats_server`], [`metrics_server`]: the unix
 //!   sockets `naiad stats` asks for counters and HTTP clients scrape.
 //! - [`runtime_paths`]: where a mount's socket, pid file and log live.
@@ -46,18 +44,12 @@
 
 pub mod attr;
 pub mod backing_files;
-pub mod chunk_cache;
-pub mod counters;
 pub mod daemon;
-pub mod disk_cache;
 pub mod error;
 pub mod filesystem;
 pub mod fuse_device;
 pub mod handoff;
-pub mod histogram;
-pub mod inflight;
 pub mod launcher;
-pub mod memory_cache;
 pub mod metrics_server;
 pub mod mountinfo;
 pub mod passthrough;
@@ -66,12 +58,15 @@ pub mod program_loads;
 pub mod read_ahead;
 pub mod read_pool;
 pub mod runtime_paths;
-pub mod shared_mapping;
 pub mod size;
 pub mod socket_server;
 pub mod stats_server;
 pub mod supervisor;
 pub mod trace_recorder;
+
+// The read path's caches, single-flight and counters (naiad-reader),
+// under their module names.
+pub use naiad_reader::{chunk_cache, counters, disk_cache, histogram, inflight, memory_cache, shared_mapping};
 
 pub use chunk_cache::ChunkCache;
 pub use counters::{CounterBlock, CounterSnapshot, Counters, Origin, PrefetchSnapshot};

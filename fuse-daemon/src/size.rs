@@ -3,6 +3,8 @@
 
 use crate::error::FuseError;
 
+pub use naiad_reader::size::format_size;
+
 /// Parses a size: a non-negative integer or decimal with an optional binary
 /// suffix K, M, G or T (also KiB, MB, ...; all powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, FuseError> {
@@ -33,22 +35,6 @@ pub fn parse_size(s: &str) -> Result<u64, FuseError> {
     Ok(v as u64)
 }
 
-/// Prints `n` bytes with a binary unit: "1.5 MiB".
-pub fn format_size(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,12 +52,5 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
-    fn formats_sizes() {
-        assert_eq!(format_size(10), "10 B");
-        assert_eq!(format_size(1536), "1.5 KiB");
-        assert_eq!(format_size(2 << 30), "2.0 GiB");
     }
 }

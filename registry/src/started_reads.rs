@@ -8,7 +8,7 @@
 //! they arrive. A later read of a range that lies within a started read
 //! waits for that read's bytes instead of sending a request of its own, and
 //! sees them arrive as a read of its own would. A started read is forgotten
-//! once a read has taken its last byte, or when the owner says so
+//! once reads have taken each of its bytes, or when the owner says so
 //! ([`StartedReads::forget`]); a failed one is forgotten at once, and the
 //! reads waiting for it send their own requests.
 
@@ -25,12 +25,8 @@ pub struct BlobRange {
 }
 
 impl BlobRange {
-    fn end(&self) -> u64 {
-        self.offset + self.len
-    }
-
     fn contains(&self, digest: &Digest, offset: u64, len: u64) -> bool {
-        &self.digest == digest && offset >= self.offset && offset.checked_add(len).is_some_and(|end| end <= self.end())
+        &self.digest == digest && offset >= self.offset && offset.checked_add(len).is_some_and(|end| end <= self.offset + self.len)
     }
 }
 
@@ -41,6 +37,24 @@ struct Progress {
     data: Vec<u8>,
     /// Set when the read has ended: `Ok` with all its bytes, or why not.
     ended: Option<Result<(), String>>,
+    /// The parts reads have taken, as sorted, disjoint `[start, end)`
+    /// offsets into the range.
+    taken: Vec<(u64, u64)>,
+}
+
+/// Adds `[start, end)` to the sorted, disjoint intervals `taken`.
+fn add_interval(taken: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let (mut start, mut end) = (start, end);
+    taken.retain(|&(a, b)| {
+        let touches = a <= end && start <= b;
+        if touches {
+            start = start.min(a);
+            end = end.max(b);
+        }
+        !touches
+    });
+    let at = taken.partition_point(|&(a, _)| a < start);
+    taken.insert(at, (start, end));
 }
 
 /// One read started ahead.
@@ -74,6 +88,15 @@ impl StartedRead {
         }
         p.ended = Some(outcome);
         self.grew.notify_all();
+    }
+
+    /// Notes that a read took `[offset, offset + len)`; true once every
+    /// byte of this read has been taken.
+    fn taken(&self, offset: u64, len: u64) -> bool {
+        let mut p = lock(&self.progress);
+        let start = offset - self.range.offset;
+        add_interval(&mut p.taken, start, start + len);
+        p.taken == [(0, self.range.len)]
     }
 
     /// Serves `[offset, offset + len)` (within this read) from its bytes,
@@ -135,7 +158,7 @@ impl StartedReads {
     pub(crate) fn serve(&self, digest: &Digest, offset: u64, len: u64, arrived: &mut dyn FnMut(&[u8])) -> Option<Vec<u8>> {
         let read = lock(&self.reads).iter().find(|r| r.range.contains(digest, offset, len)).cloned()?;
         let served = read.serve(offset, len, arrived);
-        if served.is_none() || offset + len == read.range.end() {
+        if served.is_none() || read.taken(offset, len) {
             self.remove(&read);
         }
         served
@@ -186,10 +209,27 @@ mod tests {
             assert!(seen.len() >= 2, "handed over while arriving: {seen:?}");
             assert!(seen.iter().all(|p| p[..] == body[2..2 + p.len()]), "always a prefix of the range: {seen:?}");
         });
-        assert_eq!(started.len(), 1, "kept until a read takes its last byte");
+        assert_eq!(started.len(), 1, "kept until reads have taken all of it");
         let tail = started.serve(&Digest::of(b"blob"), 105, 5, &mut |_| {});
         assert_eq!(tail.as_deref(), Some(&body[5..]));
-        assert!(started.is_empty(), "forgotten once its last byte was taken");
+        assert_eq!(started.len(), 1, "its first two bytes were not taken yet");
+        let head = started.serve(&Digest::of(b"blob"), 100, 3, &mut |_| {});
+        assert_eq!(head.as_deref(), Some(&body[..3]));
+        assert!(started.is_empty(), "forgotten once each of its bytes was taken");
+    }
+
+    #[test]
+    fn taken_parts_merge_into_disjoint_intervals() {
+        let mut t = Vec::new();
+        for (a, b) in [(10, 20), (30, 40), (0, 5), (20, 30), (5, 10)] {
+            add_interval(&mut t, a, b);
+        }
+        assert_eq!(t, [(0, 40)]);
+        let mut t = Vec::new();
+        for (a, b) in [(30, 40), (0, 5), (12, 15)] {
+            add_interval(&mut t, a, b);
+        }
+        assert_eq!(t, [(0, 5), (12, 15), (30, 40)]);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! [`InFlight`] map, and whoever needs it meanwhile waits for that load
 //! instead of starting another. [`ChunkCache::get`] loads one chunk;
 //! [`ChunkCache::load_batch`] loads many, grouping those of one blob that lie
-//! close together into one store request (see [`naiad_reader::fetch_plan`],
+//! close together into one store request (see [`crate::fetch_plan`],
 //! under the fetcher's [`MergeLimits`]); it
 //! claims every chunk of a request before the request starts.
 
@@ -21,12 +21,13 @@ use std::sync::{Arc, Mutex};
 use naiad_format::bootstrap::hex;
 use naiad_format::{ChunkDigest, ChunkRecord};
 
+use crate::chunk_reader::{ChunkFetcher, FetchedChunk};
 use crate::counters::{add, inc, CounterSnapshot, Counters, Origin};
 use crate::disk_cache::{BlobSha256, DiskCache};
 use crate::error::{ChunkError, ChunkErrorKind};
+use crate::fetch_plan::{plan, MergeLimits};
 use crate::inflight::InFlight;
 use crate::memory_cache::MemoryCache;
-use naiad_reader::{plan, ChunkFetcher, FetchedChunk, MergeLimits};
 
 /// The outcome of loading one chunk.
 pub type Loaded = Result<Arc<Vec<u8>>, ChunkError>;

@@ -38,7 +38,7 @@
 //! A blob evicted while another daemon uses it keeps working for that
 //! daemon (its open files stay readable).
 //!
-//! Backing files (`<dir>/files/<hex>`, see [`crate::backing_files`]) count
+//! Backing files (`<dir>/files/<hex>`, see the FUSE daemon's `backing_files`) count
 //! toward the same cap and are evicted with the blobs, least recently used
 //! first; this module keeps their sizes and recency, not their contents.
 //!
@@ -59,10 +59,10 @@ use naiad_format::bootstrap::hex;
 use naiad_format::{decode_chunk, ChunkDigest, ChunkRecord};
 
 use crate::counters::{add, inc, Counters};
-use crate::error::{FuseError, IoContext};
+use crate::error::{IoContext, StorageError};
 
 /// The sha256 of a blob, which names its files in the cache.
-pub use naiad_reader::BlobSha256;
+pub use crate::chunk_reader::BlobSha256;
 
 /// Bytes (stored plus decoded) queued for the writer before readers wait.
 pub const WRITE_QUEUE_BYTES: u64 = 256 << 20;
@@ -504,7 +504,7 @@ impl Shared {
     }
 
     /// Indexes what is on disk, removes leftovers and evicts down to the cap.
-    fn scan(&self) -> Result<(), FuseError> {
+    fn scan(&self) -> Result<(), StorageError> {
         let now = SystemTime::now();
         let mut data_files: HashMap<BlobSha256, fs::Metadata> = HashMap::new();
         let mut index_files: Vec<(BlobSha256, fs::Metadata)> = Vec::new();
@@ -638,11 +638,11 @@ fn writer_loop(shared: Arc<Shared>, jobs: Receiver<Job>, old_layout: PathBuf) {
 impl DiskCache {
     /// Opens (creating if needed) the cache under `dir`, capped at
     /// `capacity` stored bytes, and indexes what earlier runs left there.
-    pub fn open(dir: &Path, capacity: u64, counters: Arc<Counters>) -> Result<Self, FuseError> {
+    pub fn open(dir: &Path, capacity: u64, counters: Arc<Counters>) -> Result<Self, StorageError> {
         Self::open_with_queue_limit(dir, capacity, counters, WRITE_QUEUE_BYTES)
     }
 
-    fn open_with_queue_limit(dir: &Path, capacity: u64, counters: Arc<Counters>, queue_limit: u64) -> Result<Self, FuseError> {
+    fn open_with_queue_limit(dir: &Path, capacity: u64, counters: Arc<Counters>, queue_limit: u64) -> Result<Self, StorageError> {
         let blobs_dir = dir.join(BLOBS_DIR);
         fs::create_dir_all(&blobs_dir).at(&blobs_dir)?;
         let shared = Arc::new(Shared {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::FuseError;
+use crate::error::StorageError;
 use crate::shared_mapping::SharedMapping;
 
 use crate::histogram::Histogram;
@@ -34,7 +34,7 @@ pub enum Origin {
     Prefetch,
     /// `--fetch-all`: the rest of the image, at low priority.
     Background,
-    /// Sequential read-ahead ([`crate::read_ahead`]).
+    /// Sequential read-ahead (the FUSE daemon's `read_ahead`).
     ReadAhead,
 }
 
@@ -249,19 +249,22 @@ pub struct PrefetchSnapshot {
 }
 
 /// Adds to a counter.
-pub(crate) fn add(c: &AtomicU64, n: u64) {
+pub fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-pub(crate) fn inc(c: &AtomicU64) {
+/// Adds one to a counter.
+pub fn inc(c: &AtomicU64) {
     add(c, 1)
 }
 
-pub(crate) fn set(c: &AtomicU64, v: u64) {
+/// Sets a gauge.
+pub fn set(c: &AtomicU64, v: u64) {
     c.store(v, Ordering::Relaxed);
 }
 
-pub(crate) fn get(c: &AtomicU64) -> u64 {
+/// Reads a counter or gauge.
+pub fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
@@ -316,7 +319,7 @@ impl Counters {
     /// Maps the shared counters file at `path`, creating it (zeroed) when it
     /// is missing or has another size. A file written by a binary with
     /// another counter layout is reset to zero, with a warning.
-    pub fn open_shared(path: &Path) -> Result<Counters, FuseError> {
+    pub fn open_shared(path: &Path) -> Result<Counters, StorageError> {
         let block_len = std::mem::size_of::<CounterBlock>();
         let mapping = SharedMapping::open(path, block_len, SHARED_MAGIC, block_len as u64)?;
         // The body is 8-byte aligned and CounterBlock (atomics only) is

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{FuseError, IoContext};
+use crate::error::{IoContext, StorageError};
 
 /// Bytes before the body: magic, layout, padding to a cache line.
 pub const HEADER: usize = 64;
@@ -34,7 +34,7 @@ impl SharedMapping {
     /// Maps `path` (created when missing) with a body of `body_len` bytes.
     /// A file of another size, `magic` or `layout` has its body zeroed
     /// first (with a warning when it held something else).
-    pub fn open(path: &Path, body_len: usize, magic: u64, layout: u64) -> Result<SharedMapping, FuseError> {
+    pub fn open(path: &Path, body_len: usize, magic: u64, layout: u64) -> Result<SharedMapping, StorageError> {
         let len = HEADER + body_len;
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).at(path)?;
         if file.metadata().at(path)?.len() != len as u64 {
