@@ -194,3 +194,31 @@ impl NaiadImage {
         self.registry.as_ref()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(media_type: &str, size: u64, startup_set: Option<&str>) -> LayerBlob {
+        let mut annotations = std::collections::BTreeMap::new();
+        if let Some(v) = startup_set {
+            annotations.insert(ANNOTATION_STARTUP_SET.to_string(), v.to_string());
+        }
+        LayerBlob { digest: Digest::of(format!("{media_type}{size}{startup_set:?}").as_bytes()), media_type: media_type.into(), size, annotations }
+    }
+
+    #[test]
+    fn the_startup_set_is_taken_from_a_plausible_annotation_only() {
+        let set = |layers: &[LayerBlob]| startup_set_range(layers).map(|r| (r.offset, r.len));
+        assert_eq!(set(&[layer(MEDIA_TYPE_BLOB, 1000, None), layer(MEDIA_TYPE_BLOB, 5000, Some("4000"))]), Some((0, 4000)));
+        assert_eq!(set(&[layer(MEDIA_TYPE_BLOB, 1000, None)]), None, "no annotation");
+        // Hostile or broken values are ignored: the set is then read once
+        // the bootstrap says where it is.
+        for bad in ["", "-1", "12x", "0", "5001", "18446744073709551616"] {
+            assert_eq!(set(&[layer(MEDIA_TYPE_BLOB, 5000, Some(bad))]), None, "{bad:?}");
+        }
+        let huge = MAX_STARTUP_SET_AHEAD + 1;
+        assert_eq!(set(&[layer(MEDIA_TYPE_BLOB, huge, Some(&huge.to_string()))]), None, "more than it may hold in memory");
+        assert_eq!(set(&[layer(MEDIA_TYPE_BOOTSTRAP, 5000, Some("4000"))]), None, "only on a blob layer");
+    }
+}
