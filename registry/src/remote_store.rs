@@ -74,14 +74,14 @@ impl RegistryBlobStore {
             return;
         }
         let read = self.started.add(range.clone());
-        let store = self.clone();
+        let (fed, store) = (read.clone(), self.clone());
         let spawned = std::thread::Builder::new().name("naiad-read-ahead".into()).spawn(move || {
-            let outcome = store.fetch(&range.digest, range.offset, range.len, &mut |prefix| read.arrived(prefix));
-            read.ended(outcome.map(|_| ()).map_err(|e| e.to_string()));
+            let outcome = store.fetch(&range.digest, range.offset, range.len, &mut |prefix| fed.arrived(prefix));
+            fed.ended(outcome.map(|_| ()).map_err(|e| e.to_string()));
         });
         if let Err(e) = spawned {
             tracing::debug!("cannot start a read ahead: {e}");
-            self.started.forget();
+            self.started.remove(&read);
         }
     }
 

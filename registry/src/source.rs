@@ -70,12 +70,7 @@ pub fn open_source(reference: &ImageRef) -> Result<SourceImage> {
 /// Opens the image `reference` names; `options` say how to reach a
 /// registry and which platform to pick from an index.
 pub fn open_source_with(reference: &ImageRef, options: &RegistryOptions) -> Result<SourceImage> {
-    let image = match reference {
-        ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options)?,
-        ImageRef::DockerArchive { file } => open_archive(reference, file)?,
-        ImageRef::Docker(r) => open_registry(reference, r, options, None::<fn(&[LayerBlob]) -> LayerReads>)?.0,
-    };
-    Ok(image)
+    open(reference, options, None::<fn(&[LayerBlob]) -> LayerReads>).map(|(image, _)| image)
 }
 
 /// [`open_source_with`], also reading what `pick` names from the image's
@@ -84,12 +79,16 @@ pub fn open_source_with(reference: &ImageRef, options: &RegistryOptions) -> Resu
 /// ranges ahead started as soon as the manifest is in. The whole blob's
 /// outcome is the caller's to judge.
 pub fn open_source_reading(reference: &ImageRef, options: &RegistryOptions, pick: impl FnOnce(&[LayerBlob]) -> LayerReads) -> Result<(SourceImage, Option<Result<Vec<u8>>>)> {
+    open(reference, options, Some(pick))
+}
+
+fn open(reference: &ImageRef, options: &RegistryOptions, pick: Option<impl FnOnce(&[LayerBlob]) -> LayerReads>) -> Result<(SourceImage, Option<Result<Vec<u8>>>)> {
     let image = match reference {
         ImageRef::Layout { dir, tag } => open_layout(reference, &OciLayout::open(dir)?, tag, options)?,
         ImageRef::DockerArchive { file } => open_archive(reference, file)?,
-        ImageRef::Docker(r) => return open_registry(reference, r, options, Some(pick)),
+        ImageRef::Docker(r) => return open_registry(reference, r, options, pick),
     };
-    let blob = pick(&image.layers).whole.map(|(digest, max)| image.read_blob(&digest, max));
+    let blob = pick.and_then(|pick| pick(&image.layers).whole).map(|(digest, max)| image.read_blob(&digest, max));
     Ok((image, blob))
 }
 
