@@ -257,19 +257,14 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     let start = Instant::now();
     let source = &handoff.config.source;
     let reference = ImageRef::parse(source).map_err(|e| FuseError::Image(format!("image {source}: {e}")))?;
+    let disk_dir = config.cache.disk_dir.as_ref().filter(|_| config.cache.disk_bytes > 0);
     // The decoded bootstrap is kept with the disk cache: a remount or a
     // restarted daemon maps it instead of decoding it again.
-    let counters = Arc::new(Counters::open_shared(&config.runtime.counters)?);
-    counters.reset_progress();
-    let disk = match &config.cache.disk_dir {
-        Some(dir) if config.cache.disk_bytes > 0 => Some(DiskCache::open(dir, config.cache.disk_bytes, counters.clone())?),
-        _ => None,
-    };
-    let bootstraps = config.cache.disk_dir.as_ref().filter(|_| config.cache.disk_bytes > 0).map(|d| BootstrapCache::new(&d.join("bootstraps")));
+    let bootstraps = disk_dir.map(|d| BootstrapCache::new(&d.join("bootstraps")));
     // The startup set is read from the moment the manifest names it, unless
     // the disk cache already holds some of its blob (a warm start: the
     // prefetch then fetches only what is missing).
-    let read_startup_set = |set: &BlobRange| config.prefetch.enabled && !disk.as_ref().is_some_and(|d| d.holds_any_of(&set.digest.bytes()));
+    let read_startup_set = |set: &BlobRange| config.prefetch.enabled && !disk_dir.is_some_and(|d| DiskCache::holds_any_of(d, &set.digest.bytes()));
     let image = NaiadImage::open_cached(&reference, &handoff.config.registry, bootstraps.as_ref(), &read_startup_set)
         .map_err(|e| FuseError::Image(format!("opening image {source}: {e}")))?;
     tracing::info!(
@@ -282,6 +277,12 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         if image.bootstrap_cached { ", its bootstrap mapped from the cache" } else { "" }
     );
 
+    let counters = Arc::new(Counters::open_shared(&config.runtime.counters)?);
+    counters.reset_progress();
+    let disk = match disk_dir {
+        Some(dir) => Some(DiskCache::open(dir, config.cache.disk_bytes, counters.clone())?),
+        None => None,
+    };
     let image = Arc::new(image);
     let fetcher = Arc::new(ChunkReader::new(image.clone(), config.merge));
     let chunks = Arc::new(ChunkCache::new(fetcher, MemoryCache::new(config.cache.memory_bytes), disk, counters.clone()));

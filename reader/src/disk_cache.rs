@@ -665,17 +665,18 @@ impl DiskCache {
         Ok(DiskCache { shared, jobs: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) })
     }
 
+    /// Whether the cache under `dir` has records of any chunk of `blob`
+    /// (its index file is not empty), without opening the cache: one
+    /// `stat`, for a decision to be made before the cache is scanned.
+    pub fn holds_any_of(dir: &Path, blob: &BlobSha256) -> bool {
+        fs::metadata(dir.join(BLOBS_DIR).join(format!("{}.index", hex(blob)))).is_ok_and(|m| m.len() > 0)
+    }
+
     /// Whether the cache has (or is writing) `chunk` of `blob`, as far as
     /// this daemon knows; [`DiskCache::get`] still verifies it.
     pub fn contains(&self, blob: &BlobSha256, chunk: &ChunkRecord) -> bool {
         let queued = lock(&self.shared.queue).chunks.contains_key(&(*blob, chunk.compressed_offset));
         queued || lock(&self.shared.index).get(blob).is_some_and(|b| b.has(chunk))
-    }
-
-    /// Whether the cache indexes any chunk of `blob`, as far as this daemon
-    /// knows.
-    pub fn holds_any_of(&self, blob: &BlobSha256) -> bool {
-        lock(&self.shared.index).get(blob).is_some_and(|b| !b.chunks.is_empty())
     }
 
     /// The verified, decompressed bytes of `chunk` of `blob`, if the cache
@@ -891,6 +892,17 @@ mod tests {
     const A: BlobSha256 = [0xaa; 32];
     const B: BlobSha256 = [0xbb; 32];
     const C: BlobSha256 = [0xcc; 32];
+
+    #[test]
+    fn whether_a_blob_has_records_is_known_without_opening_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!DiskCache::holds_any_of(dir.path(), &A), "no cache yet");
+        let cache = DiskCache::open(dir.path(), 1 << 20, Arc::new(Counters::default())).unwrap();
+        put(&cache, A, &blob_chunks(1, 1, 0)[0]);
+        cache.flush();
+        assert!(DiskCache::holds_any_of(dir.path(), &A));
+        assert!(!DiskCache::holds_any_of(dir.path(), &B), "nothing of another blob");
+    }
 
     #[test]
     fn persists_verifies_and_evicts_whole_blobs() {
