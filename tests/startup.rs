@@ -172,7 +172,7 @@ fn trace_records_reads_in_first_access_order() {
     // The trace exists (empty) as soon as the mount does.
     assert_eq!(fs::read_to_string(&trace).expect("trace file at mount"), "");
     // Recorded with the small kernel read-ahead a startup set is run with.
-    assert_eq!(kernel_readahead_kb(&m.mountpoint), 16, "recording mount");
+    assert_eq!(kernel_readahead_kb(&m.mountpoint), 4, "recording mount");
     let big_len = fs::metadata(expected.join(gen_paths::BIG)).unwrap().len();
     let at = (1u64 << 20) + 5000;
     let reads: [(&str, u64, usize); 5] = [
@@ -215,7 +215,7 @@ fn trace_records_reads_in_first_access_order() {
 
     // The optimized image runs with the read-ahead it was recorded with;
     // the plain one with the kernel's default.
-    for (image, kb) in [(&optimized, 16), (&image, 128)] {
+    for (image, kb) in [(&optimized, 4), (&image, 128)] {
         let dir = tmp.path().join(format!("ra-{kb}"));
         fs::create_dir(&dir).unwrap();
         let m = MountGuard::mount(image, &dir, &dir.join("cache"));
@@ -323,13 +323,35 @@ fn python_startup_is_recorded_and_prefetched() {
     let store_chunks = u(&c["store_chunks"]);
     assert_eq!(store_chunks, prefetch_chunks);
 
-    // Replay the traced reads: all served without the store.
+    // A first read of each traced file has the daemon put the file's pages
+    // of the set in the kernel's page cache (FUSE_NOTIFY_STORE).
+    let mut seen = std::collections::HashSet::new();
+    for r in recs.iter().filter(|r| seen.insert(r.path.clone())) {
+        pread_exact(&m.path(&r.path[1..]), r.offset, 1);
+    }
+    let mut pushed = 0;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let (before, now) = (pushed, m.counter("pushed_bytes"));
+            pushed = now;
+            std::thread::sleep(Duration::from_millis(100));
+            now > 0 && now == before
+        }),
+        "no startup set pages pushed: {}",
+        m.stats()["counters"]
+    );
+    let reads_before = m.counter("reads");
+    // Replay the traced reads: the right bytes, all from those pages (no
+    // FUSE read), nothing from the store.
     for r in &recs {
         let got = pread_exact(&m.path(&r.path[1..]), r.offset, r.length as usize);
         let want = pread_exact(&debian.reference_rootfs.join(&r.path[1..]), r.offset, r.length as usize);
         assert!(got == want, "{r:?}: wrong bytes");
     }
     let s = m.stats();
+    let replay_reads = u(&s["counters"]["reads"]) - reads_before;
+    eprintln!("replay of {} records after {pushed} bytes pushed: {replay_reads} FUSE reads", recs.len());
+    assert!(replay_reads * 20 <= recs.len() as u64, "{replay_reads} of {} replayed reads reached the daemon: {}", recs.len(), s["counters"]);
     assert_eq!(u(&s["counters"]["store_chunks"]), store_chunks, "the replay read from the store: {}", s["counters"]);
     assert_eq!(u(&s["counters"]["demand_requests"]), 0);
     m.umount();
@@ -352,10 +374,12 @@ fn python_startup_is_recorded_and_prefetched() {
         s["prefetch"]["millis"],
         u(&c["store_chunks"]) - before
     );
-    // The set holds the pages the recorded run read (16 KiB read-ahead), so
-    // a run whose faults land a page off (outside `naiad run`, timing) may
-    // fetch a chunk or two more: never much of the set's size.
-    assert!(u(&c["demand_chunks"]) <= 2 && u(&c["demand_bytes"]) * 10 < set_bytes, "python read much from the store after the prefetch: {c}");
+    // The set holds the very pages the recorded run read (one page of
+    // read-ahead), and this run is not that one (another command, the
+    // test's environment, outside `naiad run`): it faults in a few pages
+    // the set does not hold, each fetching its chunk. Never much of the
+    // set's size.
+    assert!(u(&c["demand_chunks"]) <= 4 && u(&c["demand_bytes"]) * 5 < set_bytes, "python read much from the store after the prefetch: {c}");
     m.umount();
 
     // --no-prefetch: nothing is fetched until read; the startup set's

@@ -47,6 +47,7 @@ use crate::fuse_device;
 use crate::handoff::{self, DaemonMessage, Handoff, StartCause};
 use crate::memory_cache::MemoryCache;
 use crate::metrics_server::MetricsServer;
+use crate::page_push::PagePusher;
 use crate::passthrough::Passthrough;
 use crate::prefetcher::{PrefetchConfig, Prefetcher};
 use crate::program_loads::{self, ProgramLoad};
@@ -231,6 +232,7 @@ struct StartedDaemon {
     chunks: Arc<ChunkCache>,
     recorder: Option<Arc<TraceRecorder>>,
     prefetcher: Option<Prefetcher>,
+    pusher: Option<Arc<PagePusher>>,
     stats: StatsServer,
     api: Option<MetricsServer>,
     start: Instant,
@@ -302,8 +304,11 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
         }
         _ => None,
     };
+    // A recording sees every read: nothing is put in the page cache ahead.
+    let pusher = if recorder.is_none() { PagePusher::new(image.clone(), chunks.clone()) } else { None };
     let fs = NaiadFs::new(image.clone(), chunks.clone(), config.mount.ttl)
         .with_recorder(recorder.clone())
+        .with_page_pusher(pusher.clone())
         .with_read_pool(pool)
         .with_backing_files(backing.clone(), passthrough)
         .with_read_ahead(config.mount.read_ahead_max);
@@ -334,6 +339,9 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
     };
     let (acl, fuser) = fuser_config(&config.mount);
     let (session, reply) = fuse_device::start_session(fs, fuse, &init, acl, fuser).map_err(fuse_err)?;
+    if let Some(p) = &pusher {
+        p.attach(session.notifier()).map_err(|source| FuseError::Io { path: mp.clone(), source })?;
+    }
     if first {
         fuse_device::write_reply(fuse, &reply).map_err(fuse_err)?;
     }
@@ -359,7 +367,7 @@ fn start(handoff: &Handoff, fuse: &OwnedFd, channel: &OwnedFd) -> Result<Started
             tracing::info!("serving {} as the upgraded daemon ({})", mp.display(), std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default());
         }
     }
-    Ok(StartedDaemon { session, config: config.clone(), chunks, recorder, prefetcher, stats, api, start, bootstraps, read_ahead })
+    Ok(StartedDaemon { session, config: config.clone(), chunks, recorder, prefetcher, pusher, stats, api, start, bootstraps, read_ahead })
 }
 
 /// What `naiad stats` and the API socket report, computed on each request.
@@ -401,10 +409,13 @@ fn stats_report(
 
 impl StartedDaemon {
     fn serve(self) -> Result<(), FuseError> {
-        let StartedDaemon { session, config, chunks, recorder, prefetcher, stats, api, start, bootstraps, read_ahead } = self;
+        let StartedDaemon { session, config, chunks, recorder, prefetcher, pusher, stats, api, start, bootstraps, read_ahead } = self;
         let mp = &config.mountpoint;
         let result = session.run().map_err(|source| FuseError::Session { path: mp.clone(), source });
         if let Some(p) = prefetcher {
+            p.stop();
+        }
+        if let Some(p) = pusher {
             p.stop();
         }
         if let Some(r) = &recorder {

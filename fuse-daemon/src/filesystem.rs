@@ -34,6 +34,7 @@ use crate::attr::{dir_size, file_attr, file_type, BLOCK_SIZE};
 use crate::backing_files::BackingFiles;
 use crate::chunk_cache::ChunkCache;
 use crate::counters::{add, inc, Counters, Origin};
+use crate::page_push::PagePusher;
 use crate::passthrough::{Opened, Passthrough, FH_CACHED};
 use crate::read_ahead::{
     first_read_loads, is_package_init, is_program, loads_by_window, loads_with_package, BackgroundLoads, DirectoryLoads, MappedWindows, ReadAhead, BYTECODE_DIR,
@@ -47,7 +48,7 @@ pub const MAX_IO_SIZE: u32 = 1 << 20;
 
 /// The kernel read-ahead of a mount that runs from a startup set or records
 /// one ([`NaiadFs::kernel_readahead`]).
-pub const STARTUP_SET_READAHEAD: u32 = 16 << 10;
+pub const STARTUP_SET_READAHEAD: u32 = 4 << 10;
 
 /// What the image's xattrs are, computed once: which namespaces
 /// (`user`, `security`, `trusted`, `system`) hold any, and whether any is
@@ -163,6 +164,8 @@ pub struct NaiadFs {
     ttl: Duration,
     totals: FsTotals,
     recorder: Option<Arc<TraceRecorder>>,
+    /// Puts the startup set's pages in the page cache ([`PagePusher`]).
+    pusher: Option<Arc<PagePusher>>,
     /// Where reads that wait for the store are served; `None`: on the FUSE
     /// worker itself.
     pool: Option<Arc<ReadPool>>,
@@ -244,6 +247,7 @@ impl NaiadFs {
             ttl,
             totals,
             recorder: None,
+            pusher: None,
             pool: None,
             backing: None,
             passthrough: None,
@@ -260,6 +264,13 @@ impl NaiadFs {
             mapped_windows: Default::default(),
             directory_loads: Default::default(),
         }
+    }
+
+    /// Hands the startup set's pages to the kernel as files of the set are
+    /// read ([`PagePusher`]).
+    pub fn with_page_pusher(mut self, pusher: Option<Arc<PagePusher>>) -> Self {
+        self.pusher = pusher;
+        self
     }
 
     /// Reports every read to `recorder` (`--record-trace`).
@@ -834,6 +845,11 @@ impl Filesystem for NaiadFs {
                 tracing::debug!("read of inode {} at {offset} ({size} bytes) waited {waited:?}", ino.0);
             }
         };
+        if let (Some(pusher), Some(i)) = (&self.pusher, ino32(ino)) {
+            if self.in_prefetch_set(i) {
+                pusher.poke(i);
+            }
+        }
         if self.recorder.is_none() {
             if let Some(reply) = self.read_backing(ino, offset, size, reply) {
                 // Not served from a backing file: through the chunks.

@@ -52,6 +52,7 @@ pub mod handoff;
 pub mod launcher;
 pub mod metrics_server;
 pub mod mountinfo;
+pub mod page_push;
 pub mod passthrough;
 pub mod prefetcher;
 pub mod program_loads;

@@ -121,6 +121,9 @@ pub struct CounterBlock {
     pub progress: PrefetchProgress,
     /// Store traffic of sequential read-ahead (last: the layout grew).
     pub read_ahead: OriginCounters,
+    /// Bytes of the startup set handed to the kernel's page cache
+    /// (FUSE_NOTIFY_STORE) before the workload read them.
+    pub pushed_bytes: AtomicU64,
 }
 
 /// Gauges of the prefetcher.
@@ -192,6 +195,8 @@ pub struct CounterSnapshot {
     pub read_ahead_chunks: u64,
     #[serde(default)]
     pub read_ahead_bytes: u64,
+    #[serde(default)]
+    pub pushed_bytes: u64,
     pub refetches: u64,
     pub memory_hits: u64,
     pub disk_hits: u64,
@@ -381,6 +386,7 @@ impl Counters {
             read_ahead_requests: g(&self.read_ahead.requests),
             read_ahead_chunks: g(&self.read_ahead.chunks),
             read_ahead_bytes: g(&self.read_ahead.bytes),
+            pushed_bytes: g(&self.pushed_bytes),
             refetches: g(&self.refetches),
             memory_hits: g(&self.memory_hits),
             disk_hits: g(&self.disk_hits),
@@ -450,6 +456,7 @@ impl CounterSnapshot {
             ("read_ahead_requests", "store requests of sequential read-ahead", self.read_ahead_requests),
             ("read_ahead_chunks", "chunks read from the store by read-ahead", self.read_ahead_chunks),
             ("read_ahead_bytes", "stored bytes read from the store by read-ahead", self.read_ahead_bytes),
+            ("pushed_bytes", "startup set bytes put into the kernel page cache before they were read", self.pushed_bytes),
             ("refetches", "chunks read from the store more than once", self.refetches),
             ("memory_hits", "chunk lookups served from memory", self.memory_hits),
             ("disk_hits", "chunk lookups served from the disk cache", self.disk_hits),
