@@ -222,6 +222,29 @@ fn trace_records_reads_in_first_access_order() {
         assert_eq!(kernel_readahead_kb(&m.mountpoint), kb, "{image}");
         m.umount();
     }
+
+    // Reads of the recorded bytes follow the recording: no read-ahead.
+    // Reading on past them (BIG's last MiB, not in the set) leaves it, and
+    // reads ahead as any file does.
+    let dir = tmp.path().join("off-recording");
+    fs::create_dir(&dir).unwrap();
+    let m = MountGuard::mount(&optimized, &dir, &dir.join("cache"));
+    wait_prefetch_done(&m, Duration::from_secs(30));
+    let want = fs::read(expected.join(gen_paths::BIG)).unwrap();
+    let step = 32 << 10;
+    let mut read_at = |offset: u64| {
+        let got = pread_exact(&m.path(gen_paths::BIG), offset, step);
+        assert!(got[..] == want[offset as usize..(offset as usize + step).min(want.len())], "BIG at {offset}");
+    };
+    for offset in (recs[0].offset..recs[0].offset + recs[0].length - step as u64).step_by(step) {
+        read_at(offset);
+    }
+    assert_eq!(m.counter("read_ahead_requests"), 0, "read ahead within the recording: {}", m.stats()["counters"]);
+    for offset in ((2u64 << 20)..big_len).step_by(step) {
+        read_at(offset);
+    }
+    assert!(m.counter("read_ahead_requests") > 0, "no read-ahead off the recording: {}", m.stats()["counters"]);
+    m.umount();
 }
 
 /// The kernel read-ahead of the mount at `mountpoint`, in KiB (its

@@ -501,7 +501,14 @@ impl NaiadFs {
             Ok(None) => reply.data(&[]),
             Ok(Some(job)) => {
                 let missing = job.missing();
-                let program = !missing.is_empty() && self.programs.lock().map(|m| m.contains(&job.ino)).unwrap_or(false);
+                // A read of a file of the startup set that needs the set's
+                // chunks only follows the recording: the set's own fetch
+                // brings them, and loads ahead would only slow it. One
+                // that needs a chunk the set lacks has left the recording
+                // (another command, other input): it reads ahead as any
+                // file does.
+                let follows_set = self.in_prefetch_set(job.ino) && job.chunks.iter().all(|c| self.startup_set().contains(&c.chunk_index));
+                let program = !follows_set && !missing.is_empty() && self.programs.lock().map(|m| m.contains(&job.ino)).unwrap_or(false);
                 // Programs and libraries: at the headers, what the loader
                 // reads next; then the windows each read falls in.
                 let mapped = program && loads_by_window(job.file_size);
@@ -520,7 +527,7 @@ impl NaiadFs {
                         }
                     }
                 }
-                if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size) {
+                if let Some((from, to)) = self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size).filter(|_| !follows_set) {
                     self.start_read_ahead(job.ino, from, to, &self.read_ahead_loads, &missing);
                 }
                 // Read to its end: maybe all local now (no RELEASE comes
@@ -531,11 +538,11 @@ impl NaiadFs {
                         b.offer(ino);
                     }
                 };
-                // Not for a file of the startup set: the recording knows
+                // Not for a read that follows the recording: it knows
                 // which files the startup reads, and its read waits for
                 // the set's own fetch (loading the directory's other files
                 // would only slow that down).
-                if !missing.is_empty() && !mapped && job.file_size <= SMALL_FILE_MAX && self.read_ahead.max_window() > 0 && !self.in_prefetch_set(job.ino) {
+                if !missing.is_empty() && !mapped && job.file_size <= SMALL_FILE_MAX && self.read_ahead.max_window() > 0 && !follows_set {
                     let dirs: Vec<u32> = std::iter::once(job.parent)
                         .chain(self.subpackage_bytecode_dirs(job.parent, job.ino))
                         .filter(|&dir| self.directory_loads.observe_cold_read(dir, program))
@@ -591,13 +598,9 @@ impl NaiadFs {
     /// in the background, one window of the largest request's size after
     /// the other (each claimed only when its turn comes, so a reader
     /// faulting in a later part meanwhile fetches it itself rather than
-    /// waiting); not for a file the prefetch table covers
-    /// ([`NaiadFs::in_prefetch_set`]), and not the chunks in `skip`. False
-    /// if it could not start (all slots of `loads` busy).
+    /// waiting); not the chunks in `skip`. False if it could not start
+    /// (all slots of `loads` busy).
     fn start_read_ahead(&self, ino: u32, from: u64, to: u64, loads: &BackgroundLoads, skip: &[ChunkRecord]) -> bool {
-        if self.in_prefetch_set(ino) {
-            return true;
-        }
         let Ok(pieces) = self.bootstrap().file_chunks_in_range(ino, from, to - from) else { return true };
         // (load_batch drops duplicates: a chunk group's pieces share one.)
         let pieces: Vec<_> = pieces.into_iter().filter(|p| !self.chunks.is_cached(&p.chunk) && !skip.iter().any(|s| s.digest == p.chunk.digest)).collect();
