@@ -232,7 +232,7 @@ fn trace_records_reads_in_first_access_order() {
     wait_prefetch_done(&m, Duration::from_secs(30));
     let want = fs::read(expected.join(gen_paths::BIG)).unwrap();
     let step = 32 << 10;
-    let mut read_at = |offset: u64| {
+    let read_at = |offset: u64| {
         let got = pread_exact(&m.path(gen_paths::BIG), offset, step);
         assert!(got[..] == want[offset as usize..(offset as usize + step).min(want.len())], "BIG at {offset}");
     };
