@@ -424,7 +424,11 @@ impl StartedDaemon {
                 Err(e) => tracing::error!("trace: {e}"),
             }
         }
-        // What read-ahead is fetching still goes to the disk cache.
+        // The workload that wanted them is gone: loads ahead stop after
+        // the request they are in, whose chunks still go to the disk cache.
+        for loads in &read_ahead {
+            loads.stop();
+        }
         let deadline = std::time::Instant::now() + READ_AHEAD_EXIT_WAIT;
         if !read_ahead.iter().all(|loads| loads.wait_idle(deadline.saturating_duration_since(std::time::Instant::now()))) {
             tracing::warn!("{}: read-ahead still running after {:?}; its chunks are not cached", mp.display(), READ_AHEAD_EXIT_WAIT);

@@ -43,6 +43,7 @@
 //! subpackages come along ([`is_package_init`]).
 
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -290,6 +291,9 @@ impl ReadAhead {
 pub struct BackgroundLoads {
     inner: Arc<(Mutex<usize>, Condvar)>,
     limit: usize,
+    /// Set at exit: no load starts, and running ones end after the
+    /// request they are in.
+    stopping: Arc<AtomicBool>,
 }
 
 /// One running load; it ends when this is dropped.
@@ -298,13 +302,25 @@ pub struct LoadSlot(Arc<(Mutex<usize>, Condvar)>);
 impl BackgroundLoads {
     /// At most `limit` loads at once.
     pub fn new(limit: usize) -> Self {
-        BackgroundLoads { inner: Arc::new((Mutex::new(0), Condvar::new())), limit }
+        BackgroundLoads { inner: Arc::new((Mutex::new(0), Condvar::new())), limit, stopping: Arc::new(AtomicBool::new(false)) }
     }
 
-    /// A slot for one more load, or `None` if `limit` are running.
+    /// Ends the loads: none starts from now on, and a running one stops
+    /// before its next request ([`BackgroundLoads::stopping`]).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a running load should stop (checked before each request).
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// A slot for one more load, or `None` if `limit` are running (or the
+    /// loads are stopping).
     pub fn try_start(&self) -> Option<LoadSlot> {
         let mut running = self.inner.0.lock().unwrap_or_else(|p| p.into_inner());
-        if *running >= self.limit {
+        if *running >= self.limit || self.stopping() {
             return None;
         }
         *running += 1;
@@ -338,6 +354,20 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn stopped_loads_start_no_more_and_tell_running_ones() {
+        let loads = BackgroundLoads::new(2);
+        let running = loads.try_start().expect("a slot");
+        assert!(!loads.stopping());
+        let clone = loads.clone();
+        clone.stop();
+        assert!(loads.stopping(), "a clone shares the stop");
+        assert!(loads.try_start().is_none());
+        assert!(!loads.wait_idle(Duration::from_millis(10)));
+        drop(running);
+        assert!(loads.wait_idle(Duration::from_millis(10)));
+    }
 
     #[test]
     fn programs_and_libraries_are_known_by_mode_or_name_and_large_ones_load_by_window() {

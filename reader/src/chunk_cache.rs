@@ -276,6 +276,13 @@ impl ChunkCache {
     /// is claimed, so a caller that must wait (a rate limit) does so without
     /// making readers wait for it.
     pub fn load_batch(&self, chunks: &[ChunkRecord], origin: Origin, before_claim: impl FnOnce(u64)) -> BatchOutcome {
+        self.load_batch_until(chunks, origin, before_claim, &|| false)
+    }
+
+    /// [`ChunkCache::load_batch`] that makes no more requests once `stop`
+    /// says so (asked before each): the chunks left are given up, and
+    /// readers waiting for them fetch them themselves.
+    pub fn load_batch_until(&self, chunks: &[ChunkRecord], origin: Origin, before_claim: impl FnOnce(u64), stop: &dyn Fn() -> bool) -> BatchOutcome {
         let mut out = BatchOutcome::default();
         let mut seen = HashSet::new();
         let mut wanted: Vec<ChunkRecord> = Vec::new();
@@ -315,6 +322,9 @@ impl ChunkCache {
             to_fetch.push(*c);
         }
         for request in plan(&to_fetch, &self.fetcher.merge_limits()) {
+            if stop() {
+                break;
+            }
             if origin == Origin::Demand {
                 add(&self.counters.misses, request.chunks.len() as u64);
             }
@@ -333,8 +343,8 @@ impl ChunkCache {
             });
             self.persist(&request.chunks, &mut results);
         }
-        // Anything left (cannot happen: plan keeps every chunk) is abandoned
-        // when `mine` drops, and its readers retry themselves.
+        // Anything left (stopped; plan itself keeps every chunk) is
+        // abandoned when `mine` drops, and its readers retry themselves.
         out
     }
 
@@ -590,6 +600,36 @@ mod tests {
         fn describe(&self) -> String {
             "encoded".into()
         }
+    }
+
+    #[test]
+    fn a_stopped_batch_makes_no_more_requests_and_gives_its_chunks_up() {
+        let mut records = Vec::new();
+        let mut chunks = HashMap::new();
+        for i in 0..4u32 {
+            let data = vec![i as u8; 3000];
+            let enc = naiad_format::encode_chunk(&data, 3);
+            // One blob each: one request each.
+            records.push(ChunkRecord {
+                digest: enc.digest,
+                blob_index: i,
+                compressed_offset: 0,
+                compressed_size: enc.stored.len() as u32,
+                uncompressed_size: enc.uncompressed_size,
+            });
+            chunks.insert(enc.digest, FetchedChunk { stored: enc.stored, data });
+        }
+        let counters = Arc::new(Counters::default());
+        let cache = ChunkCache::new(Arc::new(EncodedFetcher { chunks }), MemoryCache::new(1 << 20), None, counters.clone());
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let out = cache.load_batch_until(&records, Origin::ReadAhead, |_| {}, &|| asked.fetch_add(1, Ordering::Relaxed) >= 1);
+        assert_eq!((out.requests, out.fetched.0), (1, 1));
+        assert_eq!(records.iter().filter(|c| cache.is_cached(c)).count(), 1);
+        // The chunks given up are not left claimed: a reader fetches them.
+        for c in &records {
+            assert_eq!(cache.get(c).unwrap().len(), 3000);
+        }
+        assert_eq!(counters.snapshot().store_requests, 4);
     }
 
     #[test]
