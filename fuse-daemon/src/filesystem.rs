@@ -525,7 +525,7 @@ impl NaiadFs {
                         }
                     }
                 }
-                if let Some((from, to)) = Some(()).filter(|_| !defer_to_set).and_then(|_| self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size)) {
+                if let Some((from, to)) = (!defer_to_set).then(|| self.read_ahead.observe(job.ino, job.offset, job.end, job.file_size)).flatten() {
                     self.start_read_ahead(job.ino, from, to, &self.read_ahead_loads, &missing);
                 }
                 // Read to its end: maybe all local now (no RELEASE comes
@@ -585,10 +585,9 @@ impl NaiadFs {
     /// chunk but the set's follows the recording, and loads ahead would
     /// only slow the set. A read that waits for a chunk the set lacks has
     /// left the recording (another command, other input): its file reads
-    /// ahead as any file does from then on, once the set's fetch is over.
-    /// Until then a stray fault fetches its own chunk only: reading ahead
-    /// at once cost node's recorded start about 90 ms whenever one of libc's
-    /// pages, outside the trace, was touched (0.80 s against 0.71 s).
+    /// ahead as any file does from then on, once the set's fetch is over:
+    /// until then a stray fault (thread timing) fetches its own chunk only,
+    /// and the set keeps the link.
     fn defers_to_startup_set(&self, job: &ReadJob, missing: &[ChunkRecord]) -> bool {
         if !self.in_prefetch_set(job.ino) {
             return false;

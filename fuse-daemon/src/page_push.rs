@@ -29,7 +29,28 @@ use crate::chunk_cache::ChunkCache;
 use crate::counters::add;
 
 /// The most bytes one store hands the kernel.
-const MAX_STORE: usize = 1 << 20;
+const MAX_STORE: u64 = 1 << 20;
+
+/// The page size stores are cut at.
+const PAGE: u64 = 4096;
+
+/// The stores `[at, end)` that hand over `len` bytes from file offset
+/// `start`: at most [`MAX_STORE`] each, cut at page boundaries, so that
+/// only the pages at the two ends of a run can be partly filled (the
+/// kernel keeps a page it was given in part out of use until read).
+fn store_parts(start: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = start + len;
+    let mut at = start;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let next = ((at + MAX_STORE) / PAGE * PAGE).min(end);
+        let part = (at, next);
+        at = next;
+        Some(part)
+    })
+}
 
 /// The pieces of one file still to hand over.
 enum FilePieces {
@@ -150,7 +171,8 @@ impl PagePusher {
         let flush = |run: &mut Vec<FileChunk>, bytes: &mut Vec<u8>, left: &mut Vec<FileChunk>| {
             if let Some(first) = run.first() {
                 let start = first.file_offset;
-                let stored = bytes.chunks(MAX_STORE).enumerate().try_for_each(|(k, part)| notifier.store(INodeNo(ino as u64), start + (k * MAX_STORE) as u64, part));
+                let stored =
+                    store_parts(start, bytes.len() as u64).try_for_each(|(at, end)| notifier.store(INodeNo(ino as u64), at, &bytes[(at - start) as usize..(end - start) as usize]));
                 match stored {
                     Ok(()) => add(&self.chunks.counters().pushed_bytes, bytes.len() as u64),
                     Err(e) => {
@@ -164,7 +186,7 @@ impl PagePusher {
         };
         for piece in pieces {
             let data = self.chunks.cached_copy(&piece.chunk);
-            let Some(part) = data.as_deref().and_then(|d| d.get(piece.chunk_offset as usize..piece.chunk_offset as usize + piece.len as usize)) else {
+            let Some(part) = data.as_deref().and_then(|d| piece.slice(d)) else {
                 flush(&mut run, &mut bytes, &mut left);
                 left.push(piece);
                 continue;
@@ -178,5 +200,18 @@ impl PagePusher {
         flush(&mut run, &mut bytes, &mut left);
         left.sort_by_key(|p| p.file_offset);
         left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_are_cut_at_pages_and_cover_the_run() {
+        let parts: Vec<_> = store_parts(100, 2 * MAX_STORE + 5000).collect();
+        assert_eq!(parts, [(100, MAX_STORE), (MAX_STORE, 2 * MAX_STORE), (2 * MAX_STORE, 2 * MAX_STORE + 5100)]);
+        assert_eq!(store_parts(8192, 4096).collect::<Vec<_>>(), [(8192, 12288)]);
+        assert_eq!(store_parts(5, 0).count(), 0);
     }
 }
