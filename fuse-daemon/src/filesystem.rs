@@ -82,6 +82,40 @@ struct FsTotals {
     inodes: u64,
 }
 
+/// A FUSE read's reply. It counts the read (`reads` and its latency) just
+/// before answering, so a reader that has its bytes also sees them counted.
+struct ReadReply {
+    reply: ReplyData,
+    counters: Arc<Counters>,
+    start: Instant,
+    ino: u64,
+    offset: u64,
+    size: u32,
+}
+
+impl ReadReply {
+    fn data(self, bytes: &[u8]) {
+        let reply = self.count();
+        reply.data(bytes)
+    }
+
+    fn error(self, e: Errno) {
+        let reply = self.count();
+        reply.error(e)
+    }
+
+    /// Counted together so the histogram's count equals `reads`.
+    fn count(self) -> ReplyData {
+        let waited = self.start.elapsed();
+        self.counters.read_latency.observe(waited);
+        inc(&self.counters.reads);
+        if waited > SLOW_READ {
+            tracing::debug!("read of inode {} at {} ({} bytes) waited {waited:?}", self.ino, self.offset, self.size);
+        }
+        self.reply
+    }
+}
+
 /// One read, mapped to its chunks: served on the FUSE worker when they are
 /// all cached, else on the [`ReadPool`].
 struct ReadJob {
@@ -107,7 +141,7 @@ impl ReadJob {
 
     /// Gets the chunks (several `missing` ones of a blob with one request
     /// each) and answers the read with their bytes, or EIO.
-    fn serve(self, missing: &[ChunkRecord], reply: ReplyData) {
+    fn serve(self, missing: &[ChunkRecord], reply: ReadReply) {
         let ReadJob { cache, counters, ino, offset, end, chunks, .. } = self;
         let mut loaded = HashMap::new();
         if missing.len() > 1 {
@@ -473,7 +507,7 @@ impl NaiadFs {
 
     /// Serves a read from the backing file of `ino` if it has one; gives
     /// the reply back otherwise (or if the backing file failed the read).
-    fn read_backing(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) -> Option<ReplyData> {
+    fn read_backing(&self, ino: INodeNo, offset: u64, size: u32, reply: ReadReply) -> Option<ReadReply> {
         let (Some(backing), Some(i)) = (&self.backing, ino32(ino)) else { return Some(reply) };
         let Some(file) = backing.reader(i) else { return Some(reply) };
         let mut buf = vec![0u8; size as usize];
@@ -497,9 +531,8 @@ impl NaiadFs {
     }
 
     /// Serves a read from the chunks covering it: on the FUSE worker when
-    /// they are all cached, else on the read pool. `count` runs when the
-    /// read is answered.
-    fn read_chunks(&self, ino: INodeNo, offset: u64, size: u32, reply: ReplyData, count: impl FnOnce() + Send + 'static) {
+    /// they are all cached, else on the read pool.
+    fn read_chunks(&self, ino: INodeNo, offset: u64, size: u32, reply: ReadReply) {
         match self.plan_read(ino, offset, size) {
             Err(e) => reply.error(e),
             Ok(None) => reply.data(&[]),
@@ -559,10 +592,8 @@ impl NaiadFs {
                     Some(pool) if !missing.is_empty() => {
                         pool.submit(move || {
                             job.serve(&missing, reply);
-                            count();
                             offer();
                         });
-                        return;
                     }
                     _ => {
                         job.serve(&missing, reply);
@@ -571,7 +602,6 @@ impl NaiadFs {
                 }
             }
         }
-        count();
     }
 
     /// The chunk indexes of the image's prefetch table (its startup set),
@@ -863,17 +893,7 @@ impl Filesystem for NaiadFs {
     }
 
     fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
-        let start = Instant::now();
-        let counters = self.counters.clone();
-        // Counted together so the histogram's count equals `reads`.
-        let count = move || {
-            let waited = start.elapsed();
-            counters.read_latency.observe(waited);
-            inc(&counters.reads);
-            if waited > SLOW_READ {
-                tracing::debug!("read of inode {} at {offset} ({size} bytes) waited {waited:?}", ino.0);
-            }
-        };
+        let reply = ReadReply { reply, counters: self.counters.clone(), start: Instant::now(), ino: ino.0, offset, size };
         if let (Some(pusher), Some(i)) = (&self.pusher, ino32(ino)) {
             if self.in_prefetch_set(i) {
                 pusher.poke(i);
@@ -882,11 +902,11 @@ impl Filesystem for NaiadFs {
         if self.recorder.is_none() {
             if let Some(reply) = self.read_backing(ino, offset, size, reply) {
                 // Not served from a backing file: through the chunks.
-                return self.read_chunks(ino, offset, size, reply, count);
+                self.read_chunks(ino, offset, size, reply);
             }
-            return count();
+            return;
         }
-        self.read_chunks(ino, offset, size, reply, count)
+        self.read_chunks(ino, offset, size, reply)
     }
 
     /// Nothing to flush: ENOSYS makes the kernel stop sending FLUSH (one
