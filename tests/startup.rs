@@ -259,7 +259,8 @@ fn trace_records_reads_in_first_access_order() {
     for offset in ((2u64 << 20)..big_len).step_by(step) {
         read_at(offset);
     }
-    assert!(m.counter("read_ahead_requests") > 0, "no read-ahead off the recording: {}", m.stats()["counters"]);
+    // Counted when its request is made, on a load's own thread.
+    assert!(wait_until(Duration::from_secs(10), || m.counter("read_ahead_requests") > 0), "no read-ahead off the recording: {}", m.stats()["counters"]);
     m.umount();
 }
 
