@@ -222,8 +222,6 @@ pub struct NaiadFs {
     window_loads: BackgroundLoads,
     /// Directory loads running now.
     directory_loads_running: BackgroundLoads,
-    /// The prefetch table's chunk indexes ([`NaiadFs::startup_set`]), read once.
-    prefetch_chunks: std::sync::OnceLock<std::collections::HashSet<u32>>,
     /// Whether each inode asked about has a chunk in the prefetch table.
     prefetch_files: std::sync::Mutex<HashMap<u32, bool>>,
     /// Files of the set a read has taken off the recording
@@ -295,7 +293,6 @@ impl NaiadFs {
             first_read_loads: BackgroundLoads::new(FIRST_READ_LOADS),
             window_loads: BackgroundLoads::new(WINDOW_LOADS),
             directory_loads_running: BackgroundLoads::new(DIRECTORY_LOADS),
-            prefetch_chunks: Default::default(),
             prefetch_files: Default::default(),
             left_recording: Default::default(),
             programs: Default::default(),
@@ -604,12 +601,6 @@ impl NaiadFs {
         }
     }
 
-    /// The chunk indexes of the image's prefetch table (its startup set),
-    /// read once.
-    fn startup_set(&self) -> &HashSet<u32> {
-        self.prefetch_chunks.get_or_init(|| self.bootstrap().prefetch().map(|l| l.into_iter().collect()).unwrap_or_default())
-    }
-
     /// Whether a read starts no loads ahead because the startup set's own
     /// fetch has the link: a read of a file of the set that waits for no
     /// chunk but the set's follows the recording, and loads ahead would
@@ -624,8 +615,8 @@ impl NaiadFs {
         }
         let Ok(mut left) = self.left_recording.lock() else { return false };
         if !left.contains(&job.ino) {
-            let set = self.startup_set();
-            if job.chunks.iter().all(|c| set.contains(&c.chunk_index) || !missing.contains(&c.chunk)) {
+            let set = self.image.startup_set();
+            if job.chunks.iter().all(|c| set.contains(c.chunk_index) || !missing.contains(&c.chunk)) {
                 return true;
             }
             tracing::debug!("inode {}: read at {} left the recording", job.ino, job.offset);
@@ -638,12 +629,12 @@ impl NaiadFs {
     /// chunk of inode `ino`: then the recording knows which of its bytes
     /// the startup reads, better than a guess. Remembered per inode.
     fn in_prefetch_set(&self, ino: u32) -> bool {
-        let set = self.startup_set();
+        let set = self.image.startup_set();
         if set.is_empty() {
             return false;
         }
         let Ok(mut known) = self.prefetch_files.lock() else { return true };
-        *known.entry(ino).or_insert_with(|| self.bootstrap().file_chunks_in_range(ino, 0, u64::MAX).map(|p| p.iter().any(|c| set.contains(&c.chunk_index))).unwrap_or(true))
+        *known.entry(ino).or_insert_with(|| self.bootstrap().file_chunks_in_range(ino, 0, u64::MAX).map(|p| p.iter().any(|c| set.contains(c.chunk_index))).unwrap_or(true))
     }
 
     /// Loads the chunks of `[from, to)` of inode `ino` that no cache holds,
@@ -776,7 +767,7 @@ impl NaiadFs {
     /// for [`MAX_IO_SIZE`]; the kernel caps it at its default of 128 KiB
     /// (the backing device's `read_ahead_kb`).
     fn kernel_readahead(&self) -> u32 {
-        if !self.startup_set().is_empty() || self.recorder.is_some() {
+        if !self.image.startup_set().is_empty() || self.recorder.is_some() {
             STARTUP_SET_READAHEAD
         } else {
             MAX_IO_SIZE

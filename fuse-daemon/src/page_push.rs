@@ -72,8 +72,6 @@ struct Queue {
 pub struct PagePusher {
     image: Arc<NaiadImage>,
     chunks: Arc<ChunkCache>,
-    /// The startup set's chunk indexes.
-    set: HashSet<u32>,
     notifier: OnceLock<Notifier>,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -88,11 +86,10 @@ impl PagePusher {
     /// A pusher for the pieces of `image` in its prefetch table; None when
     /// the table is empty. Pushes nothing until [`PagePusher::attach`].
     pub fn new(image: Arc<NaiadImage>, chunks: Arc<ChunkCache>) -> Option<Arc<Self>> {
-        let set: HashSet<u32> = image.bootstrap.prefetch().ok()?.into_iter().collect();
-        if set.is_empty() {
+        if image.startup_set().is_empty() {
             return None;
         }
-        Some(Arc::new(PagePusher { image, chunks, set, notifier: OnceLock::new(), queue: Mutex::new(Queue::default()), wake: Condvar::new(), stop: AtomicBool::new(false) }))
+        Some(Arc::new(PagePusher { image, chunks, notifier: OnceLock::new(), queue: Mutex::new(Queue::default()), wake: Condvar::new(), stop: AtomicBool::new(false) }))
     }
 
     /// Starts pushing through `notifier` (the mount's FUSE session), on a
@@ -153,7 +150,7 @@ impl PagePusher {
     /// The pieces of file `ino` whose chunk is in the startup set.
     fn set_pieces(&self, ino: u32) -> Vec<FileChunk> {
         match self.image.bootstrap.file_chunks_in_range(ino, 0, u64::MAX) {
-            Ok(pieces) => pieces.into_iter().filter(|p| self.set.contains(&p.chunk_index)).collect(),
+            Ok(pieces) => pieces.into_iter().filter(|p| self.image.startup_set().contains(p.chunk_index)).collect(),
             Err(e) => {
                 tracing::debug!("inode {ino}: no pages pushed: {e}");
                 Vec::new()

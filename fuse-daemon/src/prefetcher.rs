@@ -167,16 +167,9 @@ impl Drop for Prefetcher {
 /// The chunks of the image's prefetch table, in order, each once.
 fn prefetch_set(image: &NaiadImage) -> Vec<ChunkRecord> {
     let b = &image.bootstrap;
-    let table = match b.prefetch() {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!("prefetch: cannot read the prefetch table: {e}");
-            return Vec::new();
-        }
-    };
     let mut seen: HashSet<ChunkDigest> = HashSet::new();
     let mut out = Vec::new();
-    for index in table {
+    for &index in &image.startup_set().order {
         match b.chunk(index) {
             Ok(c) if seen.insert(c.digest) => out.push(c),
             Ok(_) => {}

@@ -63,7 +63,7 @@ const LIBRARY_DIRS: [&str; 8] =
 /// background loads are off (`background_loads`: no prefetch, no
 /// read-ahead) or the image has a startup set.
 pub fn start(image: Arc<NaiadImage>, cache: Arc<ChunkCache>, program: &ProgramLoad, background_loads: bool) {
-    if !background_loads || image.bootstrap.prefetch().is_ok_and(|t| !t.is_empty()) {
+    if !background_loads || !image.startup_set().is_empty() {
         return;
     }
     let name = match program {

@@ -46,4 +46,4 @@ pub use error::{ChunkError, ChunkErrorKind, StorageError};
 pub use fetch_plan::{plan, MergeLimits, Request};
 pub use histogram::{Histogram, HistogramSnapshot};
 pub use memory_cache::MemoryCache;
-pub use naiad_image::NaiadImage;
+pub use naiad_image::{NaiadImage, StartupSet};

@@ -12,8 +12,9 @@
 //! ([`ANNOTATION_STARTUP_SET`]), side by side with the bootstrap, so the
 //! set's first bytes are on their way before the bootstrap is decoded.
 
+use std::collections::HashSet;
 use std::io::Read;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use naiad_format::oci::{ANNOTATION_BOOTSTRAP_DIGEST, ANNOTATION_FORMAT, ANNOTATION_STARTUP_SET, FORMAT_VERSION, MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
 use naiad_format::Bootstrap;
@@ -86,6 +87,34 @@ pub struct NaiadImage {
     pub bootstrap_cached: bool,
     /// The registry client chunks are read through, for a `docker://` image.
     registry: Option<RegistryClient>,
+    /// The prefetch table, read at its first use.
+    startup_set: OnceLock<StartupSet>,
+}
+
+/// An image's startup set: the chunks of its prefetch table (a recorded
+/// startup, SPEC §2.12), which the prefetcher fetches, the page pusher
+/// pushes and reads of its files follow.
+#[derive(Debug, Default)]
+pub struct StartupSet {
+    /// Chunk indexes in the table's order (first access), as stored.
+    pub order: Vec<u32>,
+    members: HashSet<u32>,
+}
+
+impl StartupSet {
+    fn new(order: Vec<u32>) -> Self {
+        let members = order.iter().copied().collect();
+        StartupSet { order, members }
+    }
+
+    pub fn contains(&self, chunk_index: u32) -> bool {
+        self.members.contains(&chunk_index)
+    }
+
+    /// No prefetch table: the image was converted without a trace.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
 }
 
 impl NaiadImage {
@@ -162,6 +191,19 @@ impl NaiadImage {
             config: source.config.clone(),
             bootstrap_layer_size: boot.size,
             bootstrap_cached,
+            startup_set: OnceLock::new(),
+        })
+    }
+
+    /// The image's startup set, read from the bootstrap once; empty (with
+    /// a warning) when its prefetch table cannot be read.
+    pub fn startup_set(&self) -> &StartupSet {
+        self.startup_set.get_or_init(|| match self.bootstrap.prefetch() {
+            Ok(order) => StartupSet::new(order),
+            Err(e) => {
+                tracing::warn!("{}: cannot read the prefetch table: {e}", self.reference);
+                StartupSet::default()
+            }
         })
     }
 
@@ -198,6 +240,15 @@ impl NaiadImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_startup_set_keeps_the_table_order_and_answers_membership() {
+        let set = StartupSet::new(vec![7, 2, 9, 2]);
+        assert_eq!(set.order, vec![7, 2, 9, 2], "the table as stored: the prefetcher dedups by digest");
+        assert!(set.contains(7) && set.contains(2) && set.contains(9));
+        assert!(!set.contains(3) && !set.is_empty());
+        assert!(StartupSet::default().is_empty() && !StartupSet::default().contains(0));
+    }
 
     fn layer(media_type: &str, size: u64, startup_set: Option<&str>) -> LayerBlob {
         let mut annotations = std::collections::BTreeMap::new();
