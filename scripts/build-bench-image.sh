@@ -34,75 +34,14 @@ case $BENCH in
     *) log "usage: $0 minbase|python3|nodejs|numpy"; exit 2 ;;
 esac
 NAME=bench-$BENCH
-FINAL="$FIXTURES/$NAME"
 BASE_TAR="$FIXTURES/.bench-base-rootfs.tar"
 
 done_msg() { echo "layout: $FINAL/layout"; }
 
-if [[ -f "$FINAL/COMPLETE" ]]; then
-    log "cached, nothing to do"
-    done_msg
-    exit 0
-fi
-if [[ $(id -u) -ne 0 ]]; then
-    log "must run as root (debootstrap, chroot, umoci unpack/repack keep ownership)"
-    exit 1
-fi
-for tool in debootstrap umoci chroot tar; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        log "missing tool: $tool (run scripts/install-test-deps.sh)"
-        exit 1
-    fi
-done
+# shellcheck source=scripts/lib/fixture-build.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/fixture-build.sh"
+fixture_begin naiad-bench-build chroot tar
 
-START=$(date +%s)
-step() { log "[$(($(date +%s) - START))s] $NAME: $*"; }
-mkdir -p "$FIXTURES"
-exec 9>"$FIXTURES/.$NAME.build.lock"
-flock 9
-if [[ -f "$FINAL/COMPLETE" ]]; then
-    log "built by another process meanwhile"
-    done_msg
-    exit 0
-fi
-
-# Unmount anything below $1 (proc in a chroot, debootstrap's mounts), deepest
-# first, then remove $1 without crossing file systems.
-remove_tree() {
-    local dir=$1 mnt
-    [[ -e $dir ]] || return 0
-    while read -r mnt; do
-        umount -l "$mnt" 2>/dev/null || true
-    done < <(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r)
-    rm -rf --one-file-system -- "$dir"
-}
-
-# Leftovers of interrupted builds: our staging dirs (safe under the lock) and
-# scratch dirs under /tmp whose builder process is gone.
-for d in "$FIXTURES/.$NAME.tmp."*; do
-    [[ -d $d ]] && remove_tree "$d"
-done
-for d in /tmp/naiad-bench-build.*; do
-    [[ -d $d ]] || continue
-    pid=$(cat "$d/.pid" 2>/dev/null || true)
-    if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then
-        log "removing stale scratch dir $d"
-        remove_tree "$d"
-    fi
-done
-
-STAGE=$(mktemp -d "$FIXTURES/.$NAME.tmp.XXXXXX")
-# Scratch rootfs/bundle under /tmp: creating many files under /var is slow.
-SCRATCH=$(mktemp -d /tmp/naiad-bench-build.XXXXXX)
-echo $$ >"$SCRATCH/.pid"
-trap 'remove_tree "$SCRATCH"; remove_tree "$STAGE"' EXIT
-trap 'exit 130' INT TERM
-
-LAYOUT="$STAGE/layout"
-BUNDLE="$SCRATCH/bundle"
-ROOTFS="$BUNDLE/rootfs"
-TAG=latest
-CREATED=2024-01-01T00:00:00Z
 TAR_OPTS=(--numeric-owner --xattrs --xattrs-include='*' --one-file-system)
 
 repack() {
@@ -115,11 +54,6 @@ clean_rootfs() {
     mkdir -p "$ROOTFS/var/lib/apt/lists/partial"
     rm -f "$ROOTFS/etc/resolv.conf" "$ROOTFS/etc/hostname"
 }
-
-step "umoci init + new"
-umoci init --layout "$LAYOUT"
-umoci new --image "$LAYOUT:$TAG"
-umoci unpack --image "$LAYOUT:$TAG" "$BUNDLE"
 
 # --- layer 1: debootstrap minbase (from the cached tarball if there is one) ----
 exec 8>"$FIXTURES/.bench-base.lock"
@@ -187,17 +121,4 @@ umoci config --history.created "$CREATED" --created "$CREATED" "${CMD_ARGS[@]}" 
 umoci gc --layout "$LAYOUT"
 
 # --- publish ----------------------------------------------------------------------
-ELAPSED=$(($(date +%s) - START))
-{
-    echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "seconds=$ELAPSED"
-    echo "suite=$SUITE"
-    echo "mirror=$MIRROR"
-    echo "packages=${PKGS[*]}"
-} >"$STAGE/COMPLETE"
-chmod 0755 "$STAGE" # mktemp -d made it 0700
-rm -rf -- "$FINAL"
-mv -- "$STAGE" "$FINAL"
-trap 'remove_tree "$SCRATCH"' EXIT
-log "done in ${ELAPSED}s"
-done_msg
+fixture_publish "suite=$SUITE" "mirror=$MIRROR" "packages=${PKGS[*]}"

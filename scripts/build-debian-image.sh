@@ -25,101 +25,20 @@ set -euo pipefail
 
 FIXTURES=${NAIAD_FIXTURES:-/tmp/naiad-fixtures}
 NAME=debian-python
-FINAL="$FIXTURES/$NAME"
 MIRROR=${NAIAD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 
 log() { printf 'build-debian-image: %s\n' "$*"; }
 
-print_paths() {
+done_msg() {
     log "layout:      $FINAL/layout (tag latest)"
     log "layout-zstd: $FINAL/layout-zstd (tag latest)"
     log "rootfs-ref:  $FINAL/rootfs-ref"
 }
 
-if [[ -f "$FINAL/COMPLETE" ]]; then
-    log "cached, nothing to do"
-    print_paths
-    exit 0
-fi
-
-if [[ $(id -u) -ne 0 ]]; then
-    log "must run as root (debootstrap, umoci unpack/repack keep ownership)"
-    exit 1
-fi
-
-for tool in debootstrap umoci skopeo setfattr; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        log "missing tool: $tool (run scripts/install-test-deps.sh)"
-        exit 1
-    fi
-done
-
-START=$(date +%s)
-mkdir -p "$FIXTURES"
-# Serialize builders (callers may also hold their own lock on
-# $FIXTURES/.debian-python.lock; this is a different file, so no deadlock).
-exec 9>"$FIXTURES/.$NAME.build.lock"
-flock 9
-if [[ -f "$FINAL/COMPLETE" ]]; then
-    log "built by another process meanwhile"
-    print_paths
-    exit 0
-fi
-
-# debootstrap mounts proc (and maybe more) inside the target while it runs;
-# an interrupted build can leave them. Unmount anything below $1, deepest
-# first, then remove $1 without crossing file systems.
-remove_tree() {
-    local dir=$1 mnt
-    [[ -e $dir ]] || return 0
-    while read -r mnt; do
-        umount -l "$mnt" 2>/dev/null || true
-    done < <(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r)
-    rm -rf --one-file-system -- "$dir"
-}
-
-# Leftovers of interrupted builds: staging dirs (safe to remove under the
-# lock) and scratch dirs under /tmp whose builder process is gone.
-for d in "$FIXTURES/.$NAME.tmp."*; do
-    [[ -d $d ]] && remove_tree "$d"
-done
-for d in /tmp/naiad-debian-build.*; do
-    [[ -d $d ]] || continue
-    pid=$(cat "$d/.pid" 2>/dev/null || true)
-    if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then
-        log "removing stale scratch dir $d"
-        remove_tree "$d"
-    fi
-done
-
-STAGE=$(mktemp -d "$FIXTURES/.$NAME.tmp.XXXXXX")
-# Scratch rootfs/bundle under /tmp: creating many files under /var is slow.
-SCRATCH=$(mktemp -d /tmp/naiad-debian-build.XXXXXX)
-echo $$ >"$SCRATCH/.pid"
-cleanup() {
-    remove_tree "$SCRATCH"
-    remove_tree "$STAGE"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-LAYOUT="$STAGE/layout"
-BUNDLE="$SCRATCH/bundle"
-ROOTFS="$BUNDLE/rootfs"
-TAG=latest
-# Deterministic-ish history timestamps.
-CREATED=2024-01-01T00:00:00Z
-
-step() {
-    log "[$(($(date +%s) - START))s] $*"
-}
-
-# --- empty image, unpacked to a bundle ----------------------------------------
-step "umoci init + new"
-umoci init --layout "$LAYOUT"
-umoci new --image "$LAYOUT:$TAG"
-umoci unpack --image "$LAYOUT:$TAG" "$BUNDLE"
+# shellcheck source=scripts/lib/fixture-build.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/fixture-build.sh"
+fixture_begin naiad-debian-build skopeo setfattr
 
 # --- layer 1: debootstrap -------------------------------------------------------
 step "debootstrap $SUITE into $ROOTFS (mirror $MIRROR)"
@@ -225,16 +144,4 @@ step "reference unpack"
 umoci raw unpack --image "$LAYOUT:$TAG" "$STAGE/rootfs-ref"
 
 # --- publish -------------------------------------------------------------------
-ELAPSED=$(($(date +%s) - START))
-{
-    echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "seconds=$ELAPSED"
-    echo "suite=$SUITE"
-    echo "mirror=$MIRROR"
-} >"$STAGE/COMPLETE"
-chmod 0755 "$STAGE"   # mktemp -d made it 0700
-rm -rf -- "$FINAL"
-mv -- "$STAGE" "$FINAL"
-trap 'remove_tree "$SCRATCH"' EXIT
-log "done in ${ELAPSED}s"
-print_paths
+fixture_publish "suite=$SUITE" "mirror=$MIRROR"
