@@ -701,11 +701,11 @@ fn mount_files(dir: &Path, files: &[(String, Vec<u8>)]) -> MountGuard {
     MountGuard::mount(&image, dir, &dir.join("cache"))
 }
 
-/// Waits until a background load has been asked for, and a moment more
-/// for it to finish.
+/// Waits until a background load has been asked for, and until it has
+/// finished.
 fn wait_for_background_loads(m: &MountGuard) {
     wait_until(Duration::from_secs(20), || m.counter("read_ahead_requests") > 0);
-    std::thread::sleep(Duration::from_millis(300));
+    m.settled_stats();
 }
 
 /// A package's modules are read one after another: the first small file
@@ -784,8 +784,7 @@ fn a_directory_load_takes_the_files_of_the_kind_read() {
     let read = |i: usize| assert!(fs::read(m.path(&files[i].0)).unwrap() == files[i].1, "{}", files[i].0);
 
     read(4);
-    std::thread::sleep(Duration::from_millis(300));
-    let requests = m.counter("store_requests");
+    let requests = m.settled_stats()["counters"]["store_requests"].as_u64().expect("store_requests");
     read(0);
     assert!(m.counter("store_requests") > requests, "reading the data file loaded no library");
     wait_for_background_loads(&m);

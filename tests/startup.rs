@@ -150,22 +150,6 @@ fn wait_prefetch_done(m: &MountGuard, timeout: Duration) -> Value {
     }
 }
 
-/// The mount's stats once two snapshots 100 ms apart show the same
-/// counters: loads that reads started may still be finishing.
-fn settled_stats(m: &MountGuard) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = m.stats();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let s = m.stats();
-        if s["counters"] == last["counters"] {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "counters still changing after 30 s: {}", s["counters"]);
-        last = s;
-    }
-}
-
 fn os(s: &str) -> &OsStr {
     OsStr::new(s)
 }
@@ -587,7 +571,7 @@ fn stats_prometheus_and_api_socket_show_the_counters() {
         fs::read(m.path(f)).unwrap();
     }
 
-    let s = settled_stats(&m);
+    let s = m.settled_stats();
     let c = &s["counters"];
     let reads = u(&c["reads"]);
     assert!(reads >= files.len() as u64, "{c}");

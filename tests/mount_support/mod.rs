@@ -146,6 +146,23 @@ impl MountGuard {
         check(naiad().arg("stats").arg("--prometheus").arg("--run-dir").arg(&self.run_dir).arg(&self.mountpoint))
     }
 
+    /// [`MountGuard::stats`] once two snapshots 300 ms apart show the same
+    /// counters: the loads that reads started in the background have
+    /// finished (panics if they are still going after 30 s).
+    pub fn settled_stats(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = self.stats();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let s = self.stats();
+            if s["counters"] == last["counters"] {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "counters still changing after 30 s: {}", s["counters"]);
+            last = s;
+        }
+    }
+
     /// One counter of [`MountGuard::stats`].
     pub fn counter(&self, name: &str) -> u64 {
         let s = self.stats();
